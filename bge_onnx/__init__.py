@@ -1,0 +1,38 @@
+"""bge-onnx: BGE embedding models and rerankers on onnxruntime, with the PyTorch model's vectors and no torch."""
+
+from .embedder import Embedder
+from .errors import (
+    BgeOnnxError,
+    ExportError,
+    InputError,
+    InputTypeError,
+    ModelFilesError,
+    ModelIntegrityError,
+    ParityError,
+    ProviderError,
+    WrongTaskError,
+)
+from .reranker import Reranker, RerankResult
+from .spec import ModelSpec, Pooling, Task, read_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BgeOnnxError",
+    "Embedder",
+    "ExportError",
+    "InputError",
+    "InputTypeError",
+    "ModelFilesError",
+    "ModelIntegrityError",
+    "ModelSpec",
+    "ParityError",
+    "Pooling",
+    "ProviderError",
+    "RerankResult",
+    "Reranker",
+    "Task",
+    "WrongTaskError",
+    "__version__",
+    "read_spec",
+]

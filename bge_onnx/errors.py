@@ -1,0 +1,53 @@
+"""Every exception bge_onnx raises, under one base class.
+
+Each subclass also inherits the builtin it refines, so ``except FileNotFoundError``,
+``except TypeError`` and ``except ValueError`` keep working for callers who do not know us.
+
+    BgeOnnxError
+    ├── ModelFilesError      (FileNotFoundError)  a model file is missing
+    ├── ModelIntegrityError  (ValueError)         a file is corrupt, altered or inconsistent
+    ├── WrongTaskError       (ValueError)         an embedding folder given to Reranker, or the reverse
+    ├── InputError           (ValueError)         a bad text, pair or option
+    │   └── InputTypeError   (InputError, TypeError)  an input of the wrong type
+    ├── ProviderError        (RuntimeError)       the requested execution provider cannot be used
+    └── ExportError          (RuntimeError)       export failed (bge_onnx_export only)
+        └── ParityError                            the exported graph does not match PyTorch
+"""
+
+from __future__ import annotations
+
+
+class BgeOnnxError(Exception):
+    """Base class of every error raised by bge_onnx and bge_onnx_export."""
+
+
+class ModelFilesError(BgeOnnxError, FileNotFoundError):
+    """A model folder or one of its files is missing."""
+
+
+class ModelIntegrityError(BgeOnnxError, ValueError):
+    """A model file exists but is corrupt, altered since export, or inconsistent with the manifest."""
+
+
+class WrongTaskError(BgeOnnxError, ValueError):
+    """The model folder was exported for another task (embed vs rerank)."""
+
+
+class InputError(BgeOnnxError, ValueError):
+    """An input value is not acceptable (empty batch where one is needed, bad option, bad text)."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An input has the wrong type (a non-str text, a pair that is not two strings)."""
+
+
+class ProviderError(BgeOnnxError, RuntimeError):
+    """The requested onnxruntime execution provider (e.g. CUDA) is not usable."""
+
+
+class ExportError(BgeOnnxError, RuntimeError):
+    """Converting a checkpoint to ONNX failed."""
+
+
+class ParityError(ExportError):
+    """The exported graph's output differs from the PyTorch model's beyond the gate."""

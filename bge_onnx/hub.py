@@ -1,0 +1,83 @@
+"""Resolving a model argument (local folder or hub repo id) to a local folder, via huggingface_hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .errors import ModelFilesError, ModelIntegrityError
+from .spec import MANIFEST
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """True for 'owner/name' strings that could be a hub repo id.
+
+    >>> looks_like_repo_id("BAAI/bge-small-en-v1.5"), looks_like_repo_id("./models/x")
+    (True, False)
+    """
+    return bool(_REPO_ID.match(name)) and ".." not in name
+
+
+def resolve(model: str | os.PathLike[str], *, revision: str | None = None) -> Path:
+    """Return the local folder for ``model``: an existing path as is, else a hub repo downloaded to the cache.
+
+    Raises:
+        ModelFilesError: neither an existing folder nor a downloadable bge-onnx repo.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelFilesError(
+            f"model must be a folder path or a hub repo id (str), got {type(model).__name__} {model!r}"
+        )
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    name = os.fspath(model)
+    if not looks_like_repo_id(name):
+        raise ModelFilesError(f"model folder {name!r} does not exist (and is not a hub repo id 'owner/name')")
+    return download(name, revision=revision)
+
+
+def download(repo_id: str, *, revision: str | None = None) -> Path:
+    """Download an exported bge-onnx repo: its manifest first, then only the files the runtime needs.
+
+    Raises:
+        ModelFilesError: the repo, revision or a file cannot be fetched, or the repo is not a bge-onnx export.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    def fetch(filename: str) -> Path:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except EntryNotFoundError as err:
+            if filename == MANIFEST:
+                raise ModelFilesError(
+                    f"hub repo {repo_id!r} has no {MANIFEST}: it is not an exported bge-onnx model. "
+                    f"Export it with `bge-onnx export {repo_id} --out DIR` and load DIR."
+                ) from err
+            raise ModelFilesError(f"hub repo {repo_id!r} lists {filename} in {MANIFEST} but lacks the file") from err
+        except LocalEntryNotFoundError as err:
+            raise ModelFilesError(
+                f"cannot download {filename} of {repo_id!r} and it is not in the local cache "
+                f"({err}); check the network or HF_ENDPOINT, or pass a local folder."
+            ) from err
+        except (HfHubHTTPError, OSError) as err:
+            raise ModelFilesError(
+                f"cannot download {filename} of hub repo {repo_id!r}"
+                f"{'@' + revision if revision else ''}: {err}"
+            ) from err
+
+    manifest = fetch(MANIFEST)
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        variant = data["variants"]["fp32"]
+        needed = ["tokenizer.json", variant["file"], *variant.get("data_files", [])]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelIntegrityError(f"{manifest} (from hub repo {repo_id!r}) is not a valid manifest: {err!r}") from err
+    for filename in needed:
+        fetch(filename)
+    return manifest.parent

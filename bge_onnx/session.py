@@ -1,0 +1,158 @@
+"""onnxruntime InferenceSession: execution providers (no silent fallback), threads from the usable CPUs."""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InputError, ModelFilesError, ModelIntegrityError, ProviderError
+
+THREADS_ENV = "BGE_ONNX_THREADS"
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+GPU_FIX = 'pip uninstall -y onnxruntime onnxruntime-gpu && pip install "bge-onnx[gpu]"'
+
+
+class Device(str, enum.Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs granted by the cgroup CPU quota (v2 cpu.max or v1 cfs files), None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may really use: its affinity mask capped by the cgroup quota (not the host's count)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        count = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        count = min(count, max(1, math.ceil(limit)))
+    return max(1, count)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """The thread count to use: the argument, else $BGE_ONNX_THREADS, else the usable CPUs."""
+    source = "threads"
+    if threads is None:
+        env = os.environ.get(THREADS_ENV)
+        if not env:
+            return usable_cpus()
+        source = f"${THREADS_ENV}"
+        try:
+            threads = int(env)
+        except ValueError:
+            raise InputError(f"{source} must be a positive integer, got {env!r}") from None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"{source} must be a positive integer, got {threads!r}")
+    return threads
+
+
+def conflicting_runtimes(installed: Iterable[str] | None = None) -> bool:
+    """True when both onnxruntime and onnxruntime-gpu are installed: they overwrite each other's files."""
+    if installed is None:
+        installed = []
+        for name in ("onnxruntime", "onnxruntime-gpu"):
+            try:
+                importlib.metadata.distribution(name)
+                installed.append(name)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+    return {"onnxruntime", "onnxruntime-gpu"} <= set(installed)
+
+
+def choose_providers(device: str | Device, available: Iterable[str] | None = None) -> list[str]:
+    """The execution providers to ask for, in order; raises when the device cannot be served.
+
+    Raises:
+        InputError: unknown device.
+        ProviderError: device="cuda" but onnxruntime has no CUDA provider.
+    """
+    try:
+        device = Device(device)
+    except ValueError:
+        raise InputError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}") from None
+    available = list(ort.get_available_providers() if available is None else available)
+    if device is Device.CPU:
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device is Device.CUDA:
+        hint = (
+            "both onnxruntime and onnxruntime-gpu are installed and have overwritten each other; fix: "
+            if conflicting_runtimes()
+            else "install the GPU build: "
+        )
+        raise ProviderError(
+            f"device='cuda' but onnxruntime offers no CUDAExecutionProvider (available: {available}); "
+            f"{hint}{GPU_FIX}"
+        )
+    return [CPU]
+
+
+class Session:
+    """An onnxruntime session over one .onnx file, with the inputs it declares."""
+
+    def __init__(self, path: Path, *, device: str | Device = "auto", threads: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFilesError(f"{path} is missing; re-export or re-download the model.")
+        providers = choose_providers(device)
+        self.threads = resolve_threads(threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelIntegrityError(
+                f"{path} could not be loaded by onnxruntime ({type(err).__name__}: {err}); the file is "
+                "corrupt or not an ONNX model. Re-export or re-download the model."
+            ) from err
+        self.providers = self._session.get_providers()
+        if CUDA in providers and CUDA not in self.providers:
+            message = (
+                "onnxruntime lists CUDAExecutionProvider but could not start it (CUDA/cuDNN libraries "
+                f"missing or mismatched); fix the CUDA install or: {GPU_FIX}"
+            )
+            if Device(device) is Device.CUDA:
+                raise ProviderError(message)
+            warnings.warn(message + ". Running on CPU.", RuntimeWarning, stacklevel=3)
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        unknown = [name for name in self.input_names if name not in KNOWN_INPUTS]
+        if unknown or "input_ids" not in self.input_names:
+            raise ModelIntegrityError(
+                f"{path} declares inputs {self.input_names}; bge-onnx feeds {list(KNOWN_INPUTS)}. "
+                "Re-export the model with bge-onnx."
+            )
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Run the graph and return its first output (token states or logits)."""
+        return self._session.run(None, feeds)[0]

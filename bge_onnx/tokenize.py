@@ -1,0 +1,165 @@
+"""Input checks and HF tokenizers: batches of texts or (query, passage) pairs, truncation, padding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from .errors import InputError, InputTypeError, ModelFilesError, ModelIntegrityError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def describe(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_texts(texts: object, *, name: str = "texts") -> list[str]:
+    """Return ``texts`` as a list of str, or raise an error naming the first bad item.
+
+    Raises:
+        InputTypeError: ``texts`` is not a list/iterable of str, or an item is not a str.
+    """
+    if isinstance(texts, (str, bytes, bytearray)) or not isinstance(texts, Iterable):
+        raise InputTypeError(
+            f"{name} must be a list of str, got {type(texts).__name__} {describe(texts)}"
+        )
+    items = list(texts)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InputTypeError(
+                f"{name}[{i}] is {type(item).__name__} {describe(item)}, expected str"
+            )
+    return items
+
+
+def check_pairs(pairs: object) -> list[tuple[str, str]]:
+    """Return ``pairs`` as a list of (query, passage) tuples, or raise naming the first bad pair.
+
+    Raises:
+        InputTypeError: not a list of 2-item (str, str) pairs.
+    """
+    if isinstance(pairs, (str, bytes, bytearray)) or not isinstance(pairs, Iterable):
+        raise InputTypeError(
+            f"pairs must be a list of (query, passage) pairs, got {type(pairs).__name__} "
+            f"{describe(pairs)}"
+        )
+    items = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InputTypeError(
+                f"pairs[{i}] is {type(pair).__name__} {describe(pair)}, expected a (query, passage) "
+                "pair of two str"
+            )
+        for j, part in enumerate(pair):
+            if not isinstance(part, str):
+                which = "query" if j == 0 else "passage"
+                raise InputTypeError(
+                    f"pairs[{i}][{j}] (the {which}) is {type(part).__name__} {describe(part)}, "
+                    "expected str"
+                )
+        items.append((pair[0], pair[1]))
+    return items
+
+
+def _raise_unencodable(texts: Sequence[str], name: str, err: Exception) -> None:
+    """Find the text that the tokenizer refused (a lone surrogate) and name it."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as bad:
+            raise InputError(
+                f"{name}[{i}] cannot be encoded as UTF-8 ({bad.reason} at position {bad.start}): "
+                f"{describe(text)}. Clean it first, e.g. "
+                "text.encode('utf-8', 'replace').decode('utf-8')"
+            ) from err
+    raise err
+
+
+class TextTokenizer:
+    """A model's tokenizer.json with our own truncation and padding (the file's settings are ignored).
+
+    Some checkpoints ship tokenizer.json with padding/truncation baked in (all-MiniLM-L6-v2's pads and
+    cuts at 128); the reference model never uses those, so neither do we.
+    """
+
+    def __init__(self, folder: Path, *, max_length: int) -> None:
+        path = Path(folder) / TOKENIZER_FILE
+        if not path.is_file():
+            raise ModelFilesError(f"{path} is missing; re-export or re-download the model.")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception on a corrupt file
+            raise ModelIntegrityError(f"{path} is not a valid tokenizer file: {err}") from err
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._plain = tokenizer
+        self._truncating = Tokenizer.from_str(tokenizer.to_str())
+        self._truncating.enable_truncation(max_length)
+        self.max_length = max_length
+        self.pair_specials = tokenizer.num_special_tokens_to_add(True)
+
+    def encode_texts(self, texts: list[str], *, name: str = "texts") -> tuple[list[Encoding], int]:
+        """Tokenise with special tokens, cut at max_length; return encodings and how many were cut."""
+        try:
+            encodings = self._truncating.encode_batch(texts)
+        except TypeError as err:
+            _raise_unencodable(texts, name, err)
+        cut = sum(1 for e in encodings if e.overflowing)
+        return encodings, cut
+
+    def encode_pairs(
+        self, pairs: list[tuple[str, str]], *, query_max_length: int
+    ) -> tuple[list[Encoding], int]:
+        """Tokenise (query, passage) pairs by FlagReranker's rules; return encodings and how many were cut.
+
+        FlagReranker cuts the query to query_max_length tokens and the passage to max_length, then adds
+        special tokens and shortens only the passage until the pair fits max_length.
+        """
+        queries = [q for q, _ in pairs]
+        passages = [p for _, p in pairs]
+        try:
+            query_encodings = self._plain.encode_batch(queries, add_special_tokens=False)
+        except TypeError as err:
+            _raise_unencodable(queries, "queries", err)
+        try:
+            passage_encodings = self._plain.encode_batch(passages, add_special_tokens=False)
+        except TypeError as err:
+            _raise_unencodable(passages, "passages", err)
+        encodings = []
+        cut = 0
+        for query, passage in zip(query_encodings, passage_encodings):
+            was_cut = len(query) > query_max_length or len(passage) > self.max_length
+            query.truncate(query_max_length)
+            passage.truncate(self.max_length)
+            excess = len(query) + len(passage) + self.pair_specials - self.max_length
+            # Like transformers' prepare_for_model: a passage too short to absorb the excess is left alone.
+            if excess > 0 and len(passage) > excess:
+                passage.truncate(len(passage) - excess)
+                was_cut = True
+            cut += was_cut
+            encodings.append(self._plain.post_process(query, passage, add_special_tokens=True))
+        return encodings, cut
+
+
+def pad_batch(encodings: Sequence[Encoding], *, pad_id: int, input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Pad a batch to its longest item and return only the graph inputs the model declares."""
+    length = max(len(e.ids) for e in encodings)
+    shape = (len(encodings), length)
+    ids = np.full(shape, pad_id, dtype=np.int64)
+    mask = np.zeros(shape, dtype=np.int64)
+    types = np.zeros(shape, dtype=np.int64) if "token_type_ids" in input_names else None
+    for row, encoding in enumerate(encodings):
+        n = len(encoding.ids)
+        ids[row, :n] = encoding.ids
+        mask[row, :n] = 1
+        if types is not None:
+            types[row, :n] = encoding.type_ids
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        feeds["token_type_ids"] = types
+    return {name: feeds[name] for name in input_names}

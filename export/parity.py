@@ -1,0 +1,119 @@
+"""The PyTorch reference (transformers, FlagReranker's pair rules) and its comparison with the exported graph."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from bge_onnx.spec import Pooling
+
+MIN_COSINE = 0.99999
+MAX_SCORE_DIFF = 1e-3
+
+
+@torch.no_grad()
+def torch_embeddings(
+    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, pooling: Pooling, max_length: int, batch_size: int = 16
+) -> np.ndarray:
+    """Pooled (not normalised) vectors from the PyTorch model, tokenised by transformers."""
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        hidden = model(**batch).last_hidden_state
+        if pooling is Pooling.CLS:
+            rows.append(hidden[:, 0])
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            rows.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
+    return torch.cat(rows).float().numpy()
+
+
+def flag_pair(tokenizer: Any, model_type: str, query: str, passage: str, *, max_length: int, query_max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and type ids of one pair, by FlagReranker's rules as they read on transformers 4.
+
+    The query is cut to query_max_length tokens and the passage to max_length; then special tokens are
+    added and only the passage is shortened to fit max_length (not at all when it is too short to absorb
+    the excess, as transformers' prepare_for_model did). Written on transformers' Python tokenizer API and
+    the models' documented layouts, independently of the runtime's Rust post-processing.
+    """
+    q = tokenizer(query, add_special_tokens=False, max_length=query_max_length, truncation=True)["input_ids"]
+    p = tokenizer(passage, add_special_tokens=False, max_length=max_length, truncation=True)["input_ids"]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    middle = [sep] if model_type == "bert" else [sep, sep]  # BERT: [CLS] q [SEP] p [SEP]; RoBERTa: <s> q </s></s> p </s>
+    excess = len(q) + len(p) + len(middle) + 2 - max_length
+    if 0 < excess < len(p):
+        p = p[:-excess]
+    ids = [cls, *q, *middle, *p, sep]
+    if model_type == "bert":
+        types = [0] * (len(q) + 2) + [1] * (len(p) + 1)
+    else:
+        types = [0] * len(ids)
+    return ids, types
+
+
+@torch.no_grad()
+def torch_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    max_length: int,
+    query_max_length: int | None = None,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Raw logits from the PyTorch cross-encoder, tokenised as FlagReranker does."""
+    if query_max_length is None:
+        query_max_length = max_length * 3 // 4
+    model_type = model.config.model_type
+    items = [
+        flag_pair(tokenizer, model_type, q, p, max_length=max_length, query_max_length=query_max_length)
+        for q, p in pairs
+    ]
+    scores = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        types = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, (ids, type_ids) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+            types[row, : len(ids)] = torch.tensor(type_ids)
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        if model.config.type_vocab_size > 1:
+            inputs["token_type_ids"] = types
+        scores.append(model(**inputs).logits[:, 0])
+    return torch.cat(scores).float().numpy()
+
+
+def embedding_parity(reference: np.ndarray, ours: np.ndarray) -> dict[str, Any]:
+    """Min cosine and max abs difference of the L2-normalised vectors; the worst probe's index."""
+    ref = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+    out = ours / np.maximum(np.linalg.norm(ours, axis=1, keepdims=True), 1e-12)
+    cosines = (ref * out).sum(axis=1)
+    return {
+        "min_cosine": float(cosines.min()),
+        "max_abs_diff": float(np.abs(ref - out).max()),
+        "worst_index": int(cosines.argmin()),
+        "texts": int(len(cosines)),
+    }
+
+
+def score_parity(reference: np.ndarray, ours: np.ndarray) -> dict[str, Any]:
+    diff = np.abs(reference - ours)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "worst_index": int(diff.argmax()),
+        "pairs": int(len(diff)),
+        "same_order": bool((np.argsort(-reference, kind="stable") == np.argsort(-ours, kind="stable")).all()),
+    }

@@ -1,0 +1,194 @@
+"""export_model: checkpoint -> ONNX graph + tokenizer + manifest, checked against PyTorch before it is kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import bge_onnx
+from bge_onnx.errors import ExportError, ParityError
+from bge_onnx.spec import ModelSpec, Task, Variant, sha256_file, write_spec
+
+from . import parity, probes
+from .graph import export_graph, input_names
+from .source import Source, describe_source
+
+MODEL_FILE = "model.onnx"
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "bge_onnx": bge_onnx.__version__}
+    for name in ("torch", "transformers", "onnx", "onnxruntime", "tokenizers"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load_torch(source: Source):
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+    if source.task is Task.EMBED:  # the pooler layer is not part of a sentence embedding
+        model = AutoModel.from_pretrained(source.folder, attn_implementation="eager", add_pooling_layer=False)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(source.folder, attn_implementation="eager")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    return model, tokenizer
+
+
+def _check_parity(source: Source, folder: Path, model, tokenizer, log: Callable[[str], None]) -> dict:
+    """Run the probe set through PyTorch and through the bge_onnx runtime on the new folder; gate the result."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the probe set truncates long texts on purpose
+        return _compare(source, folder, model, tokenizer, log)
+
+
+def _compare(source: Source, folder: Path, model, tokenizer, log: Callable[[str], None]) -> dict:
+    if source.task is Task.EMBED:
+        texts = list(probes.PROBE_TEXTS)
+        log(f"checking parity with PyTorch on {len(texts)} probe texts")
+        reference = parity.torch_embeddings(
+            model, tokenizer, texts, pooling=source.pooling, max_length=source.max_length
+        )
+        ours = bge_onnx.Embedder(folder, device="cpu").encode(texts, normalize=False)
+        figures = parity.embedding_parity(reference, ours)
+        log(f"min cosine {figures['min_cosine']:.7f}, max abs diff {figures['max_abs_diff']:.2e}")
+        if figures["min_cosine"] < parity.MIN_COSINE:
+            text = texts[figures["worst_index"]]
+            raise ParityError(
+                f"the exported graph differs from PyTorch: min cosine {figures['min_cosine']:.7f} < "
+                f"{parity.MIN_COSINE} on probe text {figures['worst_index']} {text[:60]!r}. "
+                "Nothing was written. Report this with the versions of torch and onnxruntime."
+            )
+    else:
+        pairs = list(probes.PROBE_PAIRS)
+        log(f"checking parity with PyTorch on {len(pairs)} probe pairs")
+        reference = parity.torch_scores(model, tokenizer, pairs, max_length=source.max_length)
+        ours = bge_onnx.Reranker(folder, device="cpu").compute_score(pairs)
+        figures = parity.score_parity(reference, ours)
+        log(f"max abs score diff {figures['max_abs_diff']:.2e}")
+        if figures["max_abs_diff"] > parity.MAX_SCORE_DIFF:
+            raise ParityError(
+                f"the exported graph differs from PyTorch: score diff {figures['max_abs_diff']:.2e} > "
+                f"{parity.MAX_SCORE_DIFF} on probe pair {figures['worst_index']}. Nothing was written."
+            )
+    return figures
+
+
+def _place(staging: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        elif overwrite and out.is_dir():
+            shutil.rmtree(out)
+        else:
+            raise ExportError(f"{out} already exists and is not empty; pass overwrite=True (--force) to replace it")
+    os.replace(staging, out)
+
+
+def export_model(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    query_instruction: str | None = None,
+    check_parity: bool = True,
+    overwrite: bool = False,
+    external_data: bool | None = None,
+    log: Callable[[str], None] | None = _stderr,
+) -> ModelSpec:
+    """Convert a Hugging Face checkpoint to a bge-onnx model folder.
+
+    Args:
+        src: a local checkpoint folder (transformers or sentence-transformers layout) or a hub repo id.
+        out: the folder to create; it must not exist or be empty unless ``overwrite``.
+        pooling: "cls" or "mean", needed only when neither the checkpoint nor the registry says.
+        max_length: token limit; default the checkpoint's (sentence-transformers max_seq_length) or registry's.
+        query_instruction: overrides the instruction prepended by ``encode_queries``.
+        check_parity: compare with PyTorch on the probe set and refuse a graph below the gate.
+        external_data: keep weights in a side file; default only above 1.5 GB.
+        log: where progress lines go (stderr by default; None for silence).
+
+    Returns:
+        the ModelSpec written to ``out/bge_onnx.json``.
+
+    Raises:
+        ModelFilesError, ExportError, ParityError.
+
+    >>> export_model("BAAI/bge-small-en-v1.5", "bge-small-onnx")  # doctest: +SKIP
+    """
+    log = log or (lambda message: None)
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not empty; pass overwrite=True (--force) to replace it")
+    source = describe_source(
+        os.fspath(src), revision=revision, pooling=pooling, max_length=max_length, query_instruction=query_instruction
+    )
+    log(f"loading {source.source_id} ({source.architecture}, {source.task.value}) from {source.folder}")
+    model, tokenizer = _load_torch(source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
+    try:
+        log("exporting the ONNX graph")
+        graph_files = export_graph(
+            model,
+            staging / MODEL_FILE,
+            task=source.task,
+            with_token_types=source.with_token_types,
+            max_positions=source.max_positions,
+            external_data=external_data,
+        )
+        tokenizer.save_pretrained(staging)
+        model.config.save_pretrained(staging)
+        if not (staging / "tokenizer.json").is_file():
+            raise ExportError(f"{source.folder} has no fast tokenizer (tokenizer.json); bge-onnx needs one")
+        spec = ModelSpec(
+            task=source.task,
+            architecture=source.architecture,
+            dim=source.dim,
+            max_length=source.max_length,
+            max_positions=source.max_positions,
+            pad_token_id=tokenizer.pad_token_id,
+            inputs=tuple(input_names(source.with_token_types)),
+            output="last_hidden_state" if source.task is Task.EMBED else "logits",
+            variants={"fp32": Variant(file=graph_files[0], data_files=tuple(graph_files[1:]))},
+            pooling=source.pooling,
+            normalize=source.normalize,
+            query_instruction=source.query_instruction,
+            files={p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
+            source={"id": source.source_id, "revision": source.revision, "path": str(source.folder)},
+            versions=_versions(),
+        )
+        write_spec(staging, spec)
+        if check_parity:
+            figures = _check_parity(source, staging, model, tokenizer, log)
+            fp32 = Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity=figures)
+            spec = dataclasses.replace(spec, variants={"fp32": fp32})
+            write_spec(staging, spec)
+        _place(staging, out, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"wrote {out}")
+    return spec

@@ -1,0 +1,176 @@
+"""Reading a checkpoint (local folder or hub id): what it is, how it pools, how long its inputs may be."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from bge_onnx import registry
+from bge_onnx.errors import ExportError, ModelFilesError
+from bge_onnx.hub import looks_like_repo_id
+from bge_onnx.spec import Pooling, Task
+
+SUPPORTED_TYPES = ("bert", "xlm-roberta", "roberta")
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+ST_POOLING = "sentence_transformers.models.Pooling"
+ST_NORMALIZE = "sentence_transformers.models.Normalize"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A checkpoint on local disk and everything decided about it before conversion."""
+
+    folder: Path
+    source_id: str
+    revision: str | None
+    task: Task
+    model_type: str
+    architecture: str
+    pooling: Pooling | None
+    normalize: bool
+    query_instruction: str
+    max_length: int
+    max_positions: int
+    dim: int
+    with_token_types: bool
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ModelFilesError(f"{path} is missing") from err
+    except ValueError as err:
+        raise ExportError(f"{path} is not valid JSON: {err}") from err
+
+
+def fetch(src: str, revision: str | None) -> tuple[Path, str | None]:
+    """Return a local folder for ``src`` (downloading a hub id) and the revision it was taken at."""
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelFilesError(f"export source {src!r} is a file; give the checkpoint's folder")
+        return path, revision
+    if not looks_like_repo_id(src):
+        raise ModelFilesError(f"export source {src!r} is neither an existing folder nor a hub repo id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(src, revision=revision))
+    except Exception as err:  # huggingface_hub raises many network/auth/not-found types
+        raise ModelFilesError(f"cannot download hub repo {src!r}: {err}") from err
+    return folder, folder.name  # the snapshot folder is named by its commit
+
+
+def _sentence_transformers(folder: Path) -> tuple[Pooling, bool, int | None, str] | None:
+    """Pooling, normalise, max_seq_length and query prompt from a sentence-transformers folder."""
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = _read_json(modules_file)
+    kinds = [m.get("type", "") for m in modules]
+    unsupported = [k for k in kinds if k not in (ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE)]
+    if unsupported:
+        raise ExportError(f"{modules_file} uses modules bge-onnx cannot run yet: {unsupported}")
+    pooling_module = next((m for m in modules if m.get("type") == ST_POOLING), None)
+    if pooling_module is None:
+        raise ExportError(f"{modules_file} has no Pooling module; pass --pooling cls|mean")
+    config = _read_json(folder / pooling_module["path"] / "config.json")
+    modes = [k for k, v in config.items() if k.startswith("pooling_mode") and v]
+    if modes == ["pooling_mode_cls_token"]:
+        pooling = Pooling.CLS
+    elif modes == ["pooling_mode_mean_tokens"]:
+        pooling = Pooling.MEAN
+    else:
+        raise ExportError(f"{folder / pooling_module['path']}/config.json uses pooling {modes}; bge-onnx runs cls or mean")
+    max_length = None
+    bert_config = folder / "sentence_bert_config.json"
+    if bert_config.is_file():
+        max_length = _read_json(bert_config).get("max_seq_length")
+    prompts = {}
+    st_config = folder / "config_sentence_transformers.json"
+    if st_config.is_file():
+        prompts = _read_json(st_config).get("prompts") or {}
+    return pooling, ST_NORMALIZE in kinds, max_length, prompts.get("query", "")
+
+
+def describe_source(
+    src: str,
+    *,
+    revision: str | None = None,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    query_instruction: str | None = None,
+) -> Source:
+    """Decide task, pooling, instruction and lengths: explicit arguments, then the checkpoint's
+    sentence-transformers config, then the registry of known models. Never a silent guess.
+
+    Raises:
+        ModelFilesError: no such folder or repo, or no config.json.
+        ExportError: an unsupported architecture, or the pooling cannot be told.
+    """
+    folder, revision = fetch(src, revision)
+    config = _read_json(folder / "config.json")
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED_TYPES:
+        raise ExportError(
+            f"{folder / 'config.json'} has model_type {model_type!r}; bge-onnx exports {list(SUPPORTED_TYPES)}"
+        )
+    architectures = config.get("architectures") or []
+    architecture = architectures[0] if architectures else "BertModel"
+    task = Task.RERANK if architecture.endswith("ForSequenceClassification") else Task.EMBED
+    max_positions = config["max_position_embeddings"]
+    if model_type != "bert":  # RoBERTa-style position ids start after the padding index
+        max_positions -= config.get("pad_token_id", 1) + 1
+    known = registry.lookup(src) or registry.lookup(folder.name)
+    source_id, known_model = known if known else (src, None)
+
+    normalize = task is Task.EMBED
+    instruction = ""
+    limit = None
+    chosen = None
+    st = _sentence_transformers(folder) if task is Task.EMBED else None
+    if st:
+        chosen, normalize, limit, instruction = st
+    if known_model:
+        chosen = chosen or known_model.pooling
+        limit = limit or min(known_model.max_length, max_positions)
+        instruction = known_model.query_instruction or instruction
+    if pooling is not None:
+        chosen = Pooling(pooling)
+    if task is Task.RERANK:
+        chosen = None
+        labels = len(config.get("id2label") or {0: 0})
+        if labels != 1:
+            raise ExportError(f"{folder} is a classifier with {labels} labels; a reranker has exactly 1")
+        dim = 1
+    else:
+        dim = config["hidden_size"]
+        if chosen is None:
+            raise ExportError(
+                f"cannot tell how {src!r} pools token states: it has no sentence-transformers Pooling config "
+                "and is not a known BGE model. Pass --pooling cls or --pooling mean."
+            )
+    if max_length is None:
+        max_length = limit or max_positions
+    if query_instruction is not None:
+        instruction = query_instruction
+    if max_length > max_positions:
+        raise ExportError(f"max_length {max_length} exceeds the model's {max_positions} positions")
+    return Source(
+        folder=folder,
+        source_id=source_id,
+        revision=revision,
+        task=task,
+        model_type=model_type,
+        architecture=architecture,
+        pooling=chosen,
+        normalize=normalize,
+        query_instruction=instruction,
+        max_length=max_length,
+        max_positions=max_positions,
+        dim=dim,
+        with_token_types=config.get("type_vocab_size", 1) > 1,
+    )

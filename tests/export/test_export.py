@@ -1,0 +1,85 @@
+"""Export behaviour: decisions, refusals, the parity gate, atomic output, external weights."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from bge_onnx import Embedder, ExportError, ModelFilesError, ParityError
+from bge_onnx.spec import read_spec
+from bge_onnx_export import export_model, parity
+
+
+def test_unknown_plain_checkpoint_needs_pooling(checkpoints, tmp_path):
+    with pytest.raises(ExportError, match="Pass --pooling cls or --pooling mean"):
+        export_model(checkpoints["bert-cls"], tmp_path / "out", log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parity_gate_refuses_and_writes_nothing(checkpoints, tmp_path, monkeypatch):
+    # A gate no graph can pass must fail the export with the measured figure, leaving no folder behind.
+    monkeypatch.setattr(parity, "MIN_COSINE", 1.5)
+    out = tmp_path / "out"
+    with pytest.raises(ParityError, match=r"min cosine 0\.99\d+ < 1\.5 on probe text \d+"):
+        export_model(checkpoints["bert-mean"], out, log=None)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging folder left either
+
+
+def test_score_gate_refuses(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr(parity, "MAX_SCORE_DIFF", -1.0)
+    with pytest.raises(ParityError, match="score diff"):
+        export_model(checkpoints["bert-rerank"], tmp_path / "out", log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_to_overwrite_unless_forced(checkpoints, exported, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(ExportError, match="already exists and is not empty"):
+        export_model(checkpoints["bert-mean"], out, log=None, check_parity=False)
+    assert (out / "keep.txt").read_text() == "precious"
+    export_model(checkpoints["bert-mean"], out, log=None, check_parity=False, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert read_spec(out).variants["fp32"].parity == {}
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(ModelFilesError, match="neither an existing folder nor a hub repo id"):
+        export_model(str(tmp_path / "nope" / "deeper"), tmp_path / "out", log=None)
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with pytest.raises(ModelFilesError, match="config.json is missing"):
+        export_model(folder, tmp_path / "out", log=None)
+
+
+def test_unsupported_architecture(checkpoints, tmp_path):
+    folder = shutil.copytree(checkpoints["bert-cls"], tmp_path / "gpt")
+    text = (folder / "config.json").read_text().replace('"model_type": "bert"', '"model_type": "gpt2"')
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ExportError, match="model_type 'gpt2'"):
+        export_model(folder, tmp_path / "out", log=None)
+
+
+def test_external_weights_file(checkpoints, exported, tmp_path):
+    out = tmp_path / "ext"
+    spec = export_model(checkpoints["bert-mean"], out, log=None, external_data=True)
+    variant = spec.variants["fp32"]
+    assert variant.data_files and all((out / f).is_file() for f in variant.data_files)
+    assert set(variant.data_files) <= set(spec.files)
+    texts = ["external weights", "still the same model"]
+    inline = Embedder(exported["bert-mean"], device="cpu").encode(texts)
+    np.testing.assert_allclose(Embedder(out, device="cpu").encode(texts), inline, atol=1e-6)
+
+
+def test_instruction_and_length_overrides(checkpoints, tmp_path):
+    spec = export_model(
+        checkpoints["bert-mean"], tmp_path / "o", log=None, check_parity=False,
+        query_instruction="query: ", max_length=32,
+    )
+    assert (spec.query_instruction, spec.max_length) == ("query: ", 32)
+    with pytest.raises(ExportError, match="exceeds the model's 128 positions"):
+        export_model(checkpoints["bert-mean"], tmp_path / "p", log=None, max_length=4096)

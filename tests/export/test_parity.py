@@ -1,0 +1,88 @@
+"""Exported tiny models of every architecture against their PyTorch models, on the same texts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bge_onnx import Embedder, Reranker
+from bge_onnx.spec import Pooling, read_spec
+from bge_onnx_export.parity import MAX_SCORE_DIFF, MIN_COSINE, torch_embeddings, torch_scores
+from bge_onnx_export.probes import PROBE_PAIRS, PROBE_TEXTS
+from conftest import EMBED_KINDS, RERANK_KINDS, VARIED_TEXTS
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+@pytest.mark.parametrize("kind", EMBED_KINDS)
+def test_embeddings_match_pytorch(kind, exported, torch_models):
+    embedder = Embedder(exported[kind], device="cpu")
+    model, tokenizer = torch_models[kind]
+    texts = VARIED_TEXTS + list(PROBE_TEXTS)
+    reference = torch_embeddings(model, tokenizer, texts, pooling=embedder.pooling, max_length=embedder.max_length)
+    with pytest.warns(UserWarning, match="truncated"):
+        ours = embedder.encode(texts, normalize=False)
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+    # texts must get clearly different vectors, or a runtime that mixed up rows would pass
+    unit = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    assert (unit @ unit.T)[~np.eye(len(texts), dtype=bool)].mean() < 0.95
+    assert _cosines(ours, reference).min() >= 0.99999
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", RERANK_KINDS)
+def test_scores_match_pytorch_and_spread(kind, exported, torch_models):
+    reranker = Reranker(exported[kind], device="cpu")
+    model, tokenizer = torch_models[kind]
+    pairs = list(PROBE_PAIRS) + [(q, p) for q in VARIED_TEXTS[:5] for p in VARIED_TEXTS]
+    reference = torch_scores(model, tokenizer, pairs, max_length=reranker.max_length)
+    with pytest.warns(UserWarning, match="truncated"):
+        ours = reranker.compute_score(pairs)
+    assert ours.dtype == np.float32 and ours.shape == (len(pairs),)
+    assert np.abs(ours - reference).max() <= 1e-4
+    # the head was widened so a constant or shuffled output cannot pass
+    assert reference.std() > 1.0
+    assert (np.argsort(-ours, kind="stable") == np.argsort(-reference, kind="stable")).mean() > 0.95
+    assert np.corrcoef(ours, reference)[0, 1] > 0.9999
+
+
+@pytest.mark.parametrize("kind", EMBED_KINDS + RERANK_KINDS)
+def test_manifest_records_parity_and_hashes(kind, exported):
+    spec = read_spec(exported[kind])
+    figures = spec.variants["fp32"].parity
+    if kind in EMBED_KINDS:
+        assert figures["min_cosine"] >= MIN_COSINE and figures["texts"] == len(PROBE_TEXTS)
+    else:
+        assert figures["max_abs_diff"] <= MAX_SCORE_DIFF and figures["pairs"] == len(PROBE_PAIRS)
+    on_disk = sorted(p.name for p in exported[kind].iterdir() if p.name != "bge_onnx.json")
+    assert sorted(spec.files) == on_disk
+    assert {"torch", "transformers", "onnxruntime", "bge_onnx"} <= set(spec.versions)
+    raw = json.loads((exported[kind] / "bge_onnx.json").read_text())
+    assert raw["task"] == spec.task.value
+
+
+def test_pooling_comes_from_flag_config_or_registry(exported):
+    # explicit --pooling
+    assert read_spec(exported["bert-cls"]).pooling is Pooling.CLS
+    # sentence-transformers folder: mean pooling, and its max_seq_length (64) beats the tokenizer's 512
+    st = read_spec(exported["bert-mean"])
+    assert (st.pooling, st.max_length, st.normalize) == (Pooling.MEAN, 64, True)
+    # registry: a folder named bge-m3 is CLS, no instruction, length capped by the tiny model's positions
+    m3 = read_spec(exported["xlmr-cls"])
+    assert (m3.pooling, m3.query_instruction, m3.max_length) == (Pooling.CLS, "", 128)
+    assert m3.source["id"] == "BAAI/bge-m3"
+    assert "token_type_ids" not in m3.inputs and "token_type_ids" in st.inputs
+
+
+def test_mean_and_cls_really_differ(exported):
+    # The same BERT body pooled two ways must give different vectors, or pooling is not applied.
+    texts = ["a cat sat on the mat", "stock markets fell sharply today"]
+    mean = Embedder(exported["bert-mean"], device="cpu").encode(texts)
+    cls = Embedder(exported["bert-cls"], device="cpu").encode(texts)
+    assert _cosines(mean, cls).max() < 0.999
