@@ -96,13 +96,19 @@ class Embedder:
         >>> embedder.encode(["a cat", "a dog"]).shape  # doctest: +SKIP
         (2, 384)
         """
-        if isinstance(texts, str):
-            return self.encode([texts], batch_size=batch_size, normalize=normalize)[0]
-        items = check_texts(texts)
+        return self._encode(texts, "texts", "", batch_size, normalize, show_progress)
+
+    def _encode(
+        self, texts: object, name: str, prefix: str, batch_size: int | None, normalize: bool, show_progress: bool
+    ) -> np.ndarray:
+        single = isinstance(texts, str)
+        items = check_texts([texts] if single else texts, name=name)
+        if prefix:
+            items = [prefix + text for text in items]
         batch_size = self.batch_size if batch_size is None else check_positive("batch_size", batch_size)
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
-        encodings, cut = self._model.tokenizer.encode_texts(items)
+        encodings, cut = self._model.tokenizer.encode_texts(items, name=name)
         warn_truncated(cut, len(items), self.max_length)
         pooling = self.pooling
 
@@ -117,7 +123,9 @@ class Embedder:
             reduce=reduce,
             progress=Progress(len(items), label="embedded", enabled=show_progress),
         )
-        return l2_normalize(vectors) if normalize else vectors
+        if normalize:
+            vectors = l2_normalize(vectors)
+        return vectors[0] if single else vectors
 
     def encode_queries(
         self,
@@ -134,12 +142,7 @@ class Embedder:
         >>> embedder.encode_queries("what is a panda?").shape  # doctest: +SKIP
         (384,)
         """
-        instruction = self.query_instruction
-        if isinstance(queries, str):
-            prefixed: str | list[str] = instruction + queries
-        else:
-            prefixed = [instruction + q for q in check_texts(queries, name="queries")]
-        return self.encode(prefixed, batch_size=batch_size, normalize=normalize, show_progress=show_progress)
+        return self._encode(queries, "queries", self.query_instruction, batch_size, normalize, show_progress)
 
     def encode_corpus(
         self,
@@ -150,4 +153,4 @@ class Embedder:
         show_progress: bool = False,
     ) -> np.ndarray:
         """Embed passages to search in: never with an instruction. Same as :meth:`encode`."""
-        return self.encode(passages, batch_size=batch_size, normalize=normalize, show_progress=show_progress)
+        return self._encode(passages, "passages", "", batch_size, normalize, show_progress)

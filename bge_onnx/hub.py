@@ -53,18 +53,18 @@ def download(repo_id: str, *, revision: str | None = None) -> Path:
     def fetch(filename: str) -> Path:
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision))
-        except EntryNotFoundError as err:
+        except LocalEntryNotFoundError as err:  # offline, or the hub unreachable, and not cached
+            raise ModelFilesError(
+                f"cannot download {filename} of {repo_id!r} and it is not in the local cache "
+                f"({err}); check the network or HF_ENDPOINT, or pass a local folder."
+            ) from err
+        except EntryNotFoundError as err:  # the hub answered: no such file
             if filename == MANIFEST:
                 raise ModelFilesError(
                     f"hub repo {repo_id!r} has no {MANIFEST}: it is not an exported bge-onnx model. "
                     f"Export it with `bge-onnx export {repo_id} --out DIR` and load DIR."
                 ) from err
             raise ModelFilesError(f"hub repo {repo_id!r} lists {filename} in {MANIFEST} but lacks the file") from err
-        except LocalEntryNotFoundError as err:
-            raise ModelFilesError(
-                f"cannot download {filename} of {repo_id!r} and it is not in the local cache "
-                f"({err}); check the network or HF_ENDPOINT, or pass a local folder."
-            ) from err
         except (HfHubHTTPError, OSError) as err:
             raise ModelFilesError(
                 f"cannot download {filename} of hub repo {repo_id!r}"

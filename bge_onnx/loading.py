@@ -65,12 +65,20 @@ def open_model(
     return LoadedModel(folder, spec, tokenizer, session)
 
 
+def _outside_package_stacklevel() -> int:
+    """The stacklevel of the first frame outside bge_onnx, so a warning points at the caller's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("bge_onnx"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_truncated(cut: int, total: int, max_length: int, what: str = "texts") -> None:
     if cut:
         warnings.warn(
             f"{cut} of {total} {what} exceeded max_length={max_length} tokens and were truncated",
             UserWarning,
-            stacklevel=3,
+            stacklevel=_outside_package_stacklevel(),
         )
 
 

@@ -127,11 +127,11 @@ def build_checkpoint(kind: str, folder: Path) -> Path:
     return folder
 
 
-# kind -> (folder name, export options). The names exercise the three ways pooling is decided:
-# an explicit flag, a sentence-transformers config, and the registry of known models.
+# kind -> (folder name, export options). The names exercise the ways pooling and instruction are decided:
+# the registry of known models (by folder name), a sentence-transformers config, explicit options.
 KINDS = {
-    "bert-cls": ("my-bert-cls", {"pooling": "cls"}),
-    "bert-mean": ("st-bert-mean", {}),
+    "bert-cls": ("bge-small-en-v1.5", {}),
+    "bert-mean": ("st-bert-mean", {"query_instruction": "query: "}),
     "xlmr-cls": ("bge-m3", {}),
     "bert-rerank": ("bge-reranker-tiny-bert", {}),
     "xlmr-rerank": ("bge-reranker-v2-m3", {}),

@@ -13,9 +13,12 @@ from bge_onnx_export import export_model, parity
 
 
 def test_unknown_plain_checkpoint_needs_pooling(checkpoints, tmp_path):
+    folder = shutil.copytree(checkpoints["bert-cls"], tmp_path / "my-bert")
     with pytest.raises(ExportError, match="Pass --pooling cls or --pooling mean"):
-        export_model(checkpoints["bert-cls"], tmp_path / "out", log=None)
+        export_model(folder, tmp_path / "out", log=None)
     assert not (tmp_path / "out").exists()
+    spec = export_model(folder, tmp_path / "out", log=None, pooling="mean", check_parity=False)
+    assert (spec.pooling.value, spec.query_instruction, spec.max_length) == ("mean", "", 128)
 
 
 def test_parity_gate_refuses_and_writes_nothing(checkpoints, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bge_onnx import Embedder, Reranker
+from bge_onnx.registry import EN_INSTRUCTION
 from bge_onnx.spec import Pooling, read_spec
 from bge_onnx_export.parity import MAX_SCORE_DIFF, MIN_COSINE, torch_embeddings, torch_scores
 from bge_onnx_export.probes import PROBE_PAIRS, PROBE_TEXTS
@@ -68,11 +69,13 @@ def test_manifest_records_parity_and_hashes(kind, exported):
 
 
 def test_pooling_comes_from_flag_config_or_registry(exported):
-    # explicit --pooling
-    assert read_spec(exported["bert-cls"]).pooling is Pooling.CLS
+    # registry, by folder name: CLS and the English query instruction
+    small = read_spec(exported["bert-cls"])
+    assert (small.pooling, small.query_instruction) == (Pooling.CLS, EN_INSTRUCTION)
+    assert small.source["id"] == "BAAI/bge-small-en-v1.5"
     # sentence-transformers folder: mean pooling, and its max_seq_length (64) beats the tokenizer's 512
     st = read_spec(exported["bert-mean"])
-    assert (st.pooling, st.max_length, st.normalize) == (Pooling.MEAN, 64, True)
+    assert (st.pooling, st.max_length, st.normalize, st.query_instruction) == (Pooling.MEAN, 64, True, "query: ")
     # registry: a folder named bge-m3 is CLS, no instruction, length capped by the tiny model's positions
     m3 = read_spec(exported["xlmr-cls"])
     assert (m3.pooling, m3.query_instruction, m3.max_length) == (Pooling.CLS, "", 128)

@@ -1,0 +1,113 @@
+"""The command line through real subprocesses: stdin/stdout, formats, exit codes, stderr messages."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bge_onnx import Embedder, Reranker
+
+
+def cli(*args: str, stdin: str | bytes = "", env: dict | None = None) -> subprocess.CompletedProcess:
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    return subprocess.run(
+        [sys.executable, "-m", "bge_onnx", *args], input=data, capture_output=True, timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_and_usage_errors():
+    result = cli("--help")
+    assert result.returncode == 0 and b"export" in result.stdout and b"rerank" in result.stdout
+    assert cli("embed", "--help").returncode == 0
+    result = cli()
+    assert result.returncode == 2 and b"required" in result.stderr
+    result = cli("embed", "--batch-size", "0")
+    assert result.returncode == 2 and b"expected a positive integer, got '0'" in result.stderr
+
+
+def test_embed_lines_to_jsonl(exported):
+    folder = str(exported["bert-mean"])
+    result = cli("embed", folder, stdin="first text\nsecond text\n\nlast, no newline")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    expected = Embedder(folder, device="cpu").encode(["first text", "second text", "", "last, no newline"])
+    np.testing.assert_allclose(np.array(rows, dtype=np.float32), expected, atol=1e-6)
+    assert result.stderr == b""
+
+
+def test_embed_jsonl_in_npy_out_and_queries(exported, tmp_path):
+    folder = str(exported["bert-mean"])
+    stdin = '"a json string"\n{"text": "an object", "id": 7}\n\n'
+    result = cli("embed", folder, "--input", "jsonl", "--format", "npy", "--queries", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    vectors = np.load(io.BytesIO(result.stdout))
+    expected = Embedder(folder, device="cpu").encode_queries(["a json string", "an object"])
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    out = tmp_path / "v.npy"
+    assert cli("embed", folder, "--format", "npy", "-o", str(out), stdin="x\n").returncode == 0
+    assert np.load(out).shape == (1, 32)
+
+
+def test_embed_bad_input_exits_1_with_the_line(exported):
+    result = cli("embed", str(exported["bert-mean"]), "--input", "jsonl", stdin='"ok"\n{not json}\n')
+    assert result.returncode == 1 and result.stdout == b""
+    assert b"bge-onnx: error: stdin line 2 is not valid JSON" in result.stderr
+    result = cli("embed", str(exported["bert-mean"]), "--input", "jsonl", stdin='{"txt": "x"}\n')
+    assert result.returncode == 1 and b"stdin line 1: expected a JSON string or an object with a string 'text'" in result.stderr
+
+
+def test_missing_model_and_wrong_task(tmp_path, exported):
+    result = cli("embed", str(tmp_path / "nowhere"), stdin="x\n")
+    assert result.returncode == 1 and b"bge-onnx: error: model folder" in result.stderr
+    result = cli("rerank", str(exported["bert-cls"]), "--query", "q", stdin="x\n")
+    assert result.returncode == 1 and b"load it with bge_onnx.Embedder" in result.stderr
+
+
+def test_rerank(exported):
+    folder = str(exported["bert-rerank"])
+    passages = ["The giant panda is a bear.", "hi", "Paris is in France."]
+    result = cli("rerank", folder, "--query", "what is a panda?", "--top-k", "2", stdin="\n".join(passages) + "\n")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    expected = Reranker(folder, device="cpu").rerank("what is a panda?", passages, top_k=2)
+    assert [(r["index"], r["text"]) for r in rows] == [(e.index, e.text) for e in expected]
+    assert [r["score"] for r in rows] == pytest.approx([e.score for e in expected], abs=1e-5)
+
+
+def test_info(exported):
+    result = cli("info", str(exported["bert-cls"]))
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    assert "task:              embed (BertModel)" in text and "pooling:           cls" in text
+    assert "Represent this sentence for searching relevant passages: " in text and "min_cosine" in text
+    manifest = json.loads(cli("info", str(exported["bert-cls"]), "--json").stdout)
+    assert manifest["dim"] == 32
+
+
+def test_export_command(checkpoints, tmp_path):
+    out = tmp_path / "cli-export"
+    result = cli("export", str(checkpoints["bert-mean"]), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert b"checking parity with PyTorch" in result.stderr and result.stdout == b""
+    assert (out / "bge_onnx.json").is_file()
+    result = cli("export", str(checkpoints["bert-mean"]), "--out", str(out), "-q")
+    assert result.returncode == 1 and b"already exists and is not empty; pass overwrite=True (--force)" in result.stderr
+
+
+def test_default_model_is_exported_on_first_use(minilm_onnx, tmp_path):
+    env = {"BGE_ONNX_CACHE": str(tmp_path / "cache")}
+    first = cli("embed", stdin="The default model works out of the box.\n", env=env)
+    assert first.returncode == 0, first.stderr
+    assert b"exporting the default model all-MiniLM-L6-v2" in first.stderr
+    vector = np.array(json.loads(first.stdout), dtype=np.float32)
+    expected = Embedder(minilm_onnx, device="cpu").encode("The default model works out of the box.")
+    assert float(vector @ expected) >= 0.99999
+    second = cli("embed", stdin="again\n", env=env)
+    assert second.returncode == 0 and b"exporting" not in second.stderr

@@ -1,0 +1,126 @@
+"""Embedder behaviour on exported tiny models: shapes, order, instructions, truncation, threads."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+from bge_onnx import Embedder, InputError
+from bge_onnx.spec import Pooling
+from conftest import VARIED_TEXTS
+
+
+@pytest.fixture(scope="module")
+def embedder(exported):
+    return Embedder(exported["bert-mean"], device="cpu", batch_size=4)
+
+
+def test_shapes_and_dtypes(embedder):
+    assert embedder.encode(["a", "b", "c"]).shape == (3, embedder.dim)
+    single = embedder.encode("just one")
+    assert single.shape == (embedder.dim,) and single.dtype == np.float32
+    empty = embedder.encode([])
+    assert empty.shape == (0, embedder.dim) and empty.dtype == np.float32
+    assert embedder.encode(iter(["from", "a generator"])).shape == (2, embedder.dim)
+    np.testing.assert_allclose(single, embedder.encode(["just one"])[0], atol=1e-6)
+
+
+def test_properties(exported, embedder):
+    assert (embedder.dim, embedder.max_length, embedder.pooling) == (32, 64, Pooling.MEAN)
+    assert Embedder(exported["bert-mean"], device="cpu", max_length=16).max_length == 16
+    assert embedder.providers == ["CPUExecutionProvider"]
+
+
+def test_normalize(embedder):
+    raw = embedder.encode(VARIED_TEXTS[:5], normalize=False)
+    unit = embedder.encode(VARIED_TEXTS[:5])
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    assert np.abs(np.linalg.norm(raw, axis=1) - 1.0).max() > 0.01
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_order_and_batch_invariance(embedder):
+    texts = VARIED_TEXTS[:9] + ["short", "a bit longer text here", "x"]  # all within max_length
+    together = embedder.encode(texts, batch_size=32)
+    alone = np.stack([embedder.encode(t) for t in texts])
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(texts))
+    shuffled = embedder.encode([texts[i] for i in perm], batch_size=3)
+    for other in (alone, shuffled[np.argsort(perm)]):
+        assert (together * other).sum(axis=1).min() >= 0.99999
+
+
+def test_duplicates_and_empty_string(embedder):
+    vectors = embedder.encode(["same", "", "same"])
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
+    assert np.isfinite(vectors).all() and abs(np.linalg.norm(vectors[1]) - 1) < 1e-5
+
+
+def test_queries_get_the_instruction_and_corpus_never(embedder):
+    assert embedder.query_instruction == "query: "
+    np.testing.assert_allclose(embedder.encode_queries(["what is x"]), embedder.encode(["query: what is x"]), atol=1e-6)
+    np.testing.assert_allclose(embedder.encode_queries("what is x"), embedder.encode("query: what is x"), atol=1e-6)
+    np.testing.assert_allclose(embedder.encode_corpus(["what is x"]), embedder.encode(["what is x"]), atol=1e-6)
+    assert np.abs(embedder.encode_queries(["what is x"]) - embedder.encode(["what is x"])).max() > 1e-3
+
+
+def test_truncation_warns_once_per_call(embedder):
+    long = "word " * 500
+    with pytest.warns(UserWarning, match=r"2 of 3 texts exceeded max_length=64 tokens and were truncated") as record:
+        vectors = embedder.encode([long, "short", long + "tail"])
+    assert len([w for w in record if "truncated" in str(w.message)]) == 1
+    # truncation means the tail past 64 tokens is ignored
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embedder.encode(["short texts", "do not warn"])
+
+
+def test_huge_text_is_truncated_not_refused(embedder):
+    with pytest.warns(UserWarning, match="truncated"):
+        vector = embedder.encode("lorem ipsum " * 200_000)
+    assert vector.shape == (embedder.dim,) and np.isfinite(vector).all()
+
+
+def test_concurrent_threads_get_the_same_vectors(exported):
+    embedder = Embedder(exported["bert-cls"], device="cpu", batch_size=3)
+    texts = [f"sentence number {i} about {'cats' if i % 2 else 'markets'}" for i in range(24)]
+    expected = embedder.encode(texts)
+    results, errors = {}, []
+
+    def work(k: int) -> None:
+        try:
+            for _ in range(5):
+                order = np.random.default_rng(k).permutation(len(texts))
+                got = embedder.encode([texts[i] for i in order])
+                results.setdefault(k, []).append(got[np.argsort(order)])
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for runs in results.values():
+        for got in runs:
+            assert (got * expected).sum(axis=1).min() >= 0.99999
+
+
+def test_bad_options(exported, embedder):
+    with pytest.raises(InputError, match="batch_size must be a positive int, got 0"):
+        embedder.encode(["x"], batch_size=0)
+    with pytest.raises(InputError, match="batch_size must be a positive int, got -1"):
+        Embedder(exported["bert-mean"], device="cpu", batch_size=-1)
+    with pytest.raises(InputError, match=r"max_length=4096 exceeds what the model can take \(128 tokens\)"):
+        Embedder(exported["bert-mean"], device="cpu", max_length=4096)
+
+
+def test_progress_goes_to_stderr(embedder, capsys):
+    embedder.encode(["a", "b", "c", "d", "e"], show_progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "embedded: 5/5" in captured.err

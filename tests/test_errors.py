@@ -1,0 +1,134 @@
+"""Bad input and bad model folders: each gives a clear error naming what was wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bge_onnx import (
+    BgeOnnxError, Embedder, InputError, InputTypeError, ModelFilesError, ModelIntegrityError,
+    ProviderError, Reranker, WrongTaskError,
+)
+
+
+@pytest.fixture(scope="module")
+def embedder(exported):
+    return Embedder(exported["bert-cls"], device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        (["ok", 42, "ok"], r"texts\[1\] is int 42, expected str"),
+        (["ok", None], r"texts\[1\] is NoneType None, expected str"),
+        ([b"bytes"], r"texts\[0\] is bytes b'bytes', expected str"),
+        ([["nested"]], r"texts\[0\] is list \['nested'\], expected str"),
+        (b"raw bytes", r"texts must be a list of str, got bytes"),
+        (3.5, r"texts must be a list of str, got float 3.5"),
+        ({"text": "x"}.items(), r"texts\[0\] is tuple \('text', 'x'\), expected str"),
+    ],
+)
+def test_bad_texts_name_the_item(embedder, texts, message):
+    with pytest.raises(InputTypeError, match=message) as info:
+        embedder.encode(texts)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, BgeOnnxError)
+
+
+def test_lone_surrogate_names_index_and_position(embedder):
+    with pytest.raises(InputError, match=r"texts\[2\] cannot be encoded as UTF-8 \(surrogates not allowed at position 4\)"):
+        embedder.encode(["fine", "also fine", "bad \udc80 text"])
+    with pytest.raises(InputError, match=r"queries\[0\] cannot be encoded"):
+        embedder.encode_queries(["\ud83d"])
+
+
+def test_long_repr_is_shortened(embedder):
+    with pytest.raises(InputTypeError) as info:
+        embedder.encode([list(range(1000))])
+    assert len(str(info.value)) < 200
+
+
+def test_missing_folder_and_manifest(tmp_path):
+    with pytest.raises(ModelFilesError, match="does not exist"):
+        Embedder(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"bge_onnx.json is missing: .* is not a bge-onnx model folder"):
+        Embedder(tmp_path)
+    with pytest.raises(ModelFilesError, match="must be a folder path or a hub repo id"):
+        Embedder(42)
+
+
+def test_missing_model_file(model_copy):
+    folder = model_copy("bert-cls")
+    (folder / "model.onnx").unlink()
+    with pytest.raises(ModelFilesError, match=r"model.onnx is missing \(listed in bge_onnx.json\)"):
+        Embedder(folder)
+
+
+def test_changed_file_fails_the_hash(model_copy):
+    folder = model_copy("bert-cls")
+    with open(folder / "model.onnx", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ModelIntegrityError, match=r"model.onnx does not match the sha256 in bge_onnx.json"):
+        Embedder(folder)
+
+
+def test_corrupt_onnx_with_matching_hash(model_copy):
+    from bge_onnx.spec import sha256_file
+
+    folder = model_copy("bert-cls")
+    (folder / "model.onnx").write_bytes(b"this is not a protobuf")
+    manifest = json.loads((folder / "bge_onnx.json").read_text())
+    manifest["files"]["model.onnx"] = sha256_file(folder / "model.onnx")
+    (folder / "bge_onnx.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match=r"model.onnx could not be loaded by onnxruntime"):
+        Embedder(folder)
+
+
+def test_corrupt_tokenizer_with_matching_hash(model_copy):
+    from bge_onnx.spec import sha256_file
+
+    folder = model_copy("bert-cls")
+    (folder / "tokenizer.json").write_text("{not json")
+    manifest = json.loads((folder / "bge_onnx.json").read_text())
+    manifest["files"]["tokenizer.json"] = sha256_file(folder / "tokenizer.json")
+    (folder / "bge_onnx.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match=r"tokenizer.json is not a valid tokenizer file"):
+        Embedder(folder)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: "{broken", r"bge_onnx.json is not valid JSON"),
+        (lambda m: json.dumps([1, 2]), r"must hold a JSON object, got list"),
+        (lambda m: json.dumps({**m, "format_version": 99}), r"format_version 99; this bge-onnx reads version 1"),
+        (lambda m: json.dumps({**m, "pooling": "max"}), r"not a valid manifest: 'max' is not a valid Pooling"),
+        (lambda m: json.dumps({**m, "dim": 0}), r"dim must be a positive int, got 0"),
+    ],
+)
+def test_bad_manifest(model_copy, edit, message):
+    folder = model_copy("bert-cls")
+    manifest = json.loads((folder / "bge_onnx.json").read_text())
+    (folder / "bge_onnx.json").write_text(edit(manifest))
+    with pytest.raises(ModelIntegrityError, match=message):
+        Embedder(folder)
+
+
+def test_wrong_task_both_ways(exported):
+    with pytest.raises(WrongTaskError, match=r"holds an embedding model \(BertModel\); load it with bge_onnx.Embedder, not Reranker"):
+        Reranker(exported["bert-cls"])
+    with pytest.raises(WrongTaskError, match=r"holds a reranker model .*load it with bge_onnx.Reranker, not Embedder"):
+        Embedder(exported["xlmr-rerank"])
+
+
+def test_cuda_requested_without_cuda_is_an_error_not_a_fallback(exported):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA: the error path cannot be reached")  # never on CI's CPU machine
+    with pytest.raises(ProviderError, match=r"device='cuda' but onnxruntime offers no CUDAExecutionProvider.*bge-onnx\[gpu\]"):
+        Embedder(exported["bert-cls"], device="cuda")
+    with pytest.raises(InputError, match=r"device must be 'auto', 'cpu' or 'cuda', got 'tpu'"):
+        Embedder(exported["bert-cls"], device="tpu")
+    assert Embedder(exported["bert-cls"], device="auto").providers == ["CPUExecutionProvider"]

@@ -1,0 +1,131 @@
+"""Loading from a hub repo id, for real, against a local HTTP server that speaks the hub's file API."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class _Hub(http.server.ThreadingHTTPServer):
+    def __init__(self, repos: dict[str, Path]) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.repos = repos
+        self.requests: list[str] = []
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """HEAD/GET /{owner}/{name}/resolve/{revision}/{filename}, with the headers huggingface_hub reads."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _file(self) -> Path | None:
+        parts = self.path.split("?")[0].strip("/").split("/")
+        self.server.requests.append(f"{self.command} {self.path}")
+        if len(parts) < 5 or parts[2] != "resolve":
+            self._fail(404, "RepoNotFound")
+            return None
+        repo = self.server.repos.get("/".join(parts[:2]))
+        if repo is None:
+            self._fail(404, "RepoNotFound")
+            return None
+        path = repo.joinpath(*parts[4:])
+        if parts[3] not in ("main", COMMIT) or not path.is_file():
+            self._fail(404, "EntryNotFound")
+            return None
+        body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        return path
+
+    def _fail(self, status: int, code: str) -> None:
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._file()
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self._file()
+        if path is not None:
+            self.wfile.write(path.read_bytes())
+
+
+@pytest.fixture()
+def hub(exported, checkpoints):
+    server = _Hub({"acme/tiny-bge": exported["bert-cls"], "acme/raw-checkpoint": checkpoints["bert-cls"]})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+_SCRIPT = """
+import sys, numpy as np, bge_onnx
+try:
+    vectors = bge_onnx.Embedder(sys.argv[1], device="cpu").encode(["hub text", "another"])
+except bge_onnx.BgeOnnxError as err:
+    print(type(err).__name__ + ": " + str(err)); sys.exit(1)
+np.save(sys.argv[2], vectors)
+"""
+
+
+def _load(model: str, out: Path, home: Path, endpoint: str, offline: bool = False) -> subprocess.CompletedProcess:
+    # huggingface_hub reads HF_ENDPOINT when imported, so each load runs in a fresh process
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-c", _SCRIPT, model, str(out)], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_repo_id_downloads_only_what_the_runtime_needs(hub, exported, tmp_path):
+    endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
+    result = _load("acme/tiny-bge", tmp_path / "v.npy", tmp_path / "hf", endpoint)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from bge_onnx import Embedder
+
+    local = Embedder(exported["bert-cls"], device="cpu").encode(["hub text", "another"])
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy"), local, atol=1e-6)
+    fetched = {r.split("/resolve/main/")[-1] for r in hub.requests if r.startswith("GET")}
+    assert fetched == {"bge_onnx.json", "tokenizer.json", "model.onnx"}
+
+    # later loads work from the cache with the hub gone (serverless cold starts, offline hosts)
+    hub.requests.clear()
+    result = _load("acme/tiny-bge", tmp_path / "w.npy", tmp_path / "hf", endpoint, offline=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "w.npy"), local, atol=1e-6)
+    assert hub.requests == []
+
+
+def test_repo_that_is_not_an_export(hub, tmp_path):
+    endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
+    result = _load("acme/raw-checkpoint", tmp_path / "v.npy", tmp_path / "hf", endpoint)
+    assert result.returncode == 1
+    assert "ModelFilesError: hub repo 'acme/raw-checkpoint' has no bge_onnx.json: it is not an exported bge-onnx model" in result.stdout
+
+
+def test_unknown_repo_and_offline_miss(hub, tmp_path):
+    endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
+    result = _load("acme/does-not-exist", tmp_path / "v.npy", tmp_path / "hf", endpoint)
+    assert result.returncode == 1 and "ModelFilesError: cannot download bge_onnx.json of hub repo 'acme/does-not-exist'" in result.stdout
+    result = _load("acme/tiny-bge", tmp_path / "v.npy", tmp_path / "empty-cache", endpoint, offline=True)
+    assert result.returncode == 1 and "is not in the local cache" in result.stdout
