@@ -10,7 +10,7 @@ import pytest
 
 from bge_onnx import Embedder, InputError
 from bge_onnx.spec import Pooling
-from conftest import VARIED_TEXTS
+from tiny_models import VARIED_TEXTS
 
 
 @pytest.fixture(scope="module")

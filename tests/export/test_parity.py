@@ -12,7 +12,7 @@ from bge_onnx.registry import EN_INSTRUCTION
 from bge_onnx.spec import Pooling, read_spec
 from bge_onnx_export.parity import MAX_SCORE_DIFF, MIN_COSINE, torch_embeddings, torch_scores
 from bge_onnx_export.probes import PROBE_PAIRS, PROBE_TEXTS
-from conftest import EMBED_KINDS, RERANK_KINDS, VARIED_TEXTS
+from tiny_models import EMBED_KINDS, RERANK_KINDS, VARIED_TEXTS
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 from bge_onnx import Embedder
 from bge_onnx.spec import Pooling, read_spec
 from bge_onnx_export.probes import PROBE_TEXTS
-from conftest import VARIED_TEXTS, minilm_path
+from tiny_models import VARIED_TEXTS, minilm_path
 
 
 @pytest.fixture(scope="module")

