@@ -101,14 +101,18 @@ def choose_providers(device: str | Device, available: Iterable[str] | None = Non
     available = list(ort.get_available_providers() if available is None else available)
     if device is Device.CPU:
         return [CPU]
+    conflict = conflicting_runtimes()
+    if conflict:
+        warnings.warn(
+            "both onnxruntime and onnxruntime-gpu are installed: they overwrite each other's files and CUDA can "
+            f"silently disappear. Fix: {GPU_FIX}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if CUDA in available:
         return [CUDA, CPU]
     if device is Device.CUDA:
-        hint = (
-            "both onnxruntime and onnxruntime-gpu are installed and have overwritten each other; fix: "
-            if conflicting_runtimes()
-            else "install the GPU build: "
-        )
+        hint = "they have overwritten each other; fix: " if conflict else "install the GPU build: "
         raise ProviderError(
             f"device='cuda' but onnxruntime offers no CUDAExecutionProvider (available: {available}); "
             f"{hint}{GPU_FIX}"

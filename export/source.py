@@ -58,7 +58,10 @@ def fetch(src: str, revision: str | None) -> tuple[Path, str | None]:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(src, revision=revision))
+        # the torch weights and configs only: hub repos often also carry ONNX, OpenVINO or GGUF copies
+        folder = Path(snapshot_download(
+            src, revision=revision, ignore_patterns=["*.onnx", "*.onnx_data", "onnx/*", "openvino/*", "*.gguf", "*.h5", "*.msgpack", "*.ot"]
+        ))
     except Exception as err:  # huggingface_hub raises many network/auth/not-found types
         raise ModelFilesError(f"cannot download hub repo {src!r}: {err}") from err
     return folder, folder.name  # the snapshot folder is named by its commit

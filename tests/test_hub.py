@@ -30,9 +30,35 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    def _api(self, parts: list[str]) -> None:
+        """What snapshot_download asks first: GET /api/models/{owner}/{name}/revision/{revision} (the commit),
+        then GET /api/models/{owner}/{name}/tree/{commit} (the files)."""
+        repo = self.server.repos.get("/".join(parts[2:4]))
+        if repo is None or len(parts) < 6:
+            self._fail(404, "RepoNotFound")
+            return
+        files = sorted(p for p in repo.rglob("*") if p.is_file())
+        if parts[4] == "revision":
+            info = {"id": "/".join(parts[2:4]), "sha": COMMIT, "siblings": [{"rfilename": p.relative_to(repo).as_posix()} for p in files]}
+        else:
+            info = [
+                {"type": "file", "path": p.relative_to(repo).as_posix(), "size": p.stat().st_size,
+                 "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                for p in files
+            ]
+        body = json.dumps(info).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _file(self) -> Path | None:
         parts = self.path.split("?")[0].strip("/").split("/")
         self.server.requests.append(f"{self.command} {self.path}")
+        if parts[:2] == ["api", "models"] and self.command == "GET":
+            self._api(parts)
+            return None
         if len(parts) < 5 or parts[2] != "resolve":
             self._fail(404, "RepoNotFound")
             return None
@@ -71,7 +97,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def hub(exported, checkpoints):
-    server = _Hub({"acme/tiny-bge": exported["bert-cls"], "acme/raw-checkpoint": checkpoints["bert-cls"]})
+    server = _Hub({
+        "acme/tiny-bge": exported["bert-cls"],
+        "acme/raw-checkpoint": checkpoints["bert-cls"],
+        "BAAI/bge-small-en-v1.5": checkpoints["bert-cls"],
+    })
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -129,3 +159,31 @@ def test_unknown_repo_and_offline_miss(hub, tmp_path):
     assert result.returncode == 1 and "ModelFilesError: cannot download bge_onnx.json of hub repo 'acme/does-not-exist'" in result.stdout
     result = _load("acme/tiny-bge", tmp_path / "v.npy", tmp_path / "empty-cache", endpoint, offline=True)
     assert result.returncode == 1 and "is not in the local cache" in result.stdout
+
+
+_EXPORT = """
+import sys
+from bge_onnx_export import export_model
+spec = export_model(sys.argv[1], sys.argv[2], log=None)
+print(spec.source["id"], spec.source["revision"], spec.pooling.value, spec.query_instruction)
+"""
+
+
+def test_export_from_a_hub_repo_id(hub, tmp_path):
+    endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+    def export(repo_id: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", _EXPORT, repo_id, str(tmp_path / repo_id.replace("/", "--"))],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+
+    # a known id: pooling and instruction from the registry, the revision pinned to the commit served
+    result = export("BAAI/bge-small-en-v1.5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[:3] == ["BAAI/bge-small-en-v1.5", COMMIT, "cls"]
+    assert result.stdout.strip().endswith("Represent this sentence for searching relevant passages:")
+    # an unknown id with no sentence-transformers config: the export asks instead of guessing
+    result = export("acme/raw-checkpoint")
+    assert result.returncode == 1 and "Pass --pooling cls or --pooling mean" in result.stderr

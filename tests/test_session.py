@@ -71,3 +71,12 @@ def test_both_runtimes_installed_is_detected():
     assert S.conflicting_runtimes(["onnxruntime", "onnxruntime-gpu"])
     assert not S.conflicting_runtimes(["onnxruntime"])
     assert not S.conflicting_runtimes(["onnxruntime-gpu"])
+
+
+def test_both_runtimes_installed_is_reported(monkeypatch):
+    monkeypatch.setattr(S, "conflicting_runtimes", lambda installed=None: True)
+    with pytest.warns(RuntimeWarning, match="both onnxruntime and onnxruntime-gpu are installed.*Fix: pip uninstall"):
+        assert S.choose_providers("auto", [S.CPU]) == [S.CPU]
+    with pytest.raises(ProviderError, match="they have overwritten each other; fix: pip uninstall -y onnxruntime onnxruntime-gpu"):
+        with pytest.warns(RuntimeWarning):
+            S.choose_providers("cuda", [S.CPU])
