@@ -13,12 +13,11 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny_models import EMBED_KINDS, KINDS, RERANK_KINDS, VARIED_TEXTS, build_checkpoint, minilm_path  # noqa: E402
+from tiny_models import EMBED_KINDS, KINDS, VARIED_TEXTS, build_checkpoint, minilm_path  # noqa: E402
 
 from bge_onnx import Embedder, Reranker  # noqa: E402
 from bge_onnx_export import export_model  # noqa: E402

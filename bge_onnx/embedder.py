@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from .loading import Progress, check_positive, open_model, run_sorted, warn_truncated
+from .loading import ModelHandle, Progress, check_positive, run_sorted, warn_truncated
 from .pooling import normalize as l2_normalize
 from .pooling import pool
-from .spec import ModelSpec, Pooling, Task
+from .spec import Pooling, Task
 from .tokenize import check_texts
 
 
-class Embedder:
+class Embedder(ModelHandle):
     """Turns texts into the same vectors as the PyTorch model, without torch.
 
     Args:
@@ -31,32 +29,11 @@ class Embedder:
     (2, 384)
     """
 
-    def __init__(
-        self,
-        model: str | os.PathLike[str],
-        *,
-        device: str = "auto",
-        threads: int | None = None,
-        max_length: int | None = None,
-        batch_size: int = 32,
-        revision: str | None = None,
-    ) -> None:
-        self.batch_size = check_positive("batch_size", batch_size)
-        self._model = open_model(
-            model, task=Task.EMBED, device=device, threads=threads, max_length=max_length, revision=revision
-        )
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self._model.spec
+    task = Task.EMBED
 
     @property
     def dim(self) -> int:
         return self._model.spec.dim
-
-    @property
-    def max_length(self) -> int:
-        return self._model.tokenizer.max_length
 
     @property
     def pooling(self) -> Pooling:
@@ -65,10 +42,6 @@ class Embedder:
     @property
     def query_instruction(self) -> str:
         return self._model.spec.query_instruction
-
-    @property
-    def providers(self) -> list[str]:
-        return list(self._model.session.providers)
 
     def encode(
         self,

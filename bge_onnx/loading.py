@@ -73,6 +73,42 @@ def _outside_package_stacklevel() -> int:
     return level
 
 
+class ModelHandle:
+    """What Embedder and Reranker share: loading a folder for their task, and what it tells about itself."""
+
+    task: Task
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        max_length: int | None = None,
+        batch_size: int = 32,
+        revision: str | None = None,
+    ) -> None:
+        self.batch_size = check_positive("batch_size", batch_size)
+        self._model = open_model(
+            model, task=self.task, device=device, threads=threads, max_length=max_length, revision=revision
+        )
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The folder's manifest."""
+        return self._model.spec
+
+    @property
+    def max_length(self) -> int:
+        """Token limit per text (per pair for a reranker)."""
+        return self._model.tokenizer.max_length
+
+    @property
+    def providers(self) -> list[str]:
+        """The onnxruntime execution providers in use, e.g. ['CPUExecutionProvider']."""
+        return list(self._model.session.providers)
+
+
 def warn_truncated(cut: int, total: int, max_length: int, what: str = "texts") -> None:
     if cut:
         warnings.warn(

@@ -8,8 +8,8 @@ import os
 import numpy as np
 
 from .errors import InputError, InputTypeError
-from .loading import Progress, check_positive, open_model, run_sorted, warn_truncated
-from .spec import ModelSpec, Task
+from .loading import ModelHandle, Progress, check_positive, run_sorted, warn_truncated
+from .spec import Task
 from .tokenize import check_pairs, check_texts, describe
 
 
@@ -26,7 +26,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
 
 
-class Reranker:
+class Reranker(ModelHandle):
     """Scores (query, passage) pairs like FlagReranker, without torch.
 
     Args:
@@ -39,6 +39,8 @@ class Reranker:
     5.26
     """
 
+    task = Task.RERANK
+
     def __init__(
         self,
         model: str | os.PathLike[str],
@@ -50,9 +52,8 @@ class Reranker:
         batch_size: int = 32,
         revision: str | None = None,
     ) -> None:
-        self.batch_size = check_positive("batch_size", batch_size)
-        self._model = open_model(
-            model, task=Task.RERANK, device=device, threads=threads, max_length=max_length, revision=revision
+        super().__init__(
+            model, device=device, threads=threads, max_length=max_length, batch_size=batch_size, revision=revision
         )
         limit = self._model.tokenizer.max_length
         if query_max_length is None:
@@ -63,18 +64,6 @@ class Reranker:
                 f"query_max_length={query_max_length} leaves no room for the passage within max_length={limit}"
             )
         self.query_max_length = query_max_length
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self._model.spec
-
-    @property
-    def max_length(self) -> int:
-        return self._model.tokenizer.max_length
-
-    @property
-    def providers(self) -> list[str]:
-        return list(self._model.session.providers)
 
     def compute_score(
         self,
