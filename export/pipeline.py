@@ -43,6 +43,7 @@ def _load_torch(source: Source):
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()  # its load report lists the pooler weights we leave out on purpose
 
     if source.task is Task.EMBED:  # the pooler layer is not part of a sentence embedding
         model = AutoModel.from_pretrained(source.folder, attn_implementation="eager", add_pooling_layer=False)
