@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +59,17 @@ def default_model() -> Path:
     return folder
 
 
-def _read_inputs(stream, fmt: str, key: str) -> list[str]:
-    """One text per line, or JSONL (a JSON string or an object with ``key``) per line."""
-    texts = []
-    for number, line in enumerate(stream, start=1):
+def _read_inputs(stream, fmt: str, key: str) -> Iterator[str]:
+    """Texts from a binary stream, lazily: one per line, or JSONL (a JSON string or an object with ``key``)."""
+    for number, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"stdin line {number} is not valid UTF-8 ({err.reason} at byte {err.start})") from err
         line = line[:-1] if line.endswith("\n") else line
+        line = line[:-1] if line.endswith("\r") else line
         if fmt == "lines":
-            texts.append(line[:-1] if line.endswith("\r") else line)
+            yield line
             continue
         if not line.strip():
             continue
@@ -76,8 +81,7 @@ def _read_inputs(stream, fmt: str, key: str) -> list[str]:
             item = item.get(key)
         if not isinstance(item, str):
             raise InputError(f"stdin line {number}: expected a JSON string or an object with a string {key!r}")
-        texts.append(item)
-    return texts
+        yield item
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -103,12 +107,15 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise InputError("refusing to write binary .npy to a terminal; redirect stdout or use -o FILE")
     model = args.model or default_model()
     embedder = Embedder(model, device=args.device, threads=args.threads, max_length=args.max_length)
-    texts = _read_inputs(sys.stdin, args.input, "text")
-    encode = embedder.encode_queries if args.queries else embedder.encode
-    vectors = encode(
+    texts = _read_inputs(sys.stdin.buffer, args.input, "text")
+    if args.queries:
+        texts = (embedder.query_instruction + text for text in texts)
+    # Streamed: a chunk of texts is embedded and written before the next is read.
+    chunks = embedder.encode_iter(
         texts, batch_size=args.batch_size, normalize=not args.no_normalize, show_progress=sys.stderr.isatty()
     )
     if args.format == "npy":
+        vectors = np.concatenate([np.zeros((0, embedder.dim), np.float32), *chunks])
         if args.output:
             np.save(args.output, vectors)
         else:
@@ -117,8 +124,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         return 0
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
-        for vector in vectors:
-            out.write(json.dumps(vector.tolist()) + "\n")
+        for chunk in chunks:
+            out.writelines(json.dumps(vector.tolist()) + "\n" for vector in chunk)
+            out.flush()
     finally:
         if out is not sys.stdout:
             out.close()
@@ -129,7 +137,7 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     from .reranker import Reranker
 
     reranker = Reranker(args.model, device=args.device, threads=args.threads, max_length=args.max_length)
-    passages = _read_inputs(sys.stdin, args.input, "text")
+    passages = list(_read_inputs(sys.stdin.buffer, args.input, "text"))
     results = reranker.rerank(args.query, passages, top_k=args.top_k, normalize=args.normalize, batch_size=args.batch_size)
     for result in results:
         sys.stdout.write(json.dumps({"index": result.index, "score": result.score, "text": result.text}, ensure_ascii=False) + "\n")

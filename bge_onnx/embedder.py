@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 
 from .loading import ModelHandle, Progress, check_positive, run_sorted, warn_truncated
 from .pooling import normalize as l2_normalize
 from .pooling import pool
 from .spec import Pooling, Task
-from .tokenize import check_texts
+from .errors import InputTypeError
+from .tokenize import check_texts, describe
 
 
 class Embedder(ModelHandle):
@@ -71,34 +75,64 @@ class Embedder(ModelHandle):
         """
         return self._encode(texts, "texts", "", batch_size, normalize, show_progress)
 
+    def encode_iter(
+        self,
+        texts: Iterable[str],
+        *,
+        batch_size: int | None = None,
+        chunk_size: int = 1024,
+        normalize: bool = True,
+        show_progress: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """Embed a stream of texts that need not fit in memory, ``chunk_size`` texts at a time.
+
+        Each chunk is tokenised once and run in length-sorted batches; chunks come out in input order, so
+        concatenating them gives what :meth:`encode` would. Errors name the text's index in the whole stream.
+
+        Yields:
+            float32 arrays ``(k, dim)``, k <= chunk_size.
+
+        >>> for vectors in embedder.encode_iter(open("corpus.txt")):  # doctest: +SKIP
+        ...     index.add(vectors)
+        """
+        if isinstance(texts, (str, bytes, bytearray)) or not isinstance(texts, Iterable):
+            raise InputTypeError(f"texts must be an iterable of str, got {type(texts).__name__} {describe(texts)}")
+        check_positive("chunk_size", chunk_size)
+        batch_size = self.batch_size if batch_size is None else check_positive("batch_size", batch_size)
+        progress = Progress(None, label="embedded", enabled=show_progress)
+        iterator, start = iter(texts), 0
+        while chunk := list(itertools.islice(iterator, chunk_size)):
+            items = check_texts(chunk, start=start)
+            yield self._run(items, "texts", "", batch_size, normalize, progress, start)
+            start += len(chunk)
+        progress.close()
+
     def _encode(
         self, texts: object, name: str, prefix: str, batch_size: int | None, normalize: bool, show_progress: bool
     ) -> np.ndarray:
         single = isinstance(texts, str)
         items = check_texts([texts] if single else texts, name=name)
-        if prefix:
-            items = [prefix + text for text in items]
         batch_size = self.batch_size if batch_size is None else check_positive("batch_size", batch_size)
+        progress = Progress(len(items), label="embedded", enabled=show_progress)
+        vectors = self._run(items, name, prefix, batch_size, normalize, progress)
+        return vectors[0] if single else vectors
+
+    def _run(
+        self, items: list[str], name: str, prefix: str, batch_size: int, normalize: bool, progress: Progress, start: int = 0
+    ) -> np.ndarray:
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
-        encodings, cut = self._model.tokenizer.encode_texts(items, name=name)
+        if prefix:
+            items = [prefix + text for text in items]
+        encodings, cut = self._model.tokenizer.encode_texts(items, name=name, start=start)
         warn_truncated(cut, len(items), self.max_length)
         pooling = self.pooling
 
         def reduce(hidden: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
             return pool(hidden, feeds["attention_mask"], pooling)
 
-        vectors = run_sorted(
-            self._model,
-            encodings,
-            batch_size=batch_size,
-            width=self.dim,
-            reduce=reduce,
-            progress=Progress(len(items), label="embedded", enabled=show_progress),
-        )
-        if normalize:
-            vectors = l2_normalize(vectors)
-        return vectors[0] if single else vectors
+        vectors = run_sorted(self._model, encodings, batch_size=batch_size, width=self.dim, reduce=reduce, progress=progress)
+        return l2_normalize(vectors) if normalize else vectors
 
     def encode_queries(
         self,

@@ -121,14 +121,20 @@ def warn_truncated(cut: int, total: int, max_length: int, what: str = "texts") -
 class Progress:
     """A one-line progress counter on stderr; silent unless enabled."""
 
-    def __init__(self, total: int, *, label: str, enabled: bool) -> None:
-        self.total, self.label, self.enabled, self.done = total, label, enabled and total > 0, 0
+    def __init__(self, total: int | None, *, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled, self.done = total, label, enabled and total != 0, 0
 
     def advance(self, n: int) -> None:
         if self.enabled:
             self.done += n
-            end = "\n" if self.done >= self.total else ""
-            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total}{end}")
+            of = "" if self.total is None else f"/{self.total}"
+            end = "\n" if self.total is not None and self.done >= self.total else ""
+            sys.stderr.write(f"\r{self.label}: {self.done}{of}{end}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.total is None and self.done:
+            sys.stderr.write("\n")
             sys.stderr.flush()
 
 

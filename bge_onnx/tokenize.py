@@ -18,8 +18,8 @@ def describe(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def check_texts(texts: object, *, name: str = "texts") -> list[str]:
-    """Return ``texts`` as a list of str, or raise an error naming the first bad item.
+def check_texts(texts: object, *, name: str = "texts", start: int = 0) -> list[str]:
+    """Return ``texts`` as a list of str, or raise an error naming the first bad item (its index counts from ``start``).
 
     Raises:
         InputTypeError: ``texts`` is not a list/iterable of str, or an item is not a str.
@@ -32,7 +32,7 @@ def check_texts(texts: object, *, name: str = "texts") -> list[str]:
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise InputTypeError(
-                f"{name}[{i}] is {type(item).__name__} {describe(item)}, expected str"
+                f"{name}[{start + i}] is {type(item).__name__} {describe(item)}, expected str"
             )
     return items
 
@@ -66,14 +66,14 @@ def check_pairs(pairs: object) -> list[tuple[str, str]]:
     return items
 
 
-def _raise_unencodable(texts: Sequence[str], name: str, err: Exception) -> None:
+def _raise_unencodable(texts: Sequence[str], name: str, err: Exception, start: int = 0) -> None:
     """Find the text that the tokenizer refused (a lone surrogate) and name it."""
     for i, text in enumerate(texts):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as bad:
             raise InputError(
-                f"{name}[{i}] cannot be encoded as UTF-8 ({bad.reason} at position {bad.start}): "
+                f"{name}[{start + i}] cannot be encoded as UTF-8 ({bad.reason} at position {bad.start}): "
                 f"{describe(text)}. Clean it first, e.g. "
                 "text.encode('utf-8', 'replace').decode('utf-8')"
             ) from err
@@ -103,12 +103,12 @@ class TextTokenizer:
         self.max_length = max_length
         self.pair_specials = tokenizer.num_special_tokens_to_add(True)
 
-    def encode_texts(self, texts: list[str], *, name: str = "texts") -> tuple[list[Encoding], int]:
+    def encode_texts(self, texts: list[str], *, name: str = "texts", start: int = 0) -> tuple[list[Encoding], int]:
         """Tokenise with special tokens, cut at max_length; return encodings and how many were cut."""
         try:
             encodings = self._truncating.encode_batch(texts)
         except TypeError as err:
-            _raise_unencodable(texts, name, err)
+            _raise_unencodable(texts, name, err, start)
         cut = sum(1 for e in encodings if e.overflowing)
         return encodings, cut
 

@@ -61,6 +61,21 @@ def test_embed_bad_input_exits_1_with_the_line(exported):
     assert b"bge-onnx: error: stdin line 2 is not valid JSON" in result.stderr
     result = cli("embed", str(exported["bert-mean"]), "--input", "jsonl", stdin='{"txt": "x"}\n')
     assert result.returncode == 1 and b"stdin line 1: expected a JSON string or an object with a string 'text'" in result.stderr
+    result = cli("embed", str(exported["bert-mean"]), stdin=b"fine\nbad \xff byte\n")
+    assert result.returncode == 1 and b"stdin line 2 is not valid UTF-8 (invalid start byte at byte 4)" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_embed_streams_large_input_in_chunks(exported):
+    # more lines than one chunk (1024): output order and count must survive the chunking
+    texts = [f"line {i} of a long stream" for i in range(2500)]
+    result = cli("embed", str(exported["bert-mean"]), "--format", "npy", stdin="\n".join(texts) + "\n")
+    assert result.returncode == 0, result.stderr
+    vectors = np.load(io.BytesIO(result.stdout))
+    expected = Embedder(str(exported["bert-mean"]), device="cpu").encode(texts)
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    result = cli("embed", str(exported["bert-mean"]), "--format", "npy", stdin="")
+    assert result.returncode == 0 and np.load(io.BytesIO(result.stdout)).shape == (0, 32)
 
 
 def test_missing_model_and_wrong_task(tmp_path, exported):

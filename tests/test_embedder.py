@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from bge_onnx import Embedder, InputError
+from bge_onnx import Embedder, InputError, InputTypeError
 from bge_onnx.spec import Pooling
 from tiny_models import VARIED_TEXTS
 
@@ -124,3 +124,19 @@ def test_progress_goes_to_stderr(embedder, capsys):
     embedder.encode(["a", "b", "c", "d", "e"], show_progress=True)
     captured = capsys.readouterr()
     assert captured.out == "" and "embedded: 5/5" in captured.err
+
+
+def test_encode_iter_streams_in_order(embedder):
+    texts = [f"streamed text number {i}" for i in range(23)]
+    chunks = list(embedder.encode_iter(iter(texts), chunk_size=5))
+    assert [len(c) for c in chunks] == [5, 5, 5, 5, 3]
+    np.testing.assert_allclose(np.concatenate(chunks), embedder.encode(texts), atol=1e-6)
+    assert list(embedder.encode_iter([])) == []
+    with pytest.raises(InputTypeError, match=r"texts\[7\] is NoneType None, expected str"):
+        list(embedder.encode_iter(iter(texts[:7] + [None]), chunk_size=5))
+    with pytest.raises(InputError, match=r"texts\[6\] cannot be encoded as UTF-8"):
+        list(embedder.encode_iter(texts[:6] + ["\udc80"], chunk_size=5))
+    with pytest.raises(InputTypeError, match="texts must be an iterable of str, got str"):
+        next(embedder.encode_iter("one string"))
+    with pytest.raises(InputError, match="chunk_size must be a positive int, got 0"):
+        next(embedder.encode_iter(texts, chunk_size=0))
