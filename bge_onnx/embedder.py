@@ -7,11 +7,11 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from .errors import InputTypeError
 from .loading import ModelHandle, Progress, check_positive, run_sorted, warn_truncated
 from .pooling import normalize as l2_normalize
 from .pooling import pool
 from .spec import Pooling, Task
-from .errors import InputTypeError
 from .tokenize import check_texts, describe
 
 

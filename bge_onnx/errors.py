@@ -1,4 +1,4 @@
-"""Every exception bge_onnx raises, under one base class.
+"""Every exception bge_onnx raises, under one base class (and the stacklevel helper its warnings use).
 
 Each subclass also inherits the builtin it refines, so ``except FileNotFoundError``,
 ``except TypeError`` and ``except ValueError`` keep working for callers who do not know us.
@@ -15,6 +15,8 @@ Each subclass also inherits the builtin it refines, so ``except FileNotFoundErro
 """
 
 from __future__ import annotations
+
+import sys
 
 
 class BgeOnnxError(Exception):
@@ -51,3 +53,11 @@ class ExportError(BgeOnnxError, RuntimeError):
 
 class ParityError(ExportError):
     """The exported graph's output differs from the PyTorch model's beyond the gate."""
+
+
+def caller_stacklevel() -> int:
+    """The warnings stacklevel of the first frame outside bge_onnx, so a warning points at the user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("bge_onnx"):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -48,7 +48,11 @@ def download(repo_id: str, *, revision: str | None = None) -> Path:
         ModelFilesError: the repo, revision or a file cannot be fetched, or the repo is not a bge-onnx export.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+    )
 
     def fetch(filename: str) -> Path:
         try:

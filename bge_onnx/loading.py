@@ -13,7 +13,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from . import hub
-from .errors import InputError, WrongTaskError
+from .errors import InputError, WrongTaskError, caller_stacklevel
 from .session import Session
 from .spec import ModelSpec, Task, read_spec, verify_files
 from .tokenize import TOKENIZER_FILE, TextTokenizer, pad_batch
@@ -65,14 +65,6 @@ def open_model(
     return LoadedModel(folder, spec, tokenizer, session)
 
 
-def _outside_package_stacklevel() -> int:
-    """The stacklevel of the first frame outside bge_onnx, so a warning points at the caller's line."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("bge_onnx"):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 class ModelHandle:
     """What Embedder and Reranker share: loading a folder for their task, and what it tells about itself."""
 
@@ -114,7 +106,7 @@ def warn_truncated(cut: int, total: int, max_length: int, what: str = "texts") -
         warnings.warn(
             f"{cut} of {total} {what} exceeded max_length={max_length} tokens and were truncated",
             UserWarning,
-            stacklevel=_outside_package_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
 
 

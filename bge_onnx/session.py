@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InputError, ModelFilesError, ModelIntegrityError, ProviderError
+from .errors import (
+    InputError,
+    ModelFilesError,
+    ModelIntegrityError,
+    ProviderError,
+    caller_stacklevel,
+)
 
 THREADS_ENV = "BGE_ONNX_THREADS"
 CPU = "CPUExecutionProvider"
@@ -107,7 +113,7 @@ def choose_providers(device: str | Device, available: Iterable[str] | None = Non
             "both onnxruntime and onnxruntime-gpu are installed: they overwrite each other's files and CUDA can "
             f"silently disappear. Fix: {GPU_FIX}",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=caller_stacklevel(),
         )
     if CUDA in available:
         return [CUDA, CPU]
@@ -148,7 +154,7 @@ class Session:
             )
             if Device(device) is Device.CUDA:
                 raise ProviderError(message)
-            warnings.warn(message + ". Running on CPU.", RuntimeWarning, stacklevel=3)
+            warnings.warn(message + ". Running on CPU.", RuntimeWarning, stacklevel=caller_stacklevel())
         self.input_names = [i.name for i in self._session.get_inputs()]
         unknown = [name for name in self.input_names if name not in KNOWN_INPUTS]
         if unknown or "input_ids" not in self.input_names:

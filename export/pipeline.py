@@ -39,19 +39,29 @@ def _stderr(message: str) -> None:
 
 
 def _load_torch(source: Source):
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
     from transformers.utils import logging as transformers_logging
 
+    # Quiet while loading (its load report lists the pooler weights we leave out on purpose), then put the
+    # caller's transformers settings back: export_model may run inside someone else's program.
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()  # its load report lists the pooler weights we leave out on purpose
-
-    if source.task is Task.EMBED:  # the pooler layer is not part of a sentence embedding
-        model = AutoModel.from_pretrained(source.folder, attn_implementation="eager", add_pooling_layer=False)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(source.folder, attn_implementation="eager")
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source.folder)
-    return model, tokenizer
+    try:
+        if source.task is Task.EMBED:  # the pooler layer is not part of a sentence embedding
+            model = AutoModel.from_pretrained(source.folder, attn_implementation="eager", add_pooling_layer=False)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(source.folder, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+    return model.eval(), tokenizer
 
 
 def _check_parity(source: Source, folder: Path, model, tokenizer, log: Callable[[str], None]) -> dict:
