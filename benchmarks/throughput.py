@@ -25,27 +25,7 @@ import onnxruntime as ort
 from bge_onnx import Embedder
 from bge_onnx.cli import default_model
 from bge_onnx.session import usable_cpus
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def corpora(n: int) -> dict[str, list[str]]:
-    rng = random.Random(0)
-    queries = [json.loads(line)["text"] for line in (DATA / "scifact" / "queries.jsonl").open(encoding="utf-8")]
-    rows = [json.loads(line) for line in (DATA / "stsb" / "sts-test.jsonl").open(encoding="utf-8")]
-    sentences = [r["sentence1"] for r in rows]
-    with gzip.open(DATA / "scifact" / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
-        passages = [(d["title"] + " " + d["text"]) for d in map(json.loads, f)]
-    picked = {
-        "short queries": rng.sample(queries, n),
-        "sentences": rng.sample(sentences, n),
-        "passages": rng.sample(passages, n // 2),
-    }
-    mixed = [t for texts in picked.values() for t in texts[: n // 3]]
-    rng.shuffle(mixed)
-    picked["mixed"] = mixed
-    return picked
-
+from corpora import corpora
 
 class PlainLoop:
     """What a user writes by hand: batches in input order, padded by the tokenizer, no sorting."""

@@ -13,7 +13,7 @@ from .errors import (
     WrongTaskError,
 )
 from .reranker import Reranker, RerankResult
-from .spec import ModelSpec, Pooling, Task, read_spec
+from .spec import ModelSpec, Pooling, Precision, Task, read_spec
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "ModelSpec",
     "ParityError",
     "Pooling",
+    "Precision",
     "ProviderError",
     "RerankResult",
     "Reranker",

@@ -94,6 +94,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         query_instruction=args.query_instruction,
         check_parity=not args.no_parity,
+        precisions=args.precision,
+        allow_below_gate=args.allow_below_gate,
         overwrite=args.force,
         log=None if args.quiet else _say,
     )
@@ -106,7 +108,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     if args.format == "npy" and args.output is None and sys.stdout.isatty():
         raise InputError("refusing to write binary .npy to a terminal; redirect stdout or use -o FILE")
     model = args.model or default_model()
-    embedder = Embedder(model, device=args.device, threads=args.threads, max_length=args.max_length)
+    embedder = Embedder(model, **_runtime_kwargs(args))
     texts = _read_inputs(sys.stdin.buffer, args.input, "text")
     if args.queries:
         texts = (embedder.query_instruction + text for text in texts)
@@ -136,7 +138,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_rerank(args: argparse.Namespace) -> int:
     from .reranker import Reranker
 
-    reranker = Reranker(args.model, device=args.device, threads=args.threads, max_length=args.max_length)
+    reranker = Reranker(args.model, **_runtime_kwargs(args))
     passages = list(_read_inputs(sys.stdin.buffer, args.input, "text"))
     results = reranker.rerank(args.query, passages, top_k=args.top_k, normalize=args.normalize, batch_size=args.batch_size)
     for result in results:
@@ -181,10 +183,20 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _runtime_kwargs(args: argparse.Namespace) -> dict:
+    options = {"device": args.device, "threads": args.threads, "max_length": args.max_length, "precision": args.precision}
+    if args.max_tokens is not None:
+        options["max_tokens"] = args.max_tokens
+    return options
+
+
 def _runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="execution device (default: auto)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "int8", "fp16"], default="auto",
+                        help="graph to run (default: auto = int8 on CPU / fp16 on CUDA when exported and within its gate, else fp32)")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads (default: $BGE_ONNX_THREADS or the usable CPUs)")
-    parser.add_argument("--batch-size", type=_positive_int, help="texts per forward pass (default: 32)")
+    parser.add_argument("--batch-size", type=_positive_int, help="at most this many texts per forward pass (default: 256)")
+    parser.add_argument("--max-tokens", type=_positive_int, help="at most this many padded tokens per forward pass (default: 512 on CPU, 16384 on CUDA)")
     parser.add_argument("--max-length", type=_positive_int, help="token limit (default: the model's)")
     parser.add_argument("--input", choices=["lines", "jsonl"], default="lines",
                         help="stdin format: one text per line, or JSONL strings / objects with 'text' (default: lines)")
@@ -206,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--pooling", choices=["cls", "mean"], help="needed only when the checkpoint does not say")
     export.add_argument("--max-length", type=_positive_int, help="token limit (default: the checkpoint's)")
     export.add_argument("--query-instruction", help="text put before queries by encode_queries / --queries")
+    export.add_argument("--precision", nargs="+", choices=["fp32", "int8", "fp16"], default=["fp32"], metavar="P",
+                        help="graphs to write: fp32 (always), int8 (CPU), fp16 (CUDA) (default: fp32)")
     export.add_argument("--no-parity", action="store_true", help="skip the comparison with PyTorch")
+    export.add_argument("--allow-below-gate", action="store_true",
+                        help="keep an int8/fp16 graph that fails its quality gate (runtime 'auto' will not pick it)")
     export.add_argument("--force", action="store_true", help="replace DIR if it exists")
     export.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     export.set_defaults(run=_cmd_export)

@@ -13,9 +13,9 @@ import numpy as np
 from tokenizers import Encoding
 
 from . import hub
-from .errors import InputError, WrongTaskError, caller_stacklevel
-from .session import Session
-from .spec import ModelSpec, Task, read_spec, verify_files
+from .errors import InputError, ModelFilesError, WrongTaskError, caller_stacklevel
+from .session import CUDA, Session, choose_providers
+from .spec import ModelSpec, Precision, Task, read_spec, verify_files
 from .tokenize import TOKENIZER_FILE, TextTokenizer, pad_batch
 
 
@@ -25,12 +25,54 @@ def check_positive(name: str, value: object) -> int:
     return value
 
 
+# Padded tokens per forward pass on CPU. Measured on all-MiniLM-L6-v2 (benchmarks/results/batching-minilm-fp32.md):
+# the cost per token grows with the batch's size in tokens (activations fall out of cache), and 512 was best or
+# near best on every corpus (mixed texts 1.39x fixed batches of 32; 8192 tokens: 0.99x). A GPU wants large
+# batches: the CUDA figure is a conventional one, not measured here (no GPU was lent).
+MAX_TOKENS_CPU = 512
+MAX_TOKENS_CUDA = 16384
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
     folder: Path
     spec: ModelSpec
     tokenizer: TextTokenizer
     session: Session
+    precision: Precision
+
+
+def gate_passed(spec: ModelSpec, precision: Precision) -> bool:
+    """Whether the folder holds a variant of this precision that passed its quality gate at export."""
+    variant = spec.variants.get(precision.value)
+    return variant is not None and (precision is Precision.FP32 or bool(variant.parity.get("passed")))
+
+
+def choose_precision(spec: ModelSpec, precision: str | Precision, *, on_cuda: bool, folder: Path) -> Precision:
+    """The variant to run: an explicit precision must exist; "auto" takes fp16 on CUDA, int8 on CPU, else fp32.
+
+    "auto" takes a quantised variant only when it passed its quality gate at export (a forced export did not).
+    """
+    if precision == "auto":
+        preferred = Precision.FP16 if on_cuda else Precision.INT8
+        return preferred if gate_passed(spec, preferred) else Precision.FP32
+    try:
+        precision = Precision(precision)
+    except ValueError:
+        raise InputError(f"precision must be 'auto', 'fp32', 'int8' or 'fp16', got {precision!r}") from None
+    if precision.value not in spec.variants:
+        raise ModelFilesError(
+            f"{folder} has no {precision.value} variant (it has {', '.join(sorted(spec.variants))}); add one with "
+            f"`bge-onnx export SRC --out {folder} --precision {' '.join(sorted({*spec.variants, precision.value}))} --force` "
+            "or pass precision='auto'"
+        )
+    if precision is Precision.FP16 and not on_cuda:
+        warnings.warn(
+            "precision='fp16' on CPU: onnxruntime runs it through casts, slower than fp32; fp16 is meant for CUDA",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
+    return precision
 
 
 def open_model(
@@ -41,6 +83,7 @@ def open_model(
     threads: int | None,
     max_length: int | None,
     revision: str | None,
+    precision: str | Precision = "auto",
 ) -> LoadedModel:
     """Resolve, check and load a model folder for ``task``."""
     folder = hub.resolve(model, revision=revision)
@@ -58,11 +101,19 @@ def open_model(
         raise InputError(
             f"max_length={max_length} exceeds what the model can take ({spec.max_positions} tokens)"
         )
-    variant = spec.variants["fp32"]
+    providers = choose_providers(device)
+    chosen = choose_precision(spec, precision, on_cuda=CUDA in providers, folder=folder)
+    variant = spec.variants[chosen.value]
     verify_files(folder, spec, [TOKENIZER_FILE, *variant.all_files])
     tokenizer = TextTokenizer(folder, max_length=max_length)
-    session = Session(folder / variant.file, device=device, threads=threads)
-    return LoadedModel(folder, spec, tokenizer, session)
+    session = Session(folder / variant.file, device=device, threads=threads, providers=providers)
+    if precision == "auto" and chosen is Precision.FP16 and CUDA not in session.providers:
+        # CUDA failed to start and the session fell back to CPU (with a warning): fp16 has no place there
+        chosen = choose_precision(spec, "auto", on_cuda=False, folder=folder)
+        variant = spec.variants[chosen.value]
+        verify_files(folder, spec, variant.all_files)
+        session = Session(folder / variant.file, device="cpu", threads=threads)
+    return LoadedModel(folder, spec, tokenizer, session, chosen)
 
 
 class ModelHandle:
@@ -77,13 +128,26 @@ class ModelHandle:
         device: str = "auto",
         threads: int | None = None,
         max_length: int | None = None,
-        batch_size: int = 32,
+        batch_size: int = 256,
+        max_tokens: int | None = None,
+        precision: str = "auto",
         revision: str | None = None,
     ) -> None:
         self.batch_size = check_positive("batch_size", batch_size)
+        if max_tokens is not None:
+            check_positive("max_tokens", max_tokens)
         self._model = open_model(
-            model, task=self.task, device=device, threads=threads, max_length=max_length, revision=revision
+            model,
+            task=self.task,
+            device=device,
+            threads=threads,
+            max_length=max_length,
+            revision=revision,
+            precision=precision,
         )
+        if max_tokens is None:
+            max_tokens = MAX_TOKENS_CUDA if CUDA in self._model.session.providers else MAX_TOKENS_CPU
+        self.max_tokens = max_tokens
 
     @property
     def spec(self) -> ModelSpec:
@@ -94,6 +158,11 @@ class ModelHandle:
     def max_length(self) -> int:
         """Token limit per text (per pair for a reranker)."""
         return self._model.tokenizer.max_length
+
+    @property
+    def precision(self) -> Precision:
+        """The variant in use (what precision="auto" chose)."""
+        return self._model.precision
 
     @property
     def providers(self) -> list[str]:
@@ -135,6 +204,7 @@ def run_sorted(
     encodings: Sequence[Encoding],
     *,
     batch_size: int,
+    max_tokens: int,
     width: int,
     reduce: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray],
     progress: Progress,
@@ -147,9 +217,21 @@ def run_sorted(
     out = np.empty((len(encodings), width), dtype=np.float32)
     order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
     names = loaded.session.input_names
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    for rows in token_batches([len(encodings[i].ids) for i in order], batch_size=batch_size, max_tokens=max_tokens):
+        rows = [order[i] for i in rows]
         feeds = pad_batch([encodings[i] for i in rows], pad_id=loaded.spec.pad_token_id, input_names=names)
         out[rows] = reduce(loaded.session.run(feeds), feeds)
         progress.advance(len(rows))
     return out
+
+
+def token_batches(lengths: Sequence[int], *, batch_size: int, max_tokens: int) -> list[range]:
+    """Split positions 0..n-1 of lengths sorted longest first into batches of at most batch_size items and at
+    most max_tokens padded tokens (each batch pads to its first, longest item); a text longer than max_tokens
+    gets a batch of its own."""
+    batches, start = [], 0
+    while start < len(lengths):
+        fit = max(1, min(batch_size, max_tokens // max(1, lengths[start])))
+        batches.append(range(start, min(start + fit, len(lengths))))
+        start += fit
+    return batches

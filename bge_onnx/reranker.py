@@ -31,7 +31,7 @@ class Reranker(ModelHandle):
 
     Args:
         model: an exported reranker folder or a hub repo id holding one.
-        device, threads, batch_size, revision: as for :class:`bge_onnx.Embedder`.
+        device, threads, batch_size, max_tokens, precision, revision: as for :class:`bge_onnx.Embedder`.
         max_length: token limit of a whole pair (FlagReranker's default: 512).
         query_max_length: token limit of the query part; default ``max_length * 3 // 4`` as in FlagReranker.
 
@@ -49,11 +49,20 @@ class Reranker(ModelHandle):
         threads: int | None = None,
         max_length: int | None = None,
         query_max_length: int | None = None,
-        batch_size: int = 32,
+        batch_size: int = 256,
+        max_tokens: int | None = None,
+        precision: str = "auto",
         revision: str | None = None,
     ) -> None:
         super().__init__(
-            model, device=device, threads=threads, max_length=max_length, batch_size=batch_size, revision=revision
+            model,
+            device=device,
+            threads=threads,
+            max_length=max_length,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            precision=precision,
+            revision=revision,
         )
         limit = self._model.tokenizer.max_length
         if query_max_length is None:
@@ -100,6 +109,7 @@ class Reranker(ModelHandle):
             self._model,
             encodings,
             batch_size=batch_size,
+            max_tokens=self.max_tokens,
             width=1,
             reduce=lambda logits, feeds: logits[:, :1],
             progress=Progress(len(items), label="scored", enabled=show_progress),

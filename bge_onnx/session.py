@@ -129,11 +129,19 @@ def choose_providers(device: str | Device, available: Iterable[str] | None = Non
 class Session:
     """An onnxruntime session over one .onnx file, with the inputs it declares."""
 
-    def __init__(self, path: Path, *, device: str | Device = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: str | Device = "auto",
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ) -> None:
         path = Path(path)
         if not path.is_file():
             raise ModelFilesError(f"{path} is missing; re-export or re-download the model.")
-        providers = choose_providers(device)
+        if providers is None:
+            providers = choose_providers(device)
         self.threads = resolve_threads(threads)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads

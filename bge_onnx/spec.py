@@ -23,6 +23,14 @@ class Task(str, enum.Enum):
     RERANK = "rerank"
 
 
+class Precision(str, enum.Enum):
+    """Which graph of a model folder to run: fp32 (exact), int8 (CPU, quantised), fp16 (CUDA)."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
+    FP16 = "fp16"
+
+
 class Pooling(str, enum.Enum):
     """How token states become one vector per text."""
 
@@ -32,7 +40,11 @@ class Pooling(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One ONNX graph of the model (one precision) and its measured parity to PyTorch."""
+    """One ONNX graph of the model (one precision) and its measured parity.
+
+    ``parity`` holds the figures measured at export: for fp32 against PyTorch; for int8 and fp16 against the
+    fp32 graph, with the gate they were held to, whether they passed it, the recipe, and where they ran.
+    """
 
     file: str
     data_files: tuple[str, ...] = ()
@@ -89,6 +101,8 @@ class ModelSpec:
             raise ValueError(f"inputs must include input_ids and attention_mask, got {list(self.inputs)}")
         if "fp32" not in self.variants:
             raise ValueError(f"variants must include fp32, got {sorted(self.variants)}")
+        for name in self.variants:
+            Precision(name)
         object.__setattr__(self, "inputs", tuple(self.inputs))
 
     def to_dict(self) -> dict[str, Any]:

@@ -10,14 +10,15 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import bge_onnx
 from bge_onnx.errors import ExportError, ParityError
-from bge_onnx.spec import ModelSpec, Task, Variant, sha256_file, write_spec
+from bge_onnx.spec import ModelSpec, Precision, Task, Variant, sha256_file, write_spec
 
 from . import parity, probes
+from .precision import add_variant
 from .graph import export_graph, input_names
 from .source import Source, describe_source
 
@@ -123,6 +124,8 @@ def export_model(
     max_length: int | None = None,
     query_instruction: str | None = None,
     check_parity: bool = True,
+    precisions: Sequence[str] = ("fp32",),
+    allow_below_gate: bool = False,
     overwrite: bool = False,
     external_data: bool | None = None,
     log: Callable[[str], None] | None = _stderr,
@@ -136,6 +139,9 @@ def export_model(
         max_length: token limit; default the checkpoint's (sentence-transformers max_seq_length) or registry's.
         query_instruction: overrides the instruction prepended by ``encode_queries``.
         check_parity: compare with PyTorch on the probe set and refuse a graph below the gate.
+        precisions: graphs to write besides fp32: "int8" (CPU, dynamic quantisation) and/or "fp16" (CUDA).
+            Each is measured against fp32 on the gate set and refused below its gate (see precision.GATES).
+        allow_below_gate: keep an int8/fp16 graph below its gate (marked so; precision="auto" skips it).
         external_data: keep weights in a side file; default only above 1.5 GB.
         log: where progress lines go (stderr by default; None for silence).
 
@@ -148,6 +154,10 @@ def export_model(
     >>> export_model("BAAI/bge-small-en-v1.5", "bge-small-onnx")  # doctest: +SKIP
     """
     log = log or (lambda message: None)
+    try:
+        extra = sorted({Precision(p) for p in precisions} - {Precision.FP32}, key=list(Precision).index)
+    except ValueError:
+        raise ExportError(f"precisions must be among 'fp32', 'int8', 'fp16', got {list(precisions)!r}") from None
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not empty; pass overwrite=True (--force) to replace it")
@@ -198,6 +208,9 @@ def export_model(
             fp32 = Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity=figures)
             spec = dataclasses.replace(spec, variants={"fp32": fp32})
             write_spec(staging, spec)
+        for precision in extra:
+            log(f"writing the {precision.value} graph and checking it against fp32 on {len(probes.GATE_TEXTS)} texts")
+            spec = add_variant(staging, precision, allow_below_gate=allow_below_gate, log=log)
         _place(staging, out, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -55,3 +55,66 @@ PROBE_PAIRS: tuple[tuple[str, str], ...] = (
     (_LONG * 10, _LONG * 10),
     ("emoji 🙂", "symbols ∑∫√ and code def f(): pass"),
 )
+
+# Ordinary sentences for the int8/fp16 quality gate, beside the probe set's odd ones: short conversational
+# sentences are where dynamic int8 drifts most (measured on all-MiniLM-L6-v2), so there are many of them.
+_GATE_SENTENCES: tuple[str, ...] = (
+    "Thanks, that works.",
+    "It depends on the situation.",
+    "You answered your own question.",
+    "This is a great one...",
+    "I don't see why that would be a problem.",
+    "There's not much you can do about it.",
+    "A man is playing a guitar.",
+    "A woman is slicing an onion.",
+    "Two dogs run across a snowy field.",
+    "The children are playing in the park.",
+    "Stocks fell sharply after the announcement.",
+    "The senate passed the bill late on Tuesday.",
+    "Where can I buy a cheap train ticket?",
+    "how many calories are in an apple",
+    "best way to learn python for data analysis",
+    "Is it safe to drink tap water in Lisbon?",
+    "Vitamin D deficiency is associated with an increased risk of fractures.",
+    "The protein binds to the receptor and blocks the signalling pathway.",
+    "Mutations in this gene cause a rare form of inherited blindness.",
+    "Patients treated with the drug showed no significant improvement over placebo.",
+    "The study followed 12,000 adults for ten years.",
+    "Climate change is raising sea levels faster than expected.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Please restart the server and clear the cache before testing again.",
+    "The function returns None when the key is missing.",
+    "He said he would call back tomorrow morning.",
+    "I love this phone, but the battery life is terrible.",
+    "The hotel was clean and the staff were friendly.",
+    "No.",
+    "Yes, absolutely!",
+    "Why?",
+    "OK",
+    "The meeting has been moved to 3 pm on Friday.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "The treaty was signed in 1648, ending the Thirty Years' War.",
+    "Der Hund schläft auf dem Sofa.",
+    "El tren sale a las ocho de la mañana.",
+    "我今天很忙，明天再说吧。",
+    (
+        "Transformer encoders read the whole sentence at once: every token attends to every other token, "
+        "and the states of the last layer are pooled into one vector that stands for the sentence."
+    ),
+    (
+        "Background: randomised trials of exercise in older adults have reported mixed effects on cognition. "
+        "Methods: we pooled data from 24 trials with 3,500 participants and estimated the effect of "
+        "aerobic training on memory and executive function. Results: aerobic training improved executive "
+        "function slightly, with no effect on memory. Conclusion: the benefit, if any, is small."
+    ),
+)
+
+GATE_TEXTS: tuple[str, ...] = PROBE_TEXTS + _GATE_SENTENCES
+
+GATE_PAIRS: tuple[tuple[str, str], ...] = PROBE_PAIRS + tuple(
+    (query, passage)
+    for query, passage in zip(
+        _GATE_SENTENCES[12:16] * 5,
+        _GATE_SENTENCES[:20],
+    )
+)

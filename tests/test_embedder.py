@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bge_onnx import Embedder, InputError, InputTypeError
+from bge_onnx.loading import MAX_TOKENS_CPU, token_batches
 from bge_onnx.spec import Pooling
 from tiny_models import VARIED_TEXTS
 
@@ -51,6 +52,25 @@ def test_order_and_batch_invariance(embedder):
     shuffled = embedder.encode([texts[i] for i in perm], batch_size=3)
     for other in (alone, shuffled[np.argsort(perm)]):
         assert (together * other).sum(axis=1).min() >= 0.99999
+
+
+def test_token_budget_batches():
+    lengths = [300, 120, 100, 64, 64, 30, 10, 10, 9, 3, 1]  # sorted longest first, as run_sorted gives them
+    batches = token_batches(lengths, batch_size=4, max_tokens=256)
+    assert [list(b) for b in batches] == [[0], [1, 2], [3, 4, 5, 6], [7, 8, 9, 10]]
+    for batch in batches:  # padded to the batch's first (longest) text
+        assert len(batch) <= 4 and (len(batch) == 1 or len(batch) * lengths[batch[0]] <= 256)
+    assert token_batches([], batch_size=4, max_tokens=256) == []
+
+
+def test_token_budget_changes_speed_not_vectors(exported):
+    texts = VARIED_TEXTS[:9] + ["short", "x", "a bit longer text here"] * 3  # all within max_length
+    small = Embedder(exported["bert-mean"], device="cpu", max_tokens=8).encode(texts)
+    large = Embedder(exported["bert-mean"], device="cpu", max_tokens=1 << 20, batch_size=1000).encode(texts)
+    assert (small * large).sum(axis=1).min() >= 0.99999
+    with pytest.raises(InputError, match="max_tokens must be a positive int, got 0"):
+        Embedder(exported["bert-mean"], device="cpu", max_tokens=0)
+    assert Embedder(exported["bert-mean"], device="cpu").max_tokens == MAX_TOKENS_CPU
 
 
 def test_duplicates_and_empty_string(embedder):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bge_onnx import Embedder
-from bge_onnx.spec import Pooling, read_spec
+from bge_onnx import Embedder, Precision
+from bge_onnx.spec import Pooling, Task, read_spec
+from bge_onnx_export import precision
 from bge_onnx_export.probes import PROBE_TEXTS
 from tiny_models import VARIED_TEXTS, minilm_path
 
@@ -39,7 +40,7 @@ def test_matches_sentence_transformers(minilm_onnx, sentence_transformer, texts)
     assert len(texts) > 300
     reference = sentence_transformer.encode(texts, batch_size=32, convert_to_numpy=True)
     with pytest.warns(UserWarning, match="truncated"):
-        ours = Embedder(minilm_onnx, device="cpu").encode(texts)
+        ours = Embedder(minilm_onnx, device="cpu", precision="fp32").encode(texts)
     cosines = (ours * reference).sum(axis=1) / np.linalg.norm(reference, axis=1)
     assert cosines.min() >= 0.9999, (cosines.min(), texts[int(cosines.argmin())][:80])
     np.testing.assert_allclose(ours, reference, atol=1e-4)
@@ -54,3 +55,19 @@ def test_long_text_is_cut_at_256_not_128(minilm_onnx, sentence_transformer):
     assert float(ours @ reference) >= 0.9999
     # the fastembed trap: cutting at 128 gives a measurably different vector
     assert float(cut_short @ reference) < float(ours @ reference) - 1e-4
+
+
+def test_int8_within_its_gate_on_sentences_it_was_not_gated_on(minilm_onnx, sentence_transformer, stsb_sentences, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(minilm_onnx, tmp_path / "minilm")
+    spec = precision.add_variant(folder, Precision.INT8)  # raises if no recipe passes the gate
+    figures = spec.variants["int8"].parity
+    assert figures["passed"] and figures["min_cosine"] >= 0.985 and figures["mean_cosine"] >= 0.995
+    embedder = Embedder(folder, device="cpu")
+    assert embedder.precision is Precision.INT8  # auto on CPU
+    texts = list(dict.fromkeys(stsb_sentences))[:400]
+    reference = sentence_transformer.encode(texts, batch_size=32, convert_to_numpy=True)
+    ours = embedder.encode(texts)
+    held_out = precision.compare(Task.EMBED, reference, ours)
+    assert precision.failures(held_out, figures["gate"]) == [], held_out

@@ -1,0 +1,197 @@
+"""int8 (CPU) and fp16 (CUDA) variants of an exported fp32 graph, each held to a quality gate against fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+import bge_onnx
+from bge_onnx.errors import ExportError, ParityError
+from bge_onnx.spec import ModelSpec, Precision, Task, Variant, read_spec, sha256_file, write_spec
+
+from . import probes
+
+# Quality gates against the fp32 graph on probes.GATE_TEXTS / GATE_PAIRS. For embeddings: cosine of each text's
+# vector to its fp32 vector, and the Spearman correlation of all pairwise similarities (what a similarity
+# benchmark such as STS-B ranks). For rerankers: Spearman of the scores, and their largest difference.
+GATES: dict[tuple[Task, Precision], dict[str, float]] = {
+    (Task.EMBED, Precision.INT8): {"min_cosine": 0.985, "mean_cosine": 0.995, "similarity_spearman": 0.99},
+    (Task.EMBED, Precision.FP16): {"min_cosine": 0.999, "mean_cosine": 0.9999, "similarity_spearman": 0.999},
+    (Task.RERANK, Precision.INT8): {"score_spearman": 0.98},
+    (Task.RERANK, Precision.FP16): {"score_spearman": 0.999},
+}
+
+FILES = {Precision.INT8: "model_int8.onnx", Precision.FP16: "model_fp16.onnx"}
+
+# int8 recipes, fastest first; the export keeps the first that passes the gate. All quantise weights per output
+# channel (int8) and activations per batch (dynamic uint8), and keep the attention products (MatMuls of two
+# activations) in fp32. Measured on all-MiniLM-L6-v2 (benchmarks/results/int8-recipes-minilm.md): quantising
+# every weight gives mean cosine 0.9926 to fp32; the FFN down-projection (its input is the GELU output, whose
+# range a per-tensor scale covers worst) is the most sensitive layer, keeping it fp32 gives 0.9959.
+INT8_RECIPES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("all-weights", frozenset()),
+    ("ffn-out-fp32", frozenset({"ffn_out"})),
+    ("ffn-fp32", frozenset({"ffn_in", "ffn_out"})),
+)
+
+
+def weight_roles(model: onnx.ModelProto) -> dict[str, str]:
+    """Each MatMul with a constant 2-D weight (K, N) -> its role: ffn_in (K < N), ffn_out (K > N) or other."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    roles = {}
+    for node in model.graph.node:
+        shape = shapes.get(node.input[1]) if node.op_type == "MatMul" else None
+        if shape is not None and len(shape) == 2:
+            k, n = shape
+            roles[node.name] = "ffn_in" if k < n else "ffn_out" if k > n and n > 1 else "other"
+    return roles
+
+
+def quantize_int8(src: Path, dst: Path, keep_fp32: frozenset[str]) -> dict[str, Any]:
+    """Dynamic int8: weight MatMuls (minus the roles in keep_fp32) and the embedding tables (Gather)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src), load_external_data=False)
+    roles = weight_roles(model)
+    excluded = sorted(name for name, role in roles.items() if role in keep_fp32)
+    # It logs (root logger) advice to run its pre-processing, which changes nothing for these graphs.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=["MatMul", "Gather"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        logging.disable(previous)
+    return {"quantized_matmuls": len(roles) - len(excluded), "fp32_matmuls": len(excluded)}
+
+
+def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
+    """fp16 weights and activations; int64 inputs and float32 output stay as they are (keep_io_types)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    big = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer) / 2 > 1.5e9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns for every constant it clamps into fp16 range (mask values)
+        half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
+    onnx.save(half, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
+    return {"fp32_ops": sorted(FP16_KEEP_FP32)}
+
+
+# Ops that stay in fp32 in the fp16 graph: normalisation statistics and softmax overflow or lose their small
+# differences in fp16 (the converter's own list of unsupported ops is added to these).
+FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(np.float64)
+    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(np.float64)
+    if ra.std() == 0 or rb.std() == 0:
+        return 1.0 if np.array_equal(ra, rb) else 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _outputs(folder: Path, task: Task, precision: Precision) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # long gate texts are truncated on purpose; fp16 runs on CPU here
+        if task is Task.EMBED:
+            return bge_onnx.Embedder(folder, device="cpu", precision=precision.value).encode(list(probes.GATE_TEXTS))
+        return bge_onnx.Reranker(folder, device="cpu", precision=precision.value).compute_score(list(probes.GATE_PAIRS))
+
+
+def compare(task: Task, reference: np.ndarray, ours: np.ndarray) -> dict[str, float]:
+    """The gate's figures for a variant's outputs against fp32's on the gate set."""
+    if task is Task.EMBED:
+        cosines = (reference * ours).sum(axis=1)
+        upper = np.triu_indices(len(reference), k=1)
+        return {
+            "min_cosine": float(cosines.min()),
+            "mean_cosine": float(cosines.mean()),
+            "similarity_spearman": _spearman((reference @ reference.T)[upper], (ours @ ours.T)[upper]),
+            "worst_index": int(cosines.argmin()),
+        }
+    return {"score_spearman": _spearman(reference, ours), "max_abs_diff": float(np.abs(reference - ours).max())}
+
+
+def failures(figures: dict[str, float], gate: dict[str, float]) -> list[str]:
+    return [f"{name} {figures[name]:.5f} < {limit}" for name, limit in gate.items() if figures[name] < limit]
+
+
+def add_variant(
+    folder: Path,
+    precision: Precision,
+    *,
+    allow_below_gate: bool = False,
+    gate: dict[str, float] | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> ModelSpec:
+    """Write an int8 or fp16 graph beside the folder's fp32 graph, measure it, and record it in the manifest.
+
+    For int8 the recipes are tried fastest first and the first within the gate is kept.
+
+    Raises:
+        ParityError: no graph is within the gate and not ``allow_below_gate`` (nothing is added).
+    """
+    spec = read_spec(folder)
+    if precision is Precision.FP32:
+        raise ExportError("fp32 is the exported graph itself, not a variant to add")
+    gate = dict(GATES[(spec.task, precision)] if gate is None else gate)
+    fp32 = spec.variants["fp32"]
+    reference = _outputs(folder, spec.task, Precision.FP32)
+    target = folder / FILES[precision]
+    recipes = INT8_RECIPES if precision is Precision.INT8 else (("fp16", frozenset()),)
+    best = None
+    for recipe, keep_fp32 in recipes:
+        made = quantize_int8(folder / fp32.file, target, keep_fp32) if precision is Precision.INT8 else convert_fp16(
+            folder / fp32.file, target
+        )
+        data_files = tuple(p.name for p in [target.with_name(target.name + ".data")] if p.is_file())
+        trial = {"reference": "fp32", "recipe": recipe, **made, "gate": gate, "passed": False, "device": "cpu"}
+        spec = _with_variant(folder, spec, precision, Variant(target.name, data_files, trial))
+        figures = compare(spec.task, reference, _outputs(folder, spec.task, precision))
+        missed = failures(figures, gate)
+        log(f"{precision.value} {recipe}: " + ", ".join(f"{k} {v:.5f}" for k, v in figures.items() if k in gate)
+            + (f" — below the gate ({'; '.join(missed)})" if missed else " — within the gate"))
+        trial = {**trial, **figures, "passed": not missed, "texts": len(reference)}
+        if precision is Precision.FP16:
+            trial["note"] = "measured on CPU (onnxruntime's fp16 path there); not verified on a CUDA device at export"
+        best = (missed, trial, data_files)
+        if not missed:
+            break
+    missed, trial, data_files = best
+    if missed and not allow_below_gate:
+        for name in (target.name, *data_files):
+            (folder / name).unlink(missing_ok=True)
+        _with_variant(folder, spec, precision, None)
+        raise ParityError(
+            f"the {precision.value} graph falls below its quality gate against fp32 ({'; '.join(missed)}, "
+            f"recipe {trial['recipe']}). Nothing was written. Export without {precision.value}, or pass "
+            "allow_below_gate=True (--allow-below-gate) to keep it; precision='auto' will then not pick it."
+        )
+    return _with_variant(folder, spec, precision, Variant(target.name, data_files, trial))
+
+
+def _with_variant(folder: Path, spec: ModelSpec, precision: Precision, variant: Variant | None) -> ModelSpec:
+    variants = {k: v for k, v in spec.variants.items() if k != precision.value}
+    files = {k: v for k, v in spec.files.items() if k not in (spec.variants.get(precision.value) or Variant("")).all_files}
+    if variant is not None:
+        variants[precision.value] = variant
+        files.update({name: sha256_file(folder / name) for name in variant.all_files})
+    spec = dataclasses.replace(spec, variants=variants, files=dict(sorted(files.items())))
+    write_spec(folder, spec)
+    return spec

@@ -1,0 +1,106 @@
+"""int8 and fp16 variants: the quality gate against fp32, what the manifest records, and how the runtime picks."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+from bge_onnx import Embedder, ExportError, ModelFilesError, ParityError, Precision, Reranker
+from bge_onnx.spec import read_spec, sha256_file
+from bge_onnx_export import export_model, precision, probes
+
+IMPOSSIBLE = {"min_cosine": 1.01, "mean_cosine": 1.01, "similarity_spearman": 1.01}
+
+
+def _gate_outputs(folder, kind_precision: str) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Embedder(folder, device="cpu", precision=kind_precision).encode(list(probes.GATE_TEXTS))
+
+
+@pytest.mark.parametrize("kind", ["bert-cls", "bert-mean", "xlmr-cls"])
+def test_int8_variant_is_measured_recorded_and_loaded(model_copy, kind):
+    folder = model_copy(kind)
+    spec = precision.add_variant(folder, Precision.INT8, allow_below_gate=True)
+    variant = spec.variants["int8"]
+    assert read_spec(folder) == spec
+    assert spec.files[variant.file] == sha256_file(folder / variant.file)
+    assert (folder / variant.file).stat().st_size < (folder / spec.variants["fp32"].file).stat().st_size
+    figures = variant.parity
+    assert figures["recipe"] in {name for name, _ in precision.INT8_RECIPES}
+    # the recorded figures are what the runtime reproduces, and "passed" agrees with the gate
+    again = precision.compare(spec.task, _gate_outputs(folder, "fp32"), _gate_outputs(folder, "int8"))
+    for name in ("min_cosine", "mean_cosine", "similarity_spearman"):
+        assert again[name] == pytest.approx(figures[name], abs=1e-6)
+    assert figures["passed"] == (not precision.failures(figures, figures["gate"]))
+    assert 0.9 < figures["mean_cosine"] < 1.0  # quantised: close to fp32, yet not identical
+    model = Embedder(folder, device="cpu")
+    assert model.precision is (Precision.INT8 if figures["passed"] else Precision.FP32)
+    assert Embedder(folder, device="cpu", precision="int8").precision is Precision.INT8
+
+
+def test_a_graph_below_the_gate_is_refused_and_nothing_changes(model_copy):
+    folder = model_copy("bert-mean")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ParityError, match=r"int8 graph falls below its quality gate .*min_cosine 0\.\d+ < 1\.01"):
+        precision.add_variant(folder, Precision.INT8, gate=IMPOSSIBLE)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert Embedder(folder, device="cpu").precision is Precision.FP32
+
+
+def test_auto_skips_a_variant_kept_below_its_gate(model_copy):
+    folder = model_copy("bert-cls")
+    spec = precision.add_variant(folder, Precision.INT8, gate=IMPOSSIBLE, allow_below_gate=True)
+    assert spec.variants["int8"].parity["passed"] is False
+    assert spec.variants["int8"].parity["recipe"] == precision.INT8_RECIPES[-1][0]  # tried every recipe
+    assert Embedder(folder, device="cpu").precision is Precision.FP32
+    assert Embedder(folder, device="cpu", precision="int8").precision is Precision.INT8
+
+
+def test_a_missing_variant_is_a_clear_error(exported):
+    with pytest.raises(ModelFilesError, match=r"has no int8 variant \(it has fp32\).*--precision fp32 int8"):
+        Embedder(exported["bert-cls"], device="cpu", precision="int8")
+    with pytest.raises(ValueError, match="precision must be 'auto', 'fp32', 'int8' or 'fp16', got 'int4'"):
+        Embedder(exported["bert-cls"], device="cpu", precision="int4")
+
+
+def test_fp16_graph_keeps_int64_inputs_and_float32_output(model_copy):
+    folder = model_copy("bert-cls")
+    spec = precision.add_variant(folder, Precision.FP16)
+    variant = spec.variants["fp16"]
+    graph = onnx.load(str(folder / variant.file))
+    assert {i.type.tensor_type.elem_type for i in graph.graph.input} == {onnx.TensorProto.INT64}
+    assert [o.type.tensor_type.elem_type for o in graph.graph.output] == [onnx.TensorProto.FLOAT]
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.graph.initializer)
+    assert variant.parity["passed"] and variant.parity["device"] == "cpu"
+    assert "not verified on a CUDA device" in variant.parity["note"]
+    with pytest.warns(UserWarning, match="fp16' on CPU"):
+        vectors = Embedder(folder, device="cpu", precision="fp16").encode(["fp16 on the CPU"])
+    assert vectors.dtype == np.float32
+    assert Embedder(folder, device="cpu").precision is Precision.FP32  # auto: fp16 is for CUDA
+
+
+def test_reranker_int8_is_gated_on_its_scores(model_copy):
+    folder = model_copy("bert-rerank")
+    spec = precision.add_variant(folder, Precision.INT8, allow_below_gate=True)
+    figures = spec.variants["int8"].parity
+    assert set(figures["gate"]) == {"score_spearman"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the gate pairs include over-long ones on purpose
+        fp32 = Reranker(folder, device="cpu", precision="fp32").compute_score(list(probes.GATE_PAIRS))
+        int8 = Reranker(folder, device="cpu", precision="int8").compute_score(list(probes.GATE_PAIRS))
+    assert figures["max_abs_diff"] == pytest.approx(float(np.abs(fp32 - int8).max()), abs=1e-6)
+    assert not np.array_equal(fp32, int8)
+
+
+def test_export_writes_the_variants_it_is_asked_for(checkpoints, tmp_path):
+    out = tmp_path / "out"
+    spec = export_model(checkpoints["bert-mean"], out, precisions=["int8", "fp16"], allow_below_gate=True, log=None)
+    assert sorted(spec.variants) == ["fp16", "fp32", "int8"]
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx", "model_fp16.onnx", "model_int8.onnx"]
+    assert read_spec(out) == spec
+    with pytest.raises(ExportError, match="precisions must be among 'fp32', 'int8', 'fp16', got \\['int4'\\]"):
+        export_model(checkpoints["bert-mean"], tmp_path / "other", precisions=["int4"], log=None)
