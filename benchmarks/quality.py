@@ -1,7 +1,8 @@
 """Quality on real evaluation data: STS-B test Spearman and SciFact nDCG@10, next to the published MTEB scores.
 
-Usage: python benchmarks/quality.py [MODEL] [--reference HUB_ID] > benchmarks/results/quality-minilm-fp32.md
+Usage: python benchmarks/quality.py [MODEL] [--precision fp32 int8] [--reference HUB_ID] > benchmarks/results/quality-minilm.md
 MODEL defaults to the packaged all-MiniLM-L6-v2 (exported on first use). Needs scipy and ../shared/data.
+With several precisions, each is scored and compared with the first (fp32).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import json
 import time
 import warnings
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
 from bge_onnx import Embedder
 from bge_onnx.cli import default_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from corpora import DATA
 
 
 def stsb_spearman(embedder: Embedder) -> float:
@@ -68,24 +68,28 @@ def published(model_id: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="model folder (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "int8", "fp16"])
     parser.add_argument("--reference", default="sentence-transformers/all-MiniLM-L6-v2", help="hub id of the published scores")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # SciFact abstracts are truncated at max length, as in MTEB
-    embedder = Embedder(args.model or default_model(), device="cpu")
-    start = time.perf_counter()
-    sts = stsb_spearman(embedder)
-    ndcg = scifact_ndcg10(embedder)
-    elapsed = time.perf_counter() - start
+    folder = args.model or default_model()
     ref = published(args.reference)
-    print(f"# Quality: {args.reference} via bge-onnx (fp32, max_length {embedder.max_length})\n")
-    command = " ".join(["python benchmarks/quality.py", *([args.model] if args.model else [])])
+    rows = []
+    start = time.perf_counter()
+    for precision in args.precision:
+        embedder = Embedder(folder, device="cpu", precision=precision)
+        rows.append((precision, {"STSBenchmark": stsb_spearman(embedder), "SciFact": scifact_ndcg10(embedder)}))
+    elapsed = time.perf_counter() - start
+    print(f"# Quality: {args.reference} via bge-onnx ({', '.join(args.precision)}, max_length {embedder.max_length})\n")
+    command = " ".join(["python benchmarks/quality.py", *([str(args.model)] if args.model else []), "--precision", *args.precision])
     print(f"Command: `{command}`; {time.strftime('%Y-%m-%d')}; {elapsed:.0f} s on CPU\n")
-    print("| task | metric | bge-onnx | published (MTEB) | difference |")
-    print("|---|---|---|---|---|")
-    for task, metric, value in (("STSBenchmark", "cosine_spearman", sts), ("SciFact", "ndcg_at_10", ndcg)):
-        reference = ref.get(task)
-        shown = f"{reference:.5f} | {value - reference:+.5f}" if reference is not None else "- | -"
-        print(f"| {task} test | {metric} | {value:.5f} | {shown} |")
+    print(f"| task | metric | precision | bge-onnx | published (MTEB) | difference | vs {args.precision[0]} |")
+    print("|---|---|---|---|---|---|---|")
+    for task, metric in (("STSBenchmark", "cosine_spearman"), ("SciFact", "ndcg_at_10")):
+        for precision, scores in rows:
+            value, reference = scores[task], ref.get(task)
+            shown = f"{reference:.5f} | {value - reference:+.5f}" if reference is not None else "- | -"
+            print(f"| {task} test | {metric} | {precision} | {value:.5f} | {shown} | {value - rows[0][1][task]:+.5f} |")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,7 @@ Usage: python benchmarks/throughput.py [--reps 3] [--threads N] > benchmarks/res
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import platform
-import random
 import statistics
 import time
 import warnings

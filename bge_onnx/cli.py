@@ -166,11 +166,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     lines.append(f"source:            {spec.source.get('id')} @ {spec.source.get('revision') or 'local files'}")
     for name, variant in spec.variants.items():
         size = sum((folder / f).stat().st_size for f in variant.all_files if (folder / f).is_file())
-        figures = ", ".join(f"{k} {v:.7g}" if isinstance(v, float) else f"{k} {v}" for k, v in variant.parity.items())
-        lines.append(f"variant {name}:      {variant.file} ({size / 1e6:.1f} MB); parity: {figures or 'not checked'}")
+        lines.append(f"variant {name}:      {variant.file} ({size / 1e6:.1f} MB); {_describe_parity(variant.parity)}")
     lines.append("versions:          " + ", ".join(f"{k} {v}" for k, v in spec.versions.items()))
     print("\n".join(lines))
     return 0
+
+
+def _describe_parity(parity: dict) -> str:
+    gate = parity.get("gate")
+    if not gate:  # fp32: against PyTorch
+        figures = ", ".join(f"{k} {v:.7g}" if isinstance(v, float) else f"{k} {v}" for k, v in parity.items())
+        return f"parity with PyTorch: {figures or 'not checked'}"
+    figures = ", ".join(f"{k} {parity[k]:.5f} (gate {limit})" for k, limit in gate.items() if k in parity)
+    verdict = "within its gate" if parity.get("passed") else "BELOW its gate (auto skips it)"
+    note = f"; {parity['note']}" if parity.get("note") else ""
+    return f"vs fp32 on {parity.get('texts', '?')} texts: {figures}; {verdict}; recipe {parity.get('recipe')}{note}"
 
 
 def _positive_int(value: str) -> int:

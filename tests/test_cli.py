@@ -106,6 +106,22 @@ def test_info(exported):
     assert manifest["dim"] == 32
 
 
+def test_precision_options(checkpoints, tmp_path):
+    out = tmp_path / "with-int8"
+    result = cli("export", str(checkpoints["bert-mean"]), "--out", str(out), "--precision", "int8", "--allow-below-gate")
+    assert result.returncode == 0, result.stderr
+    assert b"writing the int8 graph and checking it against fp32" in result.stderr
+    info = cli("info", str(out)).stdout.decode()
+    assert "variant int8:      model_int8.onnx" in info and "vs fp32 on 70 texts: min_cosine" in info
+    fp32 = cli("embed", str(out), "--precision", "fp32", "--format", "npy", stdin="a text\n")
+    int8 = cli("embed", str(out), "--precision", "int8", "--format", "npy", stdin="a text\n")
+    assert fp32.returncode == int8.returncode == 0
+    a, b = np.load(io.BytesIO(fp32.stdout)), np.load(io.BytesIO(int8.stdout))
+    assert a.shape == b.shape == (1, 32) and not np.array_equal(a, b) and float((a * b).sum()) > 0.9
+    result = cli("embed", str(out), "--precision", "fp16", stdin="x\n")
+    assert result.returncode == 1 and b"has no fp16 variant (it has fp32, int8)" in result.stderr
+
+
 def test_export_command(checkpoints, tmp_path):
     out = tmp_path / "cli-export"
     result = cli("export", str(checkpoints["bert-mean"]), "--out", str(out))
