@@ -96,12 +96,19 @@ class TextTokenizer:
         except Exception as err:  # tokenizers raises a bare Exception on a corrupt file
             raise ModelIntegrityError(f"{path} is not a valid tokenizer file: {err}") from err
         tokenizer.no_padding()
-        tokenizer.no_truncation()
-        self._plain = tokenizer
-        self._truncating = Tokenizer.from_str(tokenizer.to_str())
-        self._truncating.enable_truncation(max_length)
+        tokenizer.enable_truncation(max_length)
+        self._truncating = tokenizer
+        self._untruncated: Tokenizer | None = None  # for pairs, made on first use: copying costs ~70 ms of load
         self.max_length = max_length
         self.pair_specials = tokenizer.num_special_tokens_to_add(True)
+
+    @property
+    def _plain(self) -> Tokenizer:
+        if self._untruncated is None:  # two threads may both make one; either will do
+            plain = Tokenizer.from_str(self._truncating.to_str())
+            plain.no_truncation()
+            self._untruncated = plain
+        return self._untruncated
 
     def encode_texts(self, texts: list[str], *, name: str = "texts", start: int = 0) -> tuple[list[Encoding], int]:
         """Tokenise with special tokens, cut at max_length; return encodings and how many were cut."""
