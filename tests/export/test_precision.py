@@ -104,3 +104,21 @@ def test_export_writes_the_variants_it_is_asked_for(checkpoints, tmp_path):
     assert read_spec(out) == spec
     with pytest.raises(ExportError, match="precisions must be among 'fp32', 'int8', 'fp16', got \\['int4'\\]"):
         export_model(checkpoints["bert-mean"], tmp_path / "other", precisions=["int4"], log=None)
+
+
+def test_int8_keeps_the_named_matmuls_in_fp32(exported, tmp_path):
+    source = exported["bert-cls"] / "model.onnx"
+    roles = precision.weight_roles(onnx.load(str(source)))
+    assert sorted(set(roles.values())) == ["ffn_in", "ffn_out", "other"]
+
+    def float_matmuls(keep: frozenset[str]) -> set[str]:
+        out = tmp_path / "q.onnx"
+        made = precision.quantize_int8(source, out, keep)
+        names = {node.name for node in onnx.load(str(out)).graph.node if node.op_type == "MatMul"}
+        assert made["fp32_matmuls"] == len(names & set(roles))
+        return names & set(roles)
+
+    assert float_matmuls(frozenset()) == set()
+    assert float_matmuls(frozenset({"ffn_in", "ffn_out"})) == {n for n, r in roles.items() if r != "other"}
+    one = next(iter(roles))
+    assert float_matmuls(frozenset({one})) == {one}
