@@ -175,8 +175,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _describe_parity(parity: dict) -> str:
     gate = parity.get("gate")
     if not gate:  # fp32: against PyTorch
-        figures = ", ".join(f"{k} {v:.7g}" if isinstance(v, float) else f"{k} {v}" for k, v in parity.items())
-        return f"parity with PyTorch: {figures or 'not checked'}"
+        fused = parity.get("fused_ops") or {}
+        figures = ", ".join(
+            f"{k} {v:.7g}" if isinstance(v, float) else f"{k} {v}" for k, v in parity.items() if k != "fused_ops"
+        )
+        ops = ", ".join(f"{count} {op}" for op, count in fused.items()) or "none"
+        return f"parity with PyTorch: {figures or 'not checked'}; fused ops: {ops}"
     figures = ", ".join(f"{k} {parity[k]:.5f} (gate {limit})" for k, limit in gate.items() if k in parity)
     verdict = "within its gate" if parity.get("passed") else "BELOW its gate (auto skips it)"
     note = f"; {parity['note']}" if parity.get("note") else ""

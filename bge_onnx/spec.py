@@ -43,7 +43,8 @@ class Variant:
     """One ONNX graph of the model (one precision) and its measured parity.
 
     ``parity`` holds the figures measured at export: for fp32 against PyTorch; for int8 and fp16 against the
-    fp32 graph, with the gate they were held to, whether they passed it, the recipe, and where they ran.
+    fp32 graph, with the gate they were held to, whether they passed it, the recipe, and where they ran; for fp32
+    also the onnxruntime fusions applied (``fused_ops``).
     """
 
     file: str

@@ -18,8 +18,8 @@ from bge_onnx.errors import ExportError, ParityError
 from bge_onnx.spec import ModelSpec, Precision, Task, Variant, sha256_file, write_spec
 
 from . import parity, probes
-from .precision import add_variant
 from .graph import export_graph, input_names
+from .precision import add_variant
 from .source import Source, describe_source
 
 MODEL_FILE = "model.onnx"
@@ -173,14 +173,14 @@ def export_model(
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
     try:
         log("exporting the ONNX graph")
-        graph_files = export_graph(
+        graph_files, fused = export_graph(
             model,
             staging / MODEL_FILE,
             task=source.task,
             with_token_types=source.with_token_types,
-            max_positions=source.max_positions,
             external_data=external_data,
         )
+        log("fused " + (", ".join(f"{count} {op}" for op, count in fused.items()) or "nothing"))
         tokenizer.save_pretrained(staging)
         model.config.save_pretrained(staging)
         if not (staging / "tokenizer.json").is_file():
@@ -194,7 +194,7 @@ def export_model(
             pad_token_id=tokenizer.pad_token_id,
             inputs=tuple(input_names(source.with_token_types)),
             output="last_hidden_state" if source.task is Task.EMBED else "logits",
-            variants={"fp32": Variant(file=graph_files[0], data_files=tuple(graph_files[1:]))},
+            variants={"fp32": Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity={"fused_ops": fused})},
             pooling=source.pooling,
             normalize=source.normalize,
             query_instruction=source.query_instruction,
@@ -205,7 +205,7 @@ def export_model(
         write_spec(staging, spec)
         if check_parity:
             figures = _check_parity(source, staging, model, tokenizer, log)
-            fp32 = Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity=figures)
+            fp32 = Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity={**figures, "fused_ops": fused})
             spec = dataclasses.replace(spec, variants={"fp32": fp32})
             write_spec(staging, spec)
         for precision in extra:

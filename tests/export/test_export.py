@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -47,7 +48,17 @@ def test_refuses_to_overwrite_unless_forced(checkpoints, exported, tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
     export_model(checkpoints["bert-mean"], out, log=None, check_parity=False, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
-    assert read_spec(out).variants["fp32"].parity == {}
+    assert "min_cosine" not in read_spec(out).variants["fp32"].parity  # parity was not checked
+
+
+def test_every_family_gets_fused_attention(exported):
+    # onnxruntime's fusions must find one Attention per layer in BERT, XLM-R and the rerankers alike; a torch or
+    # onnxruntime upgrade that changes the traced pattern would otherwise silently cost the speed they buy.
+    for kind, folder in exported.items():
+        layers = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+        fused = read_spec(folder).variants["fp32"].parity["fused_ops"]
+        assert fused.get("Attention") == layers, (kind, fused)
+        assert fused.get("SkipLayerNormalization") == 2 * layers, (kind, fused)
 
 
 def test_missing_source(tmp_path):
