@@ -215,9 +215,9 @@ def run_sorted(
     fit in memory fails at once rather than at the end.
     """
     out = np.empty((len(encodings), width), dtype=np.float32)
-    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].ids))
+    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
     names = loaded.session.input_names
-    for rows in token_batches([len(encodings[i].ids) for i in order], batch_size=batch_size, max_tokens=max_tokens):
+    for rows in token_batches([len(encodings[i]) for i in order], batch_size=batch_size, max_tokens=max_tokens):
         rows = [order[i] for i in rows]
         feeds = pad_batch([encodings[i] for i in rows], pad_id=loaded.spec.pad_token_id, input_names=names)
         out[rows] = reduce(loaded.session.run(feeds), feeds)

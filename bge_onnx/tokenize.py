@@ -155,13 +155,13 @@ class TextTokenizer:
 
 def pad_batch(encodings: Sequence[Encoding], *, pad_id: int, input_names: Sequence[str]) -> dict[str, np.ndarray]:
     """Pad a batch to its longest item and return only the graph inputs the model declares."""
-    length = max(len(e.ids) for e in encodings)
+    length = max(len(e) for e in encodings)  # len(e), not len(e.ids): .ids copies the list
     shape = (len(encodings), length)
     ids = np.full(shape, pad_id, dtype=np.int64)
     mask = np.zeros(shape, dtype=np.int64)
     types = np.zeros(shape, dtype=np.int64) if "token_type_ids" in input_names else None
     for row, encoding in enumerate(encodings):
-        n = len(encoding.ids)
+        n = len(encoding)
         ids[row, :n] = encoding.ids
         mask[row, :n] = 1
         if types is not None:
