@@ -28,7 +28,8 @@ def check_positive(name: str, value: object) -> int:
 # Padded tokens per forward pass on CPU. Measured on all-MiniLM-L6-v2 (benchmarks/results/batching-minilm-fp32.md):
 # the cost per token grows with the batch's size in tokens (activations fall out of cache), and 512 was best or
 # near best on every corpus (mixed texts 1.39x fixed batches of 32; 8192 tokens: 0.99x). A GPU wants large
-# batches: the CUDA figure is a conventional one, not measured here (no GPU was lent).
+# batches: on an H200 (benchmarks/results/gpu-minilm.md, fp16, mixed texts) 8192 and 16384 were level, 4096 0.76x,
+# 65536 0.88x.
 MAX_TOKENS_CPU = 512
 MAX_TOKENS_CUDA = 16384
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import importlib.metadata
+import io
 import math
 import os
 import warnings
@@ -93,6 +96,16 @@ def conflicting_runtimes(installed: Iterable[str] | None = None) -> bool:
     return {"onnxruntime", "onnxruntime-gpu"} <= set(installed)
 
 
+@functools.cache
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of pip's nvidia-* wheels, which onnxruntime-gpu does not find by itself
+    (unless torch was imported first)."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is not None:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints notices, and our stdout may carry vectors
+            preload(msvc=False)
+
+
 def choose_providers(device: str | Device, available: Iterable[str] | None = None) -> list[str]:
     """The execution providers to ask for, in order; raises when the device cannot be served.
 
@@ -116,6 +129,7 @@ def choose_providers(device: str | Device, available: Iterable[str] | None = Non
             stacklevel=caller_stacklevel(),
         )
     if CUDA in available:
+        load_cuda_libraries()
         return [CUDA, CPU]
     if device is Device.CUDA:
         hint = "they have overwritten each other; fix: " if conflict else "install the GPU build: "
