@@ -33,7 +33,7 @@ from bge_onnx.spec import Task, read_spec
 from bge_onnx_export.graph import _fuse, _trace, _WithoutTokenTypes, _WithTokenTypes
 from bge_onnx_export.precision import INT8_RECIPES, quantize_int8
 from corpora import corpora
-from session_options import session
+from session_options import session, time_sessions
 
 def graphs(model_folder: Path, work: Path) -> dict[str, Path]:
     spec = read_spec(model_folder)
@@ -100,7 +100,6 @@ def main() -> None:
     ratios = {name: [] for name in sessions}
     cosines = {}
     for corpus, items in texts.items():
-        times = {name: [] for name in sessions}
         outputs = {}
         for name in sessions:  # warm-up
             loaded._session = sessions[name]
@@ -108,12 +107,7 @@ def main() -> None:
         if corpus == "mixed":
             reference = outputs["fp32 unfused"]
             cosines = {name: (reference * out).sum(axis=1) for name, out in outputs.items()}
-        for _ in range(args.reps):
-            for name in sessions:
-                loaded._session = sessions[name]
-                start = time.perf_counter()
-                embedder.encode(items)
-                times[name].append(time.perf_counter() - start)
+        times = time_sessions(embedder, sessions, items, args.reps)
         for name in sessions:
             base = statistics.median(times[f"{name.split()[0]} unfused"])
             ratios[name].append(base / statistics.median(times[name]))

@@ -41,6 +41,20 @@ def session(path: str, threads: int, level=LEVELS.ORT_ENABLE_ALL, spinning=True,
     return made, time.perf_counter() - start
 
 
+def time_sessions(embedder: Embedder, sessions: dict[str, ort.InferenceSession], items: list[str],
+                  reps: int) -> dict[str, list[float]]:
+    """encode() seconds with each session swapped into the embedder in turn (A B C ... A B C), for reps rounds."""
+    runtime_session = embedder._model.session
+    times = {name: [] for name in sessions}
+    for _ in range(reps):
+        for name, made in sessions.items():
+            runtime_session._session = made
+            start = time.perf_counter()
+            embedder.encode(items)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
@@ -64,16 +78,8 @@ def main() -> None:
     print("|---|---|" + "---|" * len(texts))
     ratios = {name: [] for name in SETTINGS}
     for corpus, items in texts.items():
-        times = {name: [] for name in SETTINGS}
-        for name in SETTINGS:  # warm-up
-            loaded._session = sessions[name]
-            embedder.encode(items)
-        for _ in range(args.reps):
-            for name in SETTINGS:
-                loaded._session = sessions[name]
-                start = time.perf_counter()
-                embedder.encode(items)
-                times[name].append(time.perf_counter() - start)
+        time_sessions(embedder, sessions, items, 1)  # warm-up
+        times = time_sessions(embedder, sessions, items, args.reps)
         base = statistics.median(times[next(iter(SETTINGS))])
         for name in SETTINGS:
             ratios[name].append(base / statistics.median(times[name]))
