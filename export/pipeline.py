@@ -209,7 +209,8 @@ def export_model(
             spec = dataclasses.replace(spec, variants={"fp32": fp32})
             write_spec(staging, spec)
         for precision in extra:
-            log(f"writing the {precision.value} graph and checking it against fp32 on {len(probes.GATE_TEXTS)} texts")
+            gate_set = f"{len(probes.GATE_PAIRS)} pairs" if source.task is Task.RERANK else f"{len(probes.GATE_TEXTS)} texts"
+            log(f"writing the {precision.value} graph and checking it against fp32 on {gate_set}")
             spec = add_variant(staging, precision, allow_below_gate=allow_below_gate, log=log)
         _place(staging, out, overwrite)
     finally:
