@@ -152,15 +152,7 @@ def main() -> None:
         warnings.simplefilter("ignore")
         for corpus, items in texts.items():
             log(f"timing {corpus}")
-            for run in contestants.values():
-                run(items[:256])  # warm up: CUDA kernels, memory arenas
-            seconds = {name: [] for name in names}
-            for _ in range(args.reps):
-                for name, run in contestants.items():
-                    t = time.perf_counter()
-                    run(items)
-                    seconds[name].append(time.perf_counter() - t)
-            rate = {name: len(items) / statistics.median(s) for name, s in seconds.items()}
+            rate = rates(contestants, items, args.reps)
             best = {p: max(r for n, r in rate.items() if n.startswith("ST") and p in n) for p in ("fp16", "fp32")}
             cells = [f"{rate[n]:.0f} ({rate[n] / best['fp16' if 'fp16' in n else 'fp32']:.2f}x)" for n in names]
             print(f"| {corpus} | " + " | ".join(cells) + " |")
@@ -169,26 +161,32 @@ def main() -> None:
     print("## max_tokens (padded tokens per batch) for fp16 on CUDA, mixed corpus, texts/s\n")
     items = texts["mixed"]
     budgets = [4096, 8192, 16384, 65536]
-    seconds = {b: [] for b in budgets}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = {b: Embedder(args.model, device=device, precision="fp16", max_tokens=b, batch_size=4096)
                   for b in budgets}
-        for model in models.values():
-            model.encode(items[:256])
-        for _ in range(args.reps):
-            for b, model in models.items():
-                t = time.perf_counter()
-                model.encode(items)
-                seconds[b].append(time.perf_counter() - t)
+        rate = rates({b: model.encode for b, model in models.items()}, items, args.reps)
     print("| max_tokens | " + " | ".join(str(b) for b in budgets) + " |")
     print("|---|" + "---|" * len(budgets))
-    print("| texts/s | " + " | ".join(f"{len(items) / statistics.median(seconds[b]):.0f}" for b in budgets) + " |\n")
+    print("| texts/s | " + " | ".join(f"{rate[b]:.0f}" for b in budgets) + " |\n")
 
     print("## Where the time goes (fp16, mixed corpus, default batching; seconds, median)\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         print(breakdown(ours16, items, args.reps, device))
+
+
+def rates(runs: dict, items: list, reps: int, warm: int = 256) -> dict:
+    """Items per second of each run over items, taking turns (A B C ... A B C) for reps rounds, medians."""
+    for run in runs.values():
+        run(items[:warm])  # warm up: CUDA kernels, memory arenas
+    seconds = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(items)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: len(items) / statistics.median(s) for name, s in seconds.items()}
 
 
 def breakdown(model: Embedder, items: list[str], reps: int, device: str) -> str:

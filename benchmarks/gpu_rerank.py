@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ def main() -> None:
 
     from bge_onnx import Reranker
     from bge_onnx_export import export_model
+    from gpu import rates
 
     device = args.device
     work = Path(tempfile.mkdtemp(prefix="bge-onnx-gpu-rerank-"))
@@ -100,15 +100,7 @@ def main() -> None:
                   f"{top:.0%} |")
         print()
 
-        for run in contestants.values():
-            run(pairs[:64])  # warm up
-        seconds = {name: [] for name in contestants}
-        for _ in range(args.reps):
-            for name, run in contestants.items():
-                start = time.perf_counter()
-                run(pairs)
-                seconds[name].append(time.perf_counter() - start)
-    rate = {name: len(pairs) / statistics.median(s) for name, s in seconds.items()}
+        rate = rates(contestants, pairs, args.reps, warm=64)
     print(f"## Throughput (pairs/s, median of {args.reps}; ratio to the CrossEncoder at the same precision)\n")
     print("| " + " | ".join(rate) + " |")
     print("|" + "---|" * len(rate))
