@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
-import importlib.metadata
 import io
 import math
 import os
@@ -86,6 +85,8 @@ def resolve_threads(threads: int | None) -> int:
 def conflicting_runtimes(installed: Iterable[str] | None = None) -> bool:
     """True when both onnxruntime and onnxruntime-gpu are installed: they overwrite each other's files."""
     if installed is None:
+        import importlib.metadata  # here, not at the top: it costs ~0.03 s of import, and CPU-only use never needs it
+
         installed = []
         for name in ("onnxruntime", "onnxruntime-gpu"):
             try:
