@@ -183,10 +183,8 @@ def _describe_parity(parity: dict) -> str:
         return f"parity with PyTorch: {figures or 'not checked'}; fused ops: {ops}"
     figures = ", ".join(f"{k} {parity[k]:.5f} (gate {limit})" for k, limit in gate.items() if k in parity)
     verdict = "within its gate" if parity.get("passed") else "BELOW its gate (auto skips it)"
-    if parity.get("note"):
-        note = f"; {parity['note']}"
-    else:
-        note = f"; measured on {parity['device']}" if parity.get("device") else ""
+    where = parity.get("note") or (f"measured on {parity['device']}" if parity.get("device") else "")
+    note = f"; {where}" if where else ""
     return f"vs fp32 on {parity.get('texts', '?')} texts: {figures}; {verdict}; recipe {parity.get('recipe')}{note}"
 
 
