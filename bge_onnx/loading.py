@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 from tokenizers import Encoding
 
 from . import hub
-from .errors import InputError, ModelFilesError, WrongTaskError, caller_stacklevel
+from .errors import BgeOnnxError, InputError, ModelFilesError, WrongTaskError, caller_stacklevel
 from .session import CUDA, Session, choose_providers
 from .spec import ModelSpec, Precision, Task, read_spec, verify_files
 from .tokenize import TOKENIZER_FILE, TextTokenizer, pad_batch
@@ -105,9 +106,16 @@ def open_model(
     providers = choose_providers(device)
     chosen = choose_precision(spec, precision, on_cuda=CUDA in providers, folder=folder)
     variant = spec.variants[chosen.value]
-    verify_files(folder, spec, [TOKENIZER_FILE, *variant.all_files])
-    tokenizer = TextTokenizer(folder, max_length=max_length)
-    session = Session(folder / variant.file, device=device, threads=threads, providers=providers)
+    # Hashing the files and parsing the graph each read every byte; both release the GIL, so the check runs
+    # beside the load instead of before it (cold start: benchmarks/results/coldstart-minilm.md).
+    checked = in_background(verify_files, folder, spec, [TOKENIZER_FILE, *variant.all_files])
+    try:
+        tokenizer = TextTokenizer(folder, max_length=max_length)
+        session = Session(folder / variant.file, device=device, threads=threads, providers=providers)
+    except BgeOnnxError:
+        checked()  # a missing or changed file explains a failed load better than the parser does
+        raise
+    checked()
     if precision == "auto" and chosen is Precision.FP16 and CUDA not in session.providers:
         # CUDA failed to start and the session fell back to CPU (with a warning): fp16 has no place there
         chosen = choose_precision(spec, "auto", on_cuda=False, folder=folder)
@@ -115,6 +123,27 @@ def open_model(
         verify_files(folder, spec, variant.all_files)
         session = Session(folder / variant.file, device="cpu", threads=threads)
     return LoadedModel(folder, spec, tokenizer, session, chosen)
+
+
+def in_background(function: Callable[..., None], *args: object) -> Callable[[], None]:
+    """Start ``function(*args)`` in a thread; the returned callable waits for it and raises what it raised."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            function(*args)
+        except BaseException as err:  # handed to the caller's thread by wait()
+            raised.append(err)
+
+    thread = threading.Thread(target=target, name="bge-onnx-verify", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if raised:
+            raise raised[0]
+
+    return wait
 
 
 class ModelHandle:

@@ -73,6 +73,23 @@ def test_changed_file_fails_the_hash(model_copy):
         Embedder(folder)
 
 
+def test_hash_is_checked_when_the_graph_loads(model_copy):
+    # the check runs beside the session's load: a graph that loads fine must still fail on a wrong hash
+    folder = model_copy("bert-cls")
+    manifest = json.loads((folder / "bge_onnx.json").read_text())
+    manifest["files"]["model.onnx"] = "0" * 64
+    (folder / "bge_onnx.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelIntegrityError, match=r"model.onnx does not match the sha256 in bge_onnx.json"):
+        Embedder(folder)
+
+
+def test_unparseable_changed_graph_reports_the_hash(model_copy):
+    folder = model_copy("bert-cls")
+    (folder / "model.onnx").write_bytes(b"this is not a protobuf")
+    with pytest.raises(ModelIntegrityError, match=r"model.onnx does not match the sha256 in bge_onnx.json"):
+        Embedder(folder)
+
+
 def test_corrupt_onnx_with_matching_hash(model_copy):
     from bge_onnx.spec import sha256_file
 
