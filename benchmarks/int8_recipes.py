@@ -69,7 +69,7 @@ def main() -> None:
     print(f"Command: `python benchmarks/int8_recipes.py {args.model.name} --reps {args.reps}`; {time.strftime('%Y-%m-%d')}. "
           f"Figures vs the fp32 graph: min / mean cosine / Spearman of all pairwise similarities, on the "
           f"{len(gate_texts)} gate texts (gate {gate}) and on the {len(mixed)}-text mixed benchmark corpus. "
-          "Weights int8 per output channel, activations uint8 with one scale per batch, attention products fp32, "
+          "Weights 7-bit signed per output channel, activations uint8 with one scale per batch, attention products fp32, "
           f"embedding tables int8. Speed: encode() of the mixed corpus, int8 over fp32, medians of {args.reps} interleaved.\n")
     print("| recipe | fp32 MatMuls | gate texts | gate | mixed corpus | speed vs fp32 |")
     print("|---|---|---|---|---|---|")

@@ -32,12 +32,12 @@ GATES: dict[tuple[Task, Precision], dict[str, float]] = {
 FILES = {Precision.INT8: "model_int8.onnx", Precision.FP16: "model_fp16.onnx"}
 
 # int8 recipes, fastest first; the export keeps the first that passes the gate. All quantise weights per output
-# channel (int8) and activations per batch (dynamic uint8), and keep the attention products (MatMuls of two
-# activations) in fp32. Measured on all-MiniLM-L6-v2 before attention was fused (benchmarks/results/
-# int8-recipes-minilm.md; the fused graph's gate figures at export are the same to 5 decimals), mean / min
-# cosine to fp32 on the mixed corpus: every weight int8 0.9920 / 0.973; FFN down-projections fp32 0.9950 / 0.982;
-# both FFN layers fp32 0.9971 / 0.992. The error is spread over the layers: keeping any single FFN MatMul in fp32
-# barely helps, so there is no per-layer recipe between these.
+# channel (7-bit) and activations per batch (dynamic uint8), and keep the attention products (MatMuls of two
+# activations) in fp32. Measured on all-MiniLM-L6-v2 (benchmarks/results/int8-recipes-minilm.md), mean / min
+# cosine to fp32 on the mixed corpus: every weight int8 0.9920 / 0.968; FFN down-projections fp32 0.9954 / 0.981;
+# both FFN layers fp32 0.9978 / 0.990. The error comes from the FFN inputs' activations, whose range is set by the
+# [CLS] token's outliers (int8-outliers-minilm.md); keeping any single FFN MatMul in fp32 barely helps, so there is
+# no per-layer recipe between these.
 INT8_RECIPES: tuple[tuple[str, frozenset[str]], ...] = (
     ("all-weights", frozenset()),
     ("ffn-out-fp32", frozenset({"ffn_out"})),
@@ -59,7 +59,7 @@ def weight_roles(model: onnx.ModelProto) -> dict[str, str]:
 
 def quantize_int8(src: Path, dst: Path, keep_fp32: frozenset[str]) -> dict[str, Any]:
     """Dynamic int8: weight MatMuls, fused attention's QKV projection (QAttention) and the embedding tables
-    (Gather), minus the MatMuls whose role or node name is in keep_fp32."""
+    (Gather), minus the MatMuls whose role or node name is in keep_fp32. Weights are 7-bit signed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(src), load_external_data=False)
@@ -75,6 +75,11 @@ def quantize_int8(src: Path, dst: Path, keep_fp32: frozenset[str]) -> dict[str, 
             op_types_to_quantize=["MatMul", "Gather", "Attention"],
             per_channel=True,
             weight_type=QuantType.QInt8,
+            # 7-bit weights: on CPUs without VNNI, onnxruntime's u8s8 kernel (AVX2 vpmaddubsw) saturates when two
+            # large activations meet two large 8-bit weights, so the same graph would be less accurate there than
+            # on the CPU that measured its gate. Measured on AVX2: more accurate and no slower than 8-bit
+            # (benchmarks/results/int8-outliers-minilm.md).
+            reduce_range=True,
             nodes_to_exclude=excluded,
             # The fused ops' outputs have no type in ONNX shape inference; all of them are float.
             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -82,7 +87,12 @@ def quantize_int8(src: Path, dst: Path, keep_fp32: frozenset[str]) -> dict[str, 
     finally:
         logging.disable(previous)
     attention = sum(node.op_type == "Attention" for node in model.graph.node)
-    return {"quantized_matmuls": len(roles) - len(excluded), "fp32_matmuls": len(excluded), "quantized_attention": attention}
+    return {
+        "quantized_matmuls": len(roles) - len(excluded),
+        "fp32_matmuls": len(excluded),
+        "quantized_attention": attention,
+        "weight_bits": 7,
+    }
 
 
 def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:

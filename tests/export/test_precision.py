@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+from onnx import numpy_helper
 
 from bge_onnx import Embedder, ExportError, ModelFilesError, ParityError, Precision, Reranker
 from bge_onnx.spec import read_spec, sha256_file
@@ -38,6 +39,11 @@ def test_int8_variant_is_measured_recorded_and_loaded(model_copy, kind):
         assert again[name] == pytest.approx(figures[name], abs=1e-6)
     assert figures["passed"] == (not precision.failures(figures, figures["gate"]))
     assert 0.9 < figures["mean_cosine"] < 1.0  # quantised: close to fp32, yet not identical
+    # 7-bit signed weights, as recorded: |w| <= 64, so AVX2's u8s8 kernel's pair sums (2 * 255 * 64) fit in int16
+    graph = onnx.load(str(folder / variant.file))
+    weights = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert figures["weight_bits"] == 7 and len(weights) >= 2
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
     model = Embedder(folder, device="cpu")
     assert model.precision is (Precision.INT8 if figures["passed"] else Precision.FP32)
     assert Embedder(folder, device="cpu", precision="int8").precision is Precision.INT8
