@@ -5,8 +5,9 @@ recipes that remove it cost. The research behind the int8 target in benchmarks/r
    (fake quantisation in fp32: no int8 kernel, no saturation).
 2. Outliers: per FFN input, the largest |x| and where it sits (token position, channel), on the gate texts.
 3. Real onnxruntime int8 graphs: recipe x weight format, their gate figures, the mixed corpus and speed vs fp32.
-   - formats: s8 (signed 8-bit weights, what the export ships), u8 (unsigned weights: onnxruntime's u8u8 kernel),
-     s8-7bit (reduce_range: 7-bit signed weights, which keeps AVX2's u8s8 kernel from saturating).
+   - formats: s8 (signed 8-bit weights), u8 (unsigned weights: onnxruntime's u8u8 kernel),
+     s8-7bit (reduce_range: 7-bit signed weights, which keeps AVX2's u8s8 kernel from saturating; what the export
+     ships since this measurement).
    - recipes: all-weights; first-token-fp32 (every weight MatMul split: token 0 in fp32, the rest int8);
      smooth-outliers (input channels whose calibration |max| is over 3x the median are scaled down, their weight
      rows up, SmoothQuant-style but only for those channels; calibration on the gate texts); ffn-fp32 (shipped).
