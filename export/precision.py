@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import platform
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +118,24 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
 
 
+# CPU features that change onnxruntime's int8 arithmetic: without VNNI, its u8s8 kernel sums pairs in int16.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The machine, CPU model and int8-relevant flags the gate ran on, e.g. 'x86_64 AMD EPYC (avx2)'."""
+    try:
+        info = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux
+        return platform.machine() or "unknown"
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    flags = re.search(r"^flags\s*:(.*)$", info, re.MULTILINE)
+    present = set(flags.group(1).split()) if flags else set()
+    named = " ".join(flag for flag in CPU_FLAGS if flag in present)
+    parts = [platform.machine(), model.group(1).strip() if model else "", f"({named})" if named else ""]
+    return " ".join(part for part in parts if part)
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(np.float64)
     rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(np.float64)
@@ -193,6 +213,8 @@ def add_variant(
         log(f"{precision.value} {recipe} (on {device}): " + ", ".join(f"{k} {v:.5f}" for k, v in figures.items() if k in gate)
             + (f" — below the gate ({'; '.join(missed)})" if missed else " — within the gate"))
         trial = {**trial, **figures, "passed": not missed, "texts": len(reference), "device": device}
+        if device == "cpu":
+            trial["cpu"] = cpu_description()
         if precision is Precision.FP16 and device == "cpu":
             trial["note"] = "measured on CPU (onnxruntime's fp16 path there); not verified on a CUDA device at export"
         best = (missed, trial, data_files)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import warnings
 
 import numpy as np
@@ -43,10 +44,18 @@ def test_int8_variant_is_measured_recorded_and_loaded(model_copy, kind):
     graph = onnx.load(str(folder / variant.file))
     weights = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert figures["weight_bits"] == 7 and len(weights) >= 2
+    assert figures["cpu"] == precision.cpu_description()  # the gate's int8 arithmetic depends on the CPU
     assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
     model = Embedder(folder, device="cpu")
     assert model.precision is (Precision.INT8 if figures["passed"] else Precision.FP32)
     assert Embedder(folder, device="cpu", precision="int8").precision is Precision.INT8
+
+
+def test_cpu_description_names_the_int8_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert precision.cpu_description(cpuinfo) == f"{platform.machine()} Some Xeon (avx2 avx512f avx512_vnni)"
+    assert precision.cpu_description(tmp_path / "missing") == platform.machine()
 
 
 def test_a_graph_below_the_gate_is_refused_and_nothing_changes(model_copy):
