@@ -10,7 +10,8 @@ recipes that remove it cost. The research behind the int8 target in benchmarks/r
      ships since this measurement).
    - recipes: all-weights; first-token-fp32 (every weight MatMul split: token 0 in fp32, the rest int8);
      smooth-outliers (input channels whose calibration |max| is over 3x the median are scaled down, their weight
-     rows up, SmoothQuant-style but only for those channels; calibration on the gate texts); ffn-fp32 (shipped).
+     rows up, SmoothQuant-style but only for those channels; calibrated on the gate texts themselves, so its gate
+     figures flatter it); ffn-fp32 (shipped). first-token-fp32 leaves the fused attention's QKV projection int8.
 
 Usage: python benchmarks/int8_outliers.py MODEL [--reps 5] > benchmarks/results/int8-outliers-minilm.md
 MODEL: a folder exported by bge-onnx (its fp32 graph is used; the folder is copied, not changed).
@@ -62,7 +63,7 @@ def fake_quant(model: onnx.ModelProto, names: set[str], *, weights: bool, activa
         if node.name not in names:
             return [node]
         out = []
-        if weights:  # symmetric int8 per output channel, as the export's weights
+        if weights:  # symmetric 8-bit per output channel (the export now ships 7-bit: twice this step)
             w = numpy_helper.to_array(initializer(m, node.input[1]))
             scale = np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-12) / 127
             initializer(m, node.input[1]).CopyFrom(numpy_helper.from_array((np.round(w / scale) * scale).astype(np.float32), node.input[1]))
@@ -144,11 +145,13 @@ def quantize(model: onnx.ModelProto, dst: Path, fmt: str, exclude: set[str]) -> 
     src = dst.with_name("source.onnx")
     onnx.save(model, str(src))
     weight_type, reduce_range = FORMATS[fmt]
-    logging.disable(logging.WARNING)
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gather", "Attention"], per_channel=True,
-                     weight_type=weight_type, reduce_range=reduce_range, nodes_to_exclude=sorted(exclude),
-                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
-    logging.disable(logging.NOTSET)
+    logging.disable(logging.WARNING)  # its advice to pre-process, for every graph
+    try:
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gather", "Attention"], per_channel=True,
+                         weight_type=weight_type, reduce_range=reduce_range, nodes_to_exclude=sorted(exclude),
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def main() -> None:
@@ -199,7 +202,7 @@ def main() -> None:
     print("\n## 2. The largest FFN inputs (gate texts)\n")
     inputs = {n.input[0]: n.name for n in fp32_graph.graph.node if n.name in roles or n.name in attention}
     absmax = input_absmax(fp32_graph, work, gate_texts, set(inputs))
-    print("| MatMul input | largest abs | its channel | its token position | median channel max | channels over 3x median |")
+    print("| input of MatMul | largest abs | its channel | its token position | median channel max | channels over 3x median |")
     print("|---|---|---|---|---|---|")
     for tensor, node in inputs.items():
         if roles.get(node) in ("ffn_in", "ffn_out"):

@@ -70,7 +70,7 @@ def main() -> None:
           f"Figures vs the fp32 graph: min / mean cosine / Spearman of all pairwise similarities, on the "
           f"{len(gate_texts)} gate texts (gate {gate}) and on the {len(mixed)}-text mixed benchmark corpus. "
           "Weights 7-bit signed per output channel, activations uint8 with one scale per batch, attention products fp32, "
-          f"embedding tables int8. Speed: encode() of the mixed corpus, int8 over fp32, medians of {args.reps} interleaved.\n")
+          f"embedding tables uint8 per tensor. Speed: encode() of the mixed corpus, int8 over fp32, medians of {args.reps} interleaved.\n")
     print("| recipe | fp32 MatMuls | gate texts | gate | mixed corpus | speed vs fp32 |")
     print("|---|---|---|---|---|---|")
     for recipe, keep in INT8_RECIPES:

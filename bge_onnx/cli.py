@@ -184,8 +184,8 @@ def _describe_parity(parity: dict) -> str:
     figures = ", ".join(f"{k} {parity[k]:.5f} (gate {limit})" for k, limit in gate.items() if k in parity)
     verdict = "within its gate" if parity.get("passed") else "BELOW its gate (auto skips it)"
     where = parity.get("note") or (f"measured on {parity['device']}" if parity.get("device") else "")
-    if parity.get("cpu"):  # int8 arithmetic differs between CPUs with and without VNNI
-        where += f" ({parity['cpu']})"
+    if parity.get("cpu"):  # the kernels, and so the rounding, depend on the CPU (VNNI or not, for int8)
+        where += f"; CPU {parity['cpu']}"
     note = f"; {where}" if where else ""
     return f"vs fp32 on {parity.get('texts', '?')} texts: {figures}; {verdict}; recipe {parity.get('recipe')}{note}"
 

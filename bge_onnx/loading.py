@@ -112,8 +112,11 @@ def open_model(
     try:
         tokenizer = TextTokenizer(folder, max_length=max_length)
         session = Session(folder / variant.file, device=device, threads=threads, providers=providers)
-    except BgeOnnxError:
-        checked()  # a missing or changed file explains a failed load better than the parser does
+    except BaseException as err:
+        try:
+            checked()  # a missing or changed file explains a failed load better than the parser does
+        except BgeOnnxError as changed:
+            raise changed from err
         raise
     checked()
     if precision == "auto" and chosen is Precision.FP16 and CUDA not in session.providers:

@@ -163,8 +163,11 @@ def write_spec(folder: Path, spec: ModelSpec) -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # chunks, not hashlib.file_digest: that needs Python 3.11
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)  # releases the GIL for large chunks (the load runs beside it)
+    return digest.hexdigest()
 
 
 def verify_files(folder: Path, spec: ModelSpec, names: list[str]) -> None:

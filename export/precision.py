@@ -118,18 +118,19 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
 FP16_KEEP_FP32 = ["LayerNormalization", "Softmax"]
 
 
-# CPU features that change onnxruntime's int8 arithmetic: without VNNI, its u8s8 kernel sums pairs in int16.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+# CPU features that decide which kernels onnxruntime runs (x86: AVX2, AVX-512, VNNI, AMX; Arm: dot product,
+# int8 matrix multiply). The gate's figures hold for the CPU that measured them; other kernels round differently.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
 
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """The machine, CPU model and int8-relevant flags the gate ran on, e.g. 'x86_64 AMD EPYC (avx2)'."""
+    """The machine, CPU model and kernel-relevant flags the gate ran on, e.g. 'x86_64 AMD EPYC (avx2)'."""
     try:
         info = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:  # not Linux
         return platform.machine() or "unknown"
-    model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
-    flags = re.search(r"^flags\s*:(.*)$", info, re.MULTILINE)
+    model = re.search(r"^model name[ \t]*:[ \t]*(.+)$", info, re.MULTILINE)
+    flags = re.search(r"^(?:flags|Features)[ \t]*:(.*)$", info, re.MULTILINE)  # x86 / Arm
     present = set(flags.group(1).split()) if flags else set()
     named = " ".join(flag for flag in CPU_FLAGS if flag in present)
     parts = [platform.machine(), model.group(1).strip() if model else "", f"({named})" if named else ""]

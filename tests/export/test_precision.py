@@ -42,6 +42,7 @@ def test_int8_variant_is_measured_recorded_and_loaded(model_copy, kind):
     assert 0.9 < figures["mean_cosine"] < 1.0  # quantised: close to fp32, yet not identical
     # 7-bit signed weights, as recorded: |w| <= 64, so AVX2's u8s8 kernel's pair sums (2 * 255 * 64) fit in int16
     graph = onnx.load(str(folder / variant.file))
+    # (the embedding tables are Gather inputs, quantised as uint8 per tensor: they meet no u8s8 GEMM)
     weights = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert figures["weight_bits"] == 7 and len(weights) >= 2
     assert figures["cpu"] == precision.cpu_description()  # the gate's int8 arithmetic depends on the CPU
@@ -56,6 +57,9 @@ def test_cpu_description_names_the_int8_flags(tmp_path):
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
     assert precision.cpu_description(cpuinfo) == f"{platform.machine()} Some Xeon (avx2 avx512f avx512_vnni)"
     assert precision.cpu_description(tmp_path / "missing") == platform.machine()
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm\nmodel name\t:\nCPU part\t: 0xd0c\n")
+    assert precision.cpu_description(arm) == f"{platform.machine()} (asimddp i8mm)"
 
 
 def test_a_graph_below_the_gate_is_refused_and_nothing_changes(model_copy):
