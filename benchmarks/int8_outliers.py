@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -41,6 +39,7 @@ from bge_onnx.tokenize import TextTokenizer, pad_batch
 from bge_onnx_export import probes
 from bge_onnx_export.precision import GATES, compare, failures, record_variant, weight_roles
 from corpora import corpora
+from int8_recipes import fp32_copy
 
 INT64_MAX = 2**63 - 1
 
@@ -160,10 +159,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # long gate texts are truncated on purpose
-    work = Path(tempfile.mkdtemp(prefix="bge-onnx-int8-")) / "model"
-    shutil.copytree(args.model, work, ignore=shutil.ignore_patterns("model_*.onnx*"))
-    for precision in (Precision.INT8, Precision.FP16):
-        record_variant(work, read_spec(work), precision, None)
+    work = fp32_copy(args.model)
     fp32_graph = onnx.load(str(work / "model.onnx"))
     roles = weight_roles(fp32_graph)
     by_role = {role: {n for n, r in roles.items() if r == role} for role in ("other", "ffn_in", "ffn_out")}

@@ -28,6 +28,15 @@ from bge_onnx_export.precision import GATES, INT8_RECIPES, compare, failures, qu
 from corpora import corpora
 
 
+def fp32_copy(model: Path) -> Path:
+    """A scratch copy of an exported folder with only its fp32 graph (its manifest lists no other variant)."""
+    work = Path(tempfile.mkdtemp(prefix="bge-onnx-int8-")) / "model"
+    shutil.copytree(model, work, ignore=shutil.ignore_patterns("model_*.onnx*"))
+    for precision in (Precision.INT8, Precision.FP16):
+        record_variant(work, read_spec(work), precision, None)
+    return work
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -35,10 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # long gate texts are truncated on purpose
     spec = read_spec(args.model)
-    work = Path(tempfile.mkdtemp(prefix="bge-onnx-int8-")) / "model"
-    shutil.copytree(args.model, work, ignore=shutil.ignore_patterns("model_*.onnx*"))
-    record_variant(work, read_spec(work), Precision.INT8, None)
-    record_variant(work, read_spec(work), Precision.FP16, None)
+    work = fp32_copy(args.model)
     roles = weight_roles(onnx.load(str(work / spec.variants["fp32"].file), load_external_data=False))
     ffn = [name for name, role in roles.items() if role != "other"]
     gate_texts, mixed = list(probes.GATE_TEXTS), corpora(200)["mixed"]
