@@ -98,8 +98,10 @@ def split_first_token(model: onnx.ModelProto, names: set[str]) -> tuple[onnx.Mod
     return with_nodes(model, rewrite), firsts
 
 
-def input_absmax(model: onnx.ModelProto, folder: Path, texts: list[str], tensors: set[str]) -> dict[str, np.ndarray]:
-    """Per tensor, per channel: the largest |x| over the real tokens (and, under '<name>#pos', where it was)."""
+def input_absmax(
+    model: onnx.ModelProto, folder: Path, texts: list[str], tensors: set[str]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per tensor, per channel: the largest |x| over the real tokens, and the token position where it was."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     names = sorted(tensors)
     model.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
@@ -107,18 +109,19 @@ def input_absmax(model: onnx.ModelProto, folder: Path, texts: list[str], tensors
     spec = read_spec(folder)
     tokenizer = TextTokenizer(folder, max_length=spec.max_length)
     declared = [i.name for i in session.get_inputs()]
-    found: dict[str, np.ndarray] = {}
+    absmax: dict[str, np.ndarray] = {}
+    position: dict[str, np.ndarray] = {}
     for start in range(0, len(texts), 16):
         encodings, _ = tokenizer.encode_texts(texts[start:start + 16])
         feeds = pad_batch(encodings, pad_id=spec.pad_token_id, input_names=declared)
         mask = feeds["attention_mask"].astype(bool)
         for name, x in zip(names, session.run(names, feeds)):
-            x = np.where(mask[..., None], np.abs(x), 0)
-            found[name] = np.maximum(found.get(name, 0), x.max(axis=(0, 1)))
-            positions = x.max(axis=0).argmax(axis=0)  # per channel: the position of its largest |x| in this batch
-            better = x.max(axis=(0, 1)) >= found[name]
-            found[name + "#pos"] = np.where(better, positions, found.get(name + "#pos", positions))
-    return found
+            x = np.where(mask[..., None], np.abs(x), 0).max(axis=0)  # (position, channel), over the batch's texts
+            peak = x.max(axis=0)
+            previous = absmax.get(name, np.zeros_like(peak))
+            position[name] = np.where(peak >= previous, x.argmax(axis=0), position.get(name, 0))
+            absmax[name] = np.maximum(previous, peak)
+    return absmax, position
 
 
 def smooth_outliers(model: onnx.ModelProto, absmax: dict[str, np.ndarray], names: set[str], cap: float) -> onnx.ModelProto:
@@ -197,18 +200,18 @@ def main() -> None:
 
     print("\n## 2. The largest FFN inputs (gate texts)\n")
     inputs = {n.input[0]: n.name for n in fp32_graph.graph.node if n.name in roles or n.name in attention}
-    absmax = input_absmax(fp32_graph, work, gate_texts, set(inputs))
+    absmax, position = input_absmax(fp32_graph, work, gate_texts, set(inputs))
     print("| input of MatMul | largest abs | its channel | its token position | median channel max | channels over 3x median |")
     print("|---|---|---|---|---|---|")
     for tensor, node in inputs.items():
         if roles.get(node) in ("ffn_in", "ffn_out"):
             a = absmax[tensor]
             c = int(a.argmax())
-            print(f"| {node} | {a.max():.1f} | {c} | {int(absmax[tensor + '#pos'][c])} | {np.median(a):.2f} | {int((a > 3 * np.median(a)).sum())} |")
+            print(f"| {node} | {a.max():.1f} | {c} | {int(position[tensor][c])} | {np.median(a):.2f} | {int((a > 3 * np.median(a)).sum())} |")
 
     print(f"\n## 3. onnxruntime int8 graphs (speed: encode() of the mixed corpus over fp32's, medians of {args.reps} interleaved)\n")
     split, firsts = split_first_token(fp32_graph, every_weight)
-    smoothed = smooth_outliers(fp32_graph, {t: absmax[t] for t in inputs}, every_weight | attention, cap=3.0)
+    smoothed = smooth_outliers(fp32_graph, absmax, every_weight | attention, cap=3.0)
     recipes = {
         "all-weights": (fp32_graph, set()),
         "first-token-fp32": (split, firsts),
