@@ -8,10 +8,10 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from .errors import InputTypeError
-from .loading import ModelHandle, Progress, check_positive, run_sorted, warn_truncated
+from .loading import ModelHandle, Progress, check_positive, run_sorted, tokenize_ahead, warn_truncated
 from .pooling import normalize as l2_normalize
 from .pooling import pool
-from .spec import Pooling, Task
+from .spec import POOLED_OUTPUT, Pooling, Task
 from .tokenize import check_texts, describe
 
 
@@ -129,22 +129,30 @@ class Embedder(ModelHandle):
             return np.zeros((0, self.dim), dtype=np.float32)
         if prefix:
             items = [prefix + text for text in items]
-        encodings, cut = self._model.tokenizer.encode_texts(items, name=name, start=start)
-        warn_truncated(cut, len(items), self.max_length)
         pooling = self.pooling
 
-        def reduce(hidden: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-            return pool(hidden, feeds["attention_mask"], pooling)
+        def reduce(output: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
+            if self._model.spec.output == POOLED_OUTPUT:  # the graph pooled already
+                return output
+            return pool(output, feeds["attention_mask"], pooling)
 
-        vectors = run_sorted(
-            self._model,
-            encodings,
-            batch_size=batch_size,
-            max_tokens=self.max_tokens,
-            width=self.dim,
-            reduce=reduce,
-            progress=progress,
-        )
+        def tokenize(chunk: list[str], at: int) -> tuple[list, int]:
+            return self._model.tokenizer.encode_texts(chunk, name=name, start=start + at)
+
+        vectors = np.empty((len(items), self.dim), dtype=np.float32)
+        truncated = 0
+        for at, encodings, cut in tokenize_ahead(items, tokenize, ahead=self._tokenize_ahead):
+            truncated += cut
+            vectors[at : at + len(encodings)] = run_sorted(
+                self._model,
+                encodings,
+                batch_size=batch_size,
+                max_tokens=self.max_tokens,
+                width=self.dim,
+                reduce=reduce,
+                progress=progress,
+            )
+        warn_truncated(truncated, len(items), self.max_length)
         return l2_normalize(vectors) if normalize else vectors
 
     def encode_queries(

@@ -7,7 +7,8 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,9 @@ def check_positive(name: str, value: object) -> int:
 # Padded tokens per forward pass on CPU. Measured on all-MiniLM-L6-v2 (benchmarks/results/batching-minilm-fp32.md):
 # the cost per token grows with the batch's size in tokens (activations fall out of cache), and 512 was best or
 # near best on every corpus (mixed texts 1.39x fixed batches of 32; 8192 tokens: 0.99x). A GPU wants large
-# batches: on an H200 (benchmarks/results/gpu-minilm.md, fp16, mixed texts) 8192 and 16384 were level, 4096 0.76x,
-# 65536 0.88x.
+# batches: on an H200 (benchmarks/results/gpu-minilm.md, fp16, mixed texts, against 16384) 4096 was 0.83-0.85x,
+# 8192 0.95x, 65536 1.01x and 1.15x in two runs; 16384 keeps the activations of large models small enough for
+# smaller GPUs.
 MAX_TOKENS_CPU = 512
 MAX_TOKENS_CUDA = 16384
 
@@ -178,9 +180,11 @@ class ModelHandle:
             revision=revision,
             precision=precision,
         )
+        on_cuda = CUDA in self._model.session.providers
         if max_tokens is None:
-            max_tokens = MAX_TOKENS_CUDA if CUDA in self._model.session.providers else MAX_TOKENS_CPU
+            max_tokens = MAX_TOKENS_CUDA if on_cuda else MAX_TOKENS_CPU
         self.max_tokens = max_tokens
+        self._tokenize_ahead = on_cuda
 
     @property
     def spec(self) -> ModelSpec:
@@ -256,6 +260,37 @@ def run_sorted(
         out[rows] = reduce(loaded.session.run(feeds), feeds)
         progress.advance(len(rows))
     return out
+
+
+# Inputs of more items than this are tokenised chunk by chunk, each chunk length-sorted on its own. On CUDA the
+# next chunk is tokenised in a worker thread while the graph runs this one: tokenising was 45% of encode() there,
+# and this made it 1.08-1.19x faster on an H200 (benchmarks/results/gpu-minilm.md). On CPU, where tokenising is
+# about 1% of the time and competes with onnxruntime's threads for the cores, it was 0.95-1.03x in two runs
+# (benchmarks/results/tokenizing-minilm.md), so there the chunks are tokenised in turn, without a thread.
+TOKENIZE_CHUNK = 2048
+
+
+def tokenize_ahead(
+    items: Sequence, tokenize: Callable[[Sequence, int], tuple[list[Encoding], int]], *, ahead: bool
+) -> Iterator[tuple[int, list[Encoding], int]]:
+    """Yield (first item's index, encodings, how many were cut) per chunk of items; with ``ahead``, while the
+    caller runs one chunk the next is tokenised in a worker thread (the tokenizer and onnxruntime release the GIL).
+
+    ``tokenize(chunk_items, start)`` must name bad items by ``start`` + their index in the chunk.
+    """
+    chunk = TOKENIZE_CHUNK
+    starts = range(0, len(items), chunk)
+    if not ahead or len(starts) < 2:
+        for start in starts:
+            yield (start, *tokenize(items[start : start + chunk], start))
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="bge-onnx-tokenize") as worker:
+        next_chunk = worker.submit(tokenize, items[:chunk], 0)
+        for start in starts:
+            encodings, cut = next_chunk.result()
+            if start + chunk < len(items):
+                next_chunk = worker.submit(tokenize, items[start + chunk : start + 2 * chunk], start + chunk)
+            yield start, encodings, cut
 
 
 def token_batches(lengths: Sequence[int], *, batch_size: int, max_tokens: int) -> list[range]:

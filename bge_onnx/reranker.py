@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from .errors import InputError, InputTypeError
-from .loading import ModelHandle, Progress, check_positive, run_sorted, warn_truncated
+from .loading import ModelHandle, Progress, check_positive, run_sorted, tokenize_ahead, warn_truncated
 from .spec import Task
 from .tokenize import check_pairs, check_texts, describe
 
@@ -103,17 +103,25 @@ class Reranker(ModelHandle):
         batch_size = self.batch_size if batch_size is None else check_positive("batch_size", batch_size)
         if not items:
             return np.zeros((0,), dtype=np.float32)
-        encodings, cut = self._model.tokenizer.encode_pairs(items, query_max_length=self.query_max_length)
-        warn_truncated(cut, len(items), self.max_length, what="pairs")
-        scores = run_sorted(
-            self._model,
-            encodings,
-            batch_size=batch_size,
-            max_tokens=self.max_tokens,
-            width=1,
-            reduce=lambda logits, feeds: logits[:, :1],
-            progress=Progress(len(items), label="scored", enabled=show_progress),
-        )[:, 0]
+        progress = Progress(len(items), label="scored", enabled=show_progress)
+
+        def tokenize(chunk: list[tuple[str, str]], at: int) -> tuple[list, int]:
+            return self._model.tokenizer.encode_pairs(chunk, query_max_length=self.query_max_length, start=at)
+
+        scores = np.empty((len(items),), dtype=np.float32)
+        truncated = 0
+        for at, encodings, cut in tokenize_ahead(items, tokenize, ahead=self._tokenize_ahead):
+            truncated += cut
+            scores[at : at + len(encodings)] = run_sorted(
+                self._model,
+                encodings,
+                batch_size=batch_size,
+                max_tokens=self.max_tokens,
+                width=1,
+                reduce=lambda logits, feeds: logits[:, :1],
+                progress=progress,
+            )[:, 0]
+        warn_truncated(truncated, len(items), self.max_length, what="pairs")
         return _sigmoid(scores) if normalize else scores
 
     def rerank(

@@ -14,6 +14,9 @@ from .errors import ModelFilesError, ModelIntegrityError
 
 MANIFEST = "bge_onnx.json"
 FORMAT_VERSION = 1
+# An embedding graph's output when the graph pools (exports since 2026-11-27); older ones output token states
+# ("last_hidden_state"), which the runtime pools in numpy.
+POOLED_OUTPUT = "sentence_embedding"
 
 
 class Task(str, enum.Enum):

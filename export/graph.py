@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from bge_onnx.spec import Task
+from bge_onnx.spec import Pooling, Task
+
+from .pooling import add_pooling
 
 # Above this many bytes of weights the graph is saved with its weights in a side file (protobuf's 2 GB cap).
 EXTERNAL_DATA_BYTES = 1_500_000_000
@@ -50,9 +52,11 @@ def export_graph(
     *,
     task: Task,
     with_token_types: bool,
+    pooling: Pooling | None = None,
     external_data: bool | None = None,
 ) -> tuple[list[str], dict[str, int]]:
-    """Write ``model`` as ONNX to ``path`` with onnxruntime's transformer fusions applied.
+    """Write ``model`` as ONNX to ``path`` with onnxruntime's transformer fusions applied; an embedding graph
+    ends in its pooling (output ``sentence_embedding``), a reranker's in its logits.
 
     Returns the file names written (graph, and weights if separate) and the count of each fused op.
     """
@@ -61,7 +65,7 @@ def export_graph(
     with tempfile.TemporaryDirectory(prefix=".trace.", dir=path.parent) as work:
         traced = Path(work) / "traced.onnx"
         _trace(model, traced, task=task, with_token_types=with_token_types)
-        fused = _fuse(traced, path, model.config, external_data)
+        fused = _fuse(traced, path, model.config, external_data, pooling if task is Task.EMBED else None)
     written = [path.name]
     if external_data:
         written += sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name + "."))
@@ -95,7 +99,7 @@ def _trace(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: 
         )
 
 
-def _fuse(traced: Path, path: Path, config, external_data: bool) -> dict[str, int]:
+def _fuse(traced: Path, path: Path, config, external_data: bool, pooling: Pooling | None) -> dict[str, int]:
     """onnxruntime's BERT fusions (attention, skip layer norm, bias GELU), hardware-independent, saved to ``path``.
 
     The embedding layer norm is not fused: that fusion hides the embedding tables from int8 quantisation.
@@ -117,7 +121,10 @@ def _fuse(traced: Path, path: Path, config, external_data: bool) -> dict[str, in
             optimization_options=options,
             opt_level=0,  # fusions only: no onnxruntime optimisation specific to this machine is saved
         )
+        if pooling is not None:
+            add_pooling(optimized.model, pooling)
         optimized.save_model_to_file(str(path), use_external_data_format=external_data)
     finally:
         fusion_logger.setLevel(level)
     return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+

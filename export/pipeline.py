@@ -15,7 +15,7 @@ from pathlib import Path
 
 import bge_onnx
 from bge_onnx.errors import ExportError, ParityError
-from bge_onnx.spec import ModelSpec, Precision, Task, Variant, sha256_file, write_spec
+from bge_onnx.spec import POOLED_OUTPUT, ModelSpec, Precision, Task, Variant, sha256_file, write_spec
 
 from . import parity, probes
 from .graph import export_graph, input_names
@@ -178,6 +178,7 @@ def export_model(
             staging / MODEL_FILE,
             task=source.task,
             with_token_types=source.with_token_types,
+            pooling=source.pooling,
             external_data=external_data,
         )
         log("fused " + (", ".join(f"{count} {op}" for op, count in fused.items()) or "nothing"))
@@ -193,7 +194,7 @@ def export_model(
             max_positions=source.max_positions,
             pad_token_id=tokenizer.pad_token_id,
             inputs=tuple(input_names(source.with_token_types)),
-            output="last_hidden_state" if source.task is Task.EMBED else "logits",
+            output=POOLED_OUTPUT if source.task is Task.EMBED else "logits",
             variants={"fp32": Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity={"fused_ops": fused})},
             pooling=source.pooling,
             normalize=source.normalize,

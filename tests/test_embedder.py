@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bge_onnx import Embedder, InputError, InputTypeError
-from bge_onnx.loading import MAX_TOKENS_CPU, token_batches
+from bge_onnx.loading import MAX_TOKENS_CPU, TOKENIZE_CHUNK, token_batches, tokenize_ahead
 from bge_onnx.spec import Pooling
 from tiny_models import VARIED_TEXTS
 
@@ -97,6 +97,50 @@ def test_truncation_warns_once_per_call(embedder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         embedder.encode(["short texts", "do not warn"])
+
+
+def test_inputs_of_several_tokenising_chunks_give_the_same_results(exported):
+    # more texts than one tokenising chunk (on CUDA the next is tokenised while the graph runs this one)
+    embedder = Embedder(exported["bert-cls"], device="cpu")
+    texts = [f"{i} {VARIED_TEXTS[i % len(VARIED_TEXTS)]}" for i in range(2 * TOKENIZE_CHUNK + 7)]
+    with pytest.warns(UserWarning) as record:
+        whole = embedder.encode(texts)
+    with pytest.warns(UserWarning) as part_record:
+        parts = [embedder.encode(texts[i : i + 1000]) for i in range(0, len(texts), 1000)]  # one chunk each
+    np.testing.assert_allclose(whole, np.concatenate(parts), atol=1e-5)
+
+    def cut_counts(warned) -> list[int]:
+        return [int(str(w.message).split()[0]) for w in warned if "truncated" in str(w.message)]
+
+    assert len(cut_counts(record)) == 1 and cut_counts(record)[0] == sum(cut_counts(part_record)) > 0
+    bad = texts[:]
+    bad[TOKENIZE_CHUNK + 5] = "bad \ud800"  # in the second chunk: named by its index in the whole call
+    with pytest.raises(InputError, match=rf"texts\[{TOKENIZE_CHUNK + 5}\] cannot be encoded"):
+        embedder.encode(bad)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_tokenize_ahead_tokenises_the_next_chunk_while_this_one_runs(ahead):
+    items = list(range(2 * TOKENIZE_CHUNK + 5))
+    called = {}  # chunk start -> (thread name, an event set when it was tokenised)
+
+    def tokenize(chunk, start):
+        called.setdefault(start, [None, threading.Event()])
+        called[start][0] = threading.current_thread().name
+        called[start][1].set()
+        return [x * 10 for x in chunk], start % 3
+
+    seen = []
+    for start, encodings, cut in tokenize_ahead(items, tokenize, ahead=ahead):
+        assert encodings == [x * 10 for x in items[start : start + TOKENIZE_CHUNK]] and cut == start % 3
+        following = start + TOKENIZE_CHUNK
+        if ahead and following < len(items):  # the worker gets to the next chunk while we hold this one
+            called.setdefault(following, [None, threading.Event()])
+            assert called[following][1].wait(10)
+        seen.append(start)
+    assert seen == [0, TOKENIZE_CHUNK, 2 * TOKENIZE_CHUNK]
+    threads = {name for name, _ in called.values()}
+    assert threads == ({"bge-onnx-tokenize_0"} if ahead else {threading.current_thread().name})
 
 
 def test_huge_text_is_truncated_not_refused(embedder):

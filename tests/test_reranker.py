@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bge_onnx import InputError, InputTypeError, Reranker, RerankResult
+from bge_onnx.loading import TOKENIZE_CHUNK
 
 PASSAGES = [
     "The giant panda is a bear species endemic to China.",
@@ -41,6 +42,17 @@ def test_normalize_is_sigmoid(reranker):
 def test_batch_invariance(reranker):
     pairs = [("what is a panda?", p) for p in PASSAGES] + [("capital", p) for p in PASSAGES]
     np.testing.assert_allclose(reranker.compute_score(pairs, batch_size=1), reranker.compute_score(pairs, batch_size=32), atol=1e-4)
+
+
+def test_pairs_of_several_tokenising_chunks_give_the_same_scores(exported):
+    reranker = Reranker(exported["bert-rerank"], device="cpu")
+    pairs = [(f"query {i % 7}", f"{i} {PASSAGES[i % len(PASSAGES)]}") for i in range(TOKENIZE_CHUNK + 9)]
+    parts = [reranker.compute_score(pairs[i : i + 1000]) for i in range(0, len(pairs), 1000)]  # one chunk each
+    np.testing.assert_allclose(reranker.compute_score(pairs), np.concatenate(parts), atol=1e-5)
+    bad = pairs[:]
+    bad[TOKENIZE_CHUNK + 3] = ("q", "bad \ud800")  # in the second chunk: named by its index in the whole call
+    with pytest.raises(InputError, match=rf"passages\[{TOKENIZE_CHUNK + 3}\] cannot be encoded"):
+        reranker.compute_score(bad)
 
 
 def test_rerank_sorted_with_indices(reranker):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper
 
 from bge_onnx import Embedder, ExportError, ModelFilesError, ParityError
-from bge_onnx.spec import read_spec
+from bge_onnx.spec import POOLED_OUTPUT, read_spec, sha256_file, write_spec
 from bge_onnx_export import export_model, parity
+from bge_onnx_export.pooling import POOLING_PREFIX
+
+from tiny_models import EMBED_KINDS, VARIED_TEXTS
 
 
 def test_unknown_plain_checkpoint_needs_pooling(checkpoints, tmp_path):
@@ -59,6 +65,39 @@ def test_every_family_gets_fused_attention(exported):
         fused = read_spec(folder).variants["fp32"].parity["fused_ops"]
         assert fused.get("Attention") == layers, (kind, fused)
         assert fused.get("SkipLayerNormalization") == 2 * layers, (kind, fused)
+
+
+def _without_pooling(folder):
+    """Turn an exported folder into one as exported before the graph pooled: token states out, fp32 only."""
+    spec = read_spec(folder)
+    path = folder / spec.variants["fp32"].file
+    graph = onnx.load(str(path))
+    nodes = list(graph.graph.node)
+    states = next(n for n in nodes if n.name.startswith(POOLING_PREFIX)).input[0]
+    del graph.graph.node[:]
+    graph.graph.node.extend(n for n in nodes if not n.name.startswith(POOLING_PREFIX))
+    del graph.graph.output[:]
+    graph.graph.output.append(helper.make_tensor_value_info(states, onnx.TensorProto.FLOAT, ["batch", "seq", spec.dim]))
+    onnx.save(graph, str(path))
+    fp32 = spec.variants["fp32"]
+    write_spec(folder, dataclasses.replace(
+        spec, output="last_hidden_state", variants={"fp32": fp32}, files={**spec.files, fp32.file: sha256_file(path)}
+    ))
+
+
+@pytest.mark.parametrize("kind", EMBED_KINDS)
+def test_embedding_graph_pools_like_the_numpy_pooling_it_replaced(model_copy, kind):
+    folder = model_copy(kind)
+    graph = onnx.load(str(folder / "model.onnx"))
+    assert [o.name for o in graph.graph.output] == [POOLED_OUTPUT] == [read_spec(folder).output]
+    texts = VARIED_TEXTS * 3  # padded batches of mixed lengths: the mean must skip the padding
+    with pytest.warns(UserWarning, match="truncated"):
+        pooled = Embedder(folder, device="cpu").encode(texts, normalize=False)
+    _without_pooling(folder)
+    with pytest.warns(UserWarning, match="truncated"):
+        old = Embedder(folder, device="cpu").encode(texts, normalize=False)  # older folders still load
+    assert read_spec(folder).output == "last_hidden_state"
+    np.testing.assert_allclose(pooled, old, rtol=1e-5, atol=1e-6)
 
 
 def test_missing_source(tmp_path):

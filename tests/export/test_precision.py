@@ -14,6 +14,11 @@ from onnx import numpy_helper
 from bge_onnx import Embedder, ExportError, ModelFilesError, ParityError, Precision, Reranker
 from bge_onnx.spec import read_spec, sha256_file
 from bge_onnx_export import export_model, precision, probes
+from bge_onnx_export.pooling import POOLING_PREFIX
+
+def pooling_ops(graph: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in graph.graph.node if node.name.startswith(POOLING_PREFIX)]
+
 
 IMPOSSIBLE = {"min_cosine": 1.01, "mean_cosine": 1.01, "similarity_spearman": 1.01}
 
@@ -47,6 +52,9 @@ def test_int8_variant_is_measured_recorded_and_loaded(model_copy, kind):
     assert figures["weight_bits"] == 7 and len(weights) >= 2
     assert figures["cpu"] == precision.cpu_description()  # the gate's int8 arithmetic depends on the CPU
     assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
+    # the pooling at the graph's end is not quantised (it has no weights; the quantiser drops its no-op Cast)
+    fp32_graph = onnx.load(str(folder / spec.variants["fp32"].file))
+    assert set(pooling_ops(graph)) - {"Cast"} == set(pooling_ops(fp32_graph)) - {"Cast"} != set()
     model = Embedder(folder, device="cpu")
     assert model.precision is (Precision.INT8 if figures["passed"] else Precision.FP32)
     assert Embedder(folder, device="cpu", precision="int8").precision is Precision.INT8
