@@ -8,7 +8,6 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +283,8 @@ def tokenize_ahead(
         for start in starts:
             yield (start, *tokenize(items[start : start + chunk], start))
         return
+    from concurrent.futures import ThreadPoolExecutor  # here: its import costs ~8 ms of every cold start
+
     with ThreadPoolExecutor(1, thread_name_prefix="bge-onnx-tokenize") as worker:
         next_chunk = worker.submit(tokenize, items[:chunk], 0)
         for start in starts:
