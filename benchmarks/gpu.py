@@ -2,7 +2,9 @@
 against sentence-transformers on the same GPU (torch fp32 and fp16), interleaved (A B C ... A B C, medians).
 
 Also where the time goes in bge-onnx's CUDA path: tokenising, the graph with its output copied to the host (what
-the runtime does), and the graph with its output left on the GPU (IO binding), and which max_tokens pays.
+the runtime does), and the graph with its output left on the GPU (IO binding), and which max_tokens pays; and the
+pooling in the graph against the same graphs without it (token states copied out and pooled in numpy, as exported
+before 2026-11-27).
 
 Usage: python benchmarks/gpu.py ST_FOLDER MODEL [--texts texts.json] [--repeat 4] [--reps 3] > results/gpu-minilm.md
 ST_FOLDER: the sentence-transformers model (the reference). MODEL: its bge-onnx export with an fp16 variant.
@@ -12,19 +14,24 @@ ST_FOLDER: the sentence-transformers model (the reference). MODEL: its bge-onnx 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from bge_onnx import Embedder
+from bge_onnx import Embedder, loading
+from bge_onnx.spec import read_spec, sha256_file, write_spec
 
 CUDA = "CUDAExecutionProvider"
 
@@ -174,6 +181,83 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         print(breakdown(ours16, items, args.reps, device))
+
+    print("## Tokenising a chunk ahead against tokenising all first (fp16, texts/s, interleaved)\n")
+    print(f"Inputs of more than {loading.TOKENIZE_CHUNK} texts are tokenised in chunks of that size, the next "
+          "chunk in a worker thread while the graph runs this one; 'all first' tokenises the whole input, then runs "
+          "it (as before 2026-11-27).\n")
+
+    def chunked(chunk: int):
+        def run(t):
+            loading.TOKENIZE_CHUNK = chunk
+            try:
+                return ours16.encode(t)
+            finally:
+                loading.TOKENIZE_CHUNK = default_chunk
+        return run
+
+    default_chunk = loading.TOKENIZE_CHUNK
+    print("| corpus | a chunk ahead | all first | ahead / all first |")
+    print("|---|---|---|---|")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for corpus, corpus_items in texts.items():
+            rate = rates({"ahead": chunked(default_chunk), "all first": chunked(10**9)}, corpus_items, args.reps)
+            print(f"| {corpus} | {rate['ahead']:.0f} | {rate['all first']:.0f} | "
+                  f"{rate['ahead'] / rate['all first']:.2f}x |")
+    print()
+
+    print("## Pooling in the graph against pooling in numpy (mixed corpus, texts/s, interleaved)\n")
+    print("The same graphs with their pooling nodes removed: token states copied to the host and pooled in numpy, "
+          "as folders exported before 2026-11-27 still run.\n")
+    old = unpooled_copy(args.model, Path(tempfile.mkdtemp()) / "unpooled")
+    precisions = ["fp16", "fp32"] if has_fp32 else ["fp16"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runs = {}
+        for p in precisions:
+            runs[f"in the graph, {p}"] = Embedder(args.model, device=device, precision=p).encode
+            runs[f"in numpy, {p}"] = Embedder(old, device=device, precision=p).encode
+        same = min(cosines(runs[f"in numpy, {p}"](items[:500]), runs[f"in the graph, {p}"](items[:500]))[0]
+                   for p in precisions)
+        rate = rates(runs, items, args.reps)
+    print("| pooling | " + " | ".join(runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    print("| texts/s | " + " | ".join(f"{rate[n]:.0f}" for n in runs) + " |")
+    print("| graph / numpy | " + " | ".join(
+        f"{rate[n] / rate[n.replace('in the graph', 'in numpy')]:.2f}x" if "graph" in n else "" for n in runs) + " |\n")
+    print(f"Min cosine between the two ways on {len(items[:500])} mixed texts: {same:.6f}.\n")
+
+
+def unpooled_copy(model: Path, out: Path) -> Path:
+    """A copy of an exported folder whose graphs end in token states (cast to float32), without the pooling."""
+    from bge_onnx_export.pooling import POOLING_PREFIX
+
+    shutil.copytree(model, out)
+    spec = read_spec(out)
+    variants = {k: v for k, v in spec.variants.items() if (out / v.file).is_file()}
+    files = dict(spec.files)
+    for variant in variants.values():
+        graph = onnx.load(str(out / variant.file))
+        nodes = list(graph.graph.node)
+        pooling = [n for n in nodes if n.name.startswith(POOLING_PREFIX)]
+        # the token states: what the pooling reads that neither it nor the graph's inputs and constants make
+        made = {o for n in pooling for o in n.output} | {i.name for i in graph.graph.input}
+        made |= {t.name for t in graph.graph.initializer}
+        (states,) = {i for n in pooling for i in n.input} - made
+        del graph.graph.node[:]
+        # (and the fp16 converter's cast of the pooled output to float32)
+        graph.graph.node.extend(
+            n for n in nodes if not n.name.startswith(POOLING_PREFIX) and spec.output not in n.output
+        )
+        graph.graph.node.append(onnx.helper.make_node("Cast", [states], ["token_states"], to=onnx.TensorProto.FLOAT))
+        del graph.graph.output[:]
+        graph.graph.output.append(onnx.helper.make_tensor_value_info(
+            "token_states", onnx.TensorProto.FLOAT, ["batch", "sequence", spec.dim]))
+        onnx.save(graph, str(out / variant.file))
+        files[variant.file] = sha256_file(out / variant.file)
+    write_spec(out, dataclasses.replace(spec, output="token_states", variants=variants, files=files))
+    return out
 
 
 def rates(runs: dict, items: list, reps: int, warm: int = 256) -> dict:
