@@ -13,7 +13,7 @@ import torch
 
 from bge_onnx.spec import Pooling, Task
 
-from .pooling import add_pooling
+from .pooling import add_pooling, keep_first_token
 
 # Above this many bytes of weights the graph is saved with its weights in a side file (protobuf's 2 GB cap).
 EXTERNAL_DATA_BYTES = 1_500_000_000
@@ -54,22 +54,28 @@ def export_graph(
     with_token_types: bool,
     pooling: Pooling | None = None,
     external_data: bool | None = None,
-) -> tuple[list[str], dict[str, int]]:
+) -> tuple[list[str], dict[str, int], bool]:
     """Write ``model`` as ONNX to ``path`` with onnxruntime's transformer fusions applied; an embedding graph
-    ends in its pooling (output ``sentence_embedding``), a reranker's in its logits.
+    ends in its pooling (output ``sentence_embedding``), a reranker's in its logits. Where only the first token
+    of the last layer is read (CLS pooling, rerankers' heads), the last layer computes only that token after its
+    attention (pooling.keep_first_token).
 
-    Returns the file names written (graph, and weights if separate) and the count of each fused op.
+    Returns the file names written (graph, and weights if separate), the count of each fused op, and whether the
+    last layer was cut to the first token.
     """
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory(prefix=".trace.", dir=path.parent) as work:
         traced = Path(work) / "traced.onnx"
         _trace(model, traced, task=task, with_token_types=with_token_types)
-        fused = _fuse(traced, path, model.config, external_data, pooling if task is Task.EMBED else None)
+        first_token = task is Task.RERANK or (pooling is not None and Pooling(pooling) is Pooling.CLS)
+        fused, first_token = _fuse(
+            traced, path, model.config, external_data, pooling if task is Task.EMBED else None, first_token
+        )
     written = [path.name]
     if external_data:
         written += sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name + "."))
-    return written, fused
+    return written, fused, first_token
 
 
 def _trace(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: bool) -> None:
@@ -99,7 +105,9 @@ def _trace(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: 
         )
 
 
-def _fuse(traced: Path, path: Path, config, external_data: bool, pooling: Pooling | None) -> dict[str, int]:
+def _fuse(
+    traced: Path, path: Path, config, external_data: bool, pooling: Pooling | None, first_token: bool
+) -> tuple[dict[str, int], bool]:
     """onnxruntime's BERT fusions (attention, skip layer norm, bias GELU), hardware-independent, saved to ``path``.
 
     The embedding layer norm is not fused: that fusion hides the embedding tables from int8 quantisation.
@@ -123,8 +131,9 @@ def _fuse(traced: Path, path: Path, config, external_data: bool, pooling: Poolin
         )
         if pooling is not None:
             add_pooling(optimized.model, pooling)
+        first_token = first_token and keep_first_token(optimized.model)
         optimized.save_model_to_file(str(path), use_external_data_format=external_data)
     finally:
         fusion_logger.setLevel(level)
-    return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+    return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}, first_token
 

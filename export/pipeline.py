@@ -173,7 +173,7 @@ def export_model(
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
     try:
         log("exporting the ONNX graph")
-        graph_files, fused = export_graph(
+        graph_files, fused, first_token = export_graph(
             model,
             staging / MODEL_FILE,
             task=source.task,
@@ -181,7 +181,9 @@ def export_model(
             pooling=source.pooling,
             external_data=external_data,
         )
-        log("fused " + (", ".join(f"{count} {op}" for op, count in fused.items()) or "nothing"))
+        log("fused " + (", ".join(f"{count} {op}" for op, count in fused.items()) or "nothing")
+            + ("; the last layer computes only the first token after its attention" if first_token else ""))
+        graph = {"fused_ops": fused, "last_layer_first_token_only": first_token}
         tokenizer.save_pretrained(staging)
         model.config.save_pretrained(staging)
         if not (staging / "tokenizer.json").is_file():
@@ -195,7 +197,7 @@ def export_model(
             pad_token_id=tokenizer.pad_token_id,
             inputs=tuple(input_names(source.with_token_types)),
             output=POOLED_OUTPUT if source.task is Task.EMBED else "logits",
-            variants={"fp32": Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity={"fused_ops": fused})},
+            variants={"fp32": Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity=graph)},
             pooling=source.pooling,
             normalize=source.normalize,
             query_instruction=source.query_instruction,
@@ -206,7 +208,7 @@ def export_model(
         write_spec(staging, spec)
         if check_parity:
             figures = _check_parity(source, staging, model, tokenizer, log)
-            fp32 = Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity={**figures, "fused_ops": fused})
+            fp32 = Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity={**figures, **graph})
             spec = dataclasses.replace(spec, variants={"fp32": fp32})
             write_spec(staging, spec)
         for precision in extra:

@@ -52,3 +52,47 @@ def add_pooling(model: onnx.ModelProto, pooling: Pooling) -> None:
     graph.node.extend(nodes)
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(POOLED_OUTPUT, TensorProto.FLOAT, ["batch", width]))
+
+
+# Prefix of the nodes that keep only the first token in the last layer.
+FIRST_TOKEN_PREFIX = "bge_onnx_first_token/"
+
+
+def keep_first_token(model: onnx.ModelProto) -> bool:
+    """Run the last layer past its attention for the first token only, when nothing else is read downstream.
+
+    CLS pooling and the rerankers' classification heads read only token 0 of the last layer, but the graph computes
+    the attention output projection and the feed-forward block for every token. The attention itself still runs
+    for all tokens (token 0 attends to them all); after it, two Gathers keep token 0 of its output and of the
+    residual, so everything after works on (batch, 1, dim). Returns False, changing nothing, when the end of the
+    graph is not the fused pattern Attention -> MatMul -> SkipLayerNormalization (residual = the attention's input).
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    attentions = [n for n in nodes if n.op_type == "Attention"]
+    if not attentions:
+        return False
+    attention = attentions[-1]
+
+    def readers(name: str) -> list[onnx.NodeProto]:
+        return [n for n in nodes if name in n.input]
+
+    projection = readers(attention.output[0])
+    if len(projection) != 1 or projection[0].op_type != "MatMul":
+        return False
+    norm = readers(projection[0].output[0])
+    if len(norm) != 1 or norm[0].op_type != "SkipLayerNormalization" or norm[0].input[1] != attention.input[0]:
+        return False
+    p = FIRST_TOKEN_PREFIX
+    first = helper.make_tensor(p + "first", TensorProto.INT64, [1], [0])  # [0], not 0: keeps the token axis
+    gathers = [
+        helper.make_node("Gather", [attention.output[0], first.name], [p + "attention"], name=p + "attention", axis=1),
+        helper.make_node("Gather", [attention.input[0], first.name], [p + "residual"], name=p + "residual", axis=1),
+    ]
+    projection[0].input[0] = p + "attention"
+    norm[0].input[1] = p + "residual"
+    graph.initializer.append(first)
+    position = nodes.index(projection[0])  # keep the nodes in topological order
+    for node in reversed(gathers):
+        graph.node.insert(position, node)
+    return True

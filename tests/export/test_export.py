@@ -14,7 +14,7 @@ from onnx import helper
 from bge_onnx import Embedder, ExportError, ModelFilesError, ParityError
 from bge_onnx.spec import POOLED_OUTPUT, read_spec, sha256_file, write_spec
 from bge_onnx_export import export_model, parity
-from bge_onnx_export.pooling import POOLING_PREFIX
+from bge_onnx_export.pooling import POOLING_PREFIX, keep_first_token
 
 from tiny_models import EMBED_KINDS, VARIED_TEXTS
 
@@ -65,6 +65,19 @@ def test_every_family_gets_fused_attention(exported):
         fused = read_spec(folder).variants["fp32"].parity["fused_ops"]
         assert fused.get("Attention") == layers, (kind, fused)
         assert fused.get("SkipLayerNormalization") == 2 * layers, (kind, fused)
+        # CLS pooling and rerank heads read only token 0: the last layer computes only it after its attention
+        # (the parity tests hold these graphs to PyTorch's outputs)
+        first_only = read_spec(folder).variants["fp32"].parity["last_layer_first_token_only"]
+        assert first_only == (kind != "bert-mean"), kind
+
+
+def test_first_token_cut_leaves_other_graphs_alone(exported):
+    graph = onnx.load(str(exported["bert-mean"] / "model.onnx"))
+    for node in graph.graph.node:  # a graph whose attention was not fused
+        if node.op_type == "Attention":
+            node.op_type = "NotAttention"
+    before = graph.SerializeToString()
+    assert not keep_first_token(graph) and graph.SerializeToString() == before
 
 
 def _without_pooling(folder):
