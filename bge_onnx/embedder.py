@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from .errors import InputTypeError
-from .loading import ModelHandle, Progress, check_positive, run_sorted, tokenize_ahead, warn_truncated
+from .loading import ModelHandle, Progress, check_positive
 from .pooling import normalize as l2_normalize
 from .pooling import pool
 from .spec import POOLED_OUTPUT, Pooling, Task
@@ -139,20 +139,9 @@ class Embedder(ModelHandle):
         def tokenize(chunk: list[str], at: int) -> tuple[list, int]:
             return self._model.tokenizer.encode_texts(chunk, name=name, start=start + at)
 
-        vectors = np.empty((len(items), self.dim), dtype=np.float32)
-        truncated = 0
-        for at, encodings, cut in tokenize_ahead(items, tokenize, ahead=self._tokenize_ahead):
-            truncated += cut
-            vectors[at : at + len(encodings)] = run_sorted(
-                self._model,
-                encodings,
-                batch_size=batch_size,
-                max_tokens=self.max_tokens,
-                width=self.dim,
-                reduce=reduce,
-                progress=progress,
-            )
-        warn_truncated(truncated, len(items), self.max_length)
+        vectors = self._run_chunks(
+            items, tokenize, width=self.dim, reduce=reduce, batch_size=batch_size, progress=progress, what="texts"
+        )
         return l2_normalize(vectors) if normalize else vectors
 
     def encode_queries(

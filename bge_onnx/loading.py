@@ -185,6 +185,35 @@ class ModelHandle:
         self.max_tokens = max_tokens
         self._tokenize_ahead = on_cuda
 
+    def _run_chunks(
+        self,
+        items: Sequence,
+        tokenize: Callable[[Sequence, int], tuple[list[Encoding], int]],
+        *,
+        width: int,
+        reduce: Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray],
+        batch_size: int,
+        progress: Progress,
+        what: str,
+    ) -> np.ndarray:
+        """Tokenise items chunk by chunk (ahead, on CUDA), run each chunk in length-sorted batches, and warn once
+        about the items cut at max_length; rows come back in the items' order."""
+        out = np.empty((len(items), width), dtype=np.float32)
+        truncated = 0
+        for at, encodings, cut in tokenize_ahead(items, tokenize, ahead=self._tokenize_ahead):
+            truncated += cut
+            out[at : at + len(encodings)] = run_sorted(
+                self._model,
+                encodings,
+                batch_size=batch_size,
+                max_tokens=self.max_tokens,
+                width=width,
+                reduce=reduce,
+                progress=progress,
+            )
+        warn_truncated(truncated, len(items), self.max_length, what)
+        return out
+
     @property
     def spec(self) -> ModelSpec:
         """The folder's manifest."""

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from .errors import InputError, InputTypeError
-from .loading import ModelHandle, Progress, check_positive, run_sorted, tokenize_ahead, warn_truncated
+from .loading import ModelHandle, Progress, check_positive
 from .spec import Task
 from .tokenize import check_pairs, check_texts, describe
 
@@ -108,20 +108,15 @@ class Reranker(ModelHandle):
         def tokenize(chunk: list[tuple[str, str]], at: int) -> tuple[list, int]:
             return self._model.tokenizer.encode_pairs(chunk, query_max_length=self.query_max_length, start=at)
 
-        scores = np.empty((len(items),), dtype=np.float32)
-        truncated = 0
-        for at, encodings, cut in tokenize_ahead(items, tokenize, ahead=self._tokenize_ahead):
-            truncated += cut
-            scores[at : at + len(encodings)] = run_sorted(
-                self._model,
-                encodings,
-                batch_size=batch_size,
-                max_tokens=self.max_tokens,
-                width=1,
-                reduce=lambda logits, feeds: logits[:, :1],
-                progress=progress,
-            )[:, 0]
-        warn_truncated(truncated, len(items), self.max_length, what="pairs")
+        scores = self._run_chunks(
+            items,
+            tokenize,
+            width=1,
+            reduce=lambda logits, feeds: logits[:, :1],
+            batch_size=batch_size,
+            progress=progress,
+            what="pairs",
+        )[:, 0]
         return _sigmoid(scores) if normalize else scores
 
     def rerank(
