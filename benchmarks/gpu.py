@@ -256,7 +256,8 @@ def unpooled_copy(model: Path, out: Path) -> Path:
             "token_states", onnx.TensorProto.FLOAT, ["batch", "sequence", spec.dim]))
         onnx.save(graph, str(out / variant.file))
         files[variant.file] = sha256_file(out / variant.file)
-    write_spec(out, dataclasses.replace(spec, output="token_states", variants=variants, files=files))
+    write_spec(out, dataclasses.replace(
+        spec, output="token_states", variants=variants, files=files, format_version=1))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -200,17 +201,19 @@ class ModelHandle:
         about the items cut at max_length; rows come back in the items' order."""
         out = np.empty((len(items), width), dtype=np.float32)
         truncated = 0
-        for at, encodings, cut in tokenize_ahead(items, tokenize, ahead=self._tokenize_ahead):
-            truncated += cut
-            out[at : at + len(encodings)] = run_sorted(
-                self._model,
-                encodings,
-                batch_size=batch_size,
-                max_tokens=self.max_tokens,
-                width=width,
-                reduce=reduce,
-                progress=progress,
-            )
+        # closing(): if a batch fails, the worker's pending chunk is waited for and its thread ends here
+        with contextlib.closing(tokenize_ahead(items, tokenize, ahead=self._tokenize_ahead)) as chunks:
+            for at, encodings, cut in chunks:
+                truncated += cut
+                out[at : at + len(encodings)] = run_sorted(
+                    self._model,
+                    encodings,
+                    batch_size=batch_size,
+                    max_tokens=self.max_tokens,
+                    width=width,
+                    reduce=reduce,
+                    progress=progress,
+                )
         warn_truncated(truncated, len(items), self.max_length, what)
         return out
 

@@ -13,9 +13,10 @@ from typing import Any
 from .errors import ModelFilesError, ModelIntegrityError
 
 MANIFEST = "bge_onnx.json"
-FORMAT_VERSION = 1
-# An embedding graph's output when the graph pools (exports since 2026-11-27); older ones output token states
-# ("last_hidden_state"), which the runtime pools in numpy.
+# 2: an embedding graph outputs its pooled vectors (POOLED_OUTPUT). 1: token states, which the runtime pools in
+# numpy; still read. A runtime that reads only 1 refuses 2 instead of pooling pooled vectors again.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 POOLED_OUTPUT = "sentence_embedding"
 
 
@@ -148,9 +149,10 @@ def read_spec(folder: Path) -> ModelSpec:
     if not isinstance(data, dict):
         raise ModelIntegrityError(f"{path} must hold a JSON object, got {type(data).__name__}")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ModelIntegrityError(
-            f"{path} has format_version {version!r}; this bge-onnx reads version {FORMAT_VERSION}. "
+            f"{path} has format_version {version!r}; this bge-onnx reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. "
             "Upgrade bge-onnx or re-export the model."
         )
     try:

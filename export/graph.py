@@ -106,7 +106,7 @@ def _trace(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: 
 
 
 def _fuse(
-    traced: Path, path: Path, config, external_data: bool, pooling: Pooling | None, first_token: bool
+    traced: Path, path: Path, config, external_data: bool, pooling: Pooling | None = None, first_token: bool = False
 ) -> tuple[dict[str, int], bool]:
     """onnxruntime's BERT fusions (attention, skip layer norm, bias GELU), hardware-independent, saved to ``path``.
 

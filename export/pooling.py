@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bge_onnx.spec import POOLED_OUTPUT, Pooling
 
-# Prefix of the pooling nodes' names, so that the fp16 conversion can keep them in fp32.
+# Prefix of the pooling nodes' names.
 POOLING_PREFIX = "bge_onnx_pooling/"
 
 
@@ -16,7 +17,9 @@ def add_pooling(model: onnx.ModelProto, pooling: Pooling) -> None:
 
     In the graph, not in numpy, so that on CUDA only (batch, dim) floats are copied to the host instead of
     (batch, sequence, dim): half of the graph's time there (benchmarks/results/gpu-minilm.md). CLS takes token 0;
-    mean averages the real tokens (mask 1) in float32, as sentence-transformers does.
+    mean averages the real tokens (mask 1), as sentence-transformers does. The fp16 variant runs these nodes in fp16
+    (the converter turns their casts into fp16 ones), so the mean is taken with weights mask / count that sum to 1:
+    a sum of the states first could overflow fp16 (65504) over thousands of tokens.
     """
     graph = model.graph
     (output,) = graph.output
@@ -24,8 +27,7 @@ def add_pooling(model: onnx.ModelProto, pooling: Pooling) -> None:
     dim = output.type.tensor_type.shape.dim[2]
     width = dim.dim_value or dim.dim_param or None
     p = POOLING_PREFIX
-    # Each branch casts the states to float32 first: a no-op here, which onnxruntime drops, but in the fp16 graph
-    # (where these nodes are kept in fp32) the place where fp16 states become float32 ones.
+    # The casts to float are no-ops in the fp32 graph, which onnxruntime drops.
     if Pooling(pooling) is Pooling.CLS:
         nodes = [
             helper.make_node("Gather", [hidden, p + "zero"], [p + "first"], name=p + "cls", axis=1),
@@ -36,13 +38,13 @@ def add_pooling(model: onnx.ModelProto, pooling: Pooling) -> None:
         nodes = [
             helper.make_node("Cast", [hidden], [p + "states"], name=p + "states", to=TensorProto.FLOAT),
             helper.make_node("Cast", ["attention_mask"], [p + "mask"], name=p + "mask", to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", [p + "mask", p + "axis"], [p + "mask_row"], name=p + "mask_row"),
-            # mask (batch, 1, seq) @ states (batch, seq, dim): the masked sum over tokens as one batched product
-            helper.make_node("MatMul", [p + "mask_row", p + "states"], [p + "sum_row"], name=p + "sum"),
-            helper.make_node("Squeeze", [p + "sum_row", p + "axis"], [p + "sum"], name=p + "squeeze"),
             helper.make_node("ReduceSum", [p + "mask", p + "axis"], [p + "count"], name=p + "count", keepdims=1),
             helper.make_node("Max", [p + "count", p + "eps"], [p + "count_safe"], name=p + "count_safe"),
-            helper.make_node("Div", [p + "sum", p + "count_safe"], [POOLED_OUTPUT], name=p + "mean"),
+            helper.make_node("Div", [p + "mask", p + "count_safe"], [p + "weights"], name=p + "weights"),
+            helper.make_node("Unsqueeze", [p + "weights", p + "axis"], [p + "weights_row"], name=p + "weights_row"),
+            # weights (batch, 1, seq) @ states (batch, seq, dim): the masked mean over tokens as one batched product
+            helper.make_node("MatMul", [p + "weights_row", p + "states"], [p + "mean_row"], name=p + "mean"),
+            helper.make_node("Squeeze", [p + "mean_row", p + "axis"], [POOLED_OUTPUT], name=p + "squeeze"),
         ]
         constants = [
             helper.make_tensor(p + "axis", TensorProto.INT64, [1], [1]),
@@ -65,7 +67,8 @@ def keep_first_token(model: onnx.ModelProto) -> bool:
     the attention output projection and the feed-forward block for every token. The attention itself still runs
     for all tokens (token 0 attends to them all); after it, two Gathers keep token 0 of its output and of the
     residual, so everything after works on (batch, 1, dim). Returns False, changing nothing, when the end of the
-    graph is not the fused pattern Attention -> MatMul -> SkipLayerNormalization (residual = the attention's input).
+    graph is not the fused pattern Attention -> MatMul -> SkipLayerNormalization (residual = the attention's input),
+    or when anything reads the last layer's output other than at token 0.
     """
     graph = model.graph
     nodes = list(graph.node)
@@ -83,6 +86,12 @@ def keep_first_token(model: onnx.ModelProto) -> bool:
     norm = readers(projection[0].output[0])
     if len(norm) != 1 or norm[0].op_type != "SkipLayerNormalization" or norm[0].input[1] != attention.input[0]:
         return False
+    last = [n for n in nodes if n.op_type == "SkipLayerNormalization"][-1]  # the last layer's output
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    if not all(_reads_first_token(n, constants) for n in readers(last.output[0])):
+        return False
     p = FIRST_TOKEN_PREFIX
     first = helper.make_tensor(p + "first", TensorProto.INT64, [1], [0])  # [0], not 0: keeps the token axis
     gathers = [
@@ -96,3 +105,20 @@ def keep_first_token(model: onnx.ModelProto) -> bool:
     for node in reversed(gathers):
         graph.node.insert(position, node)
     return True
+
+
+def _reads_first_token(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
+    """Whether ``node`` reads only token 0 of its (batch, sequence, dim) input: Gather of index 0 on axis 1, or
+    Slice 0:1 of axis 1."""
+    def const(i: int) -> np.ndarray | None:
+        return constants.get(node.input[i]) if len(node.input) > i else None
+
+    if node.op_type == "Gather":
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        index = const(1)
+        return axis == 1 and index is not None and index.size == 1 and int(index.reshape(-1)[0]) == 0
+    if node.op_type == "Slice":
+        starts, ends, axes = const(1), const(2), const(3)
+        return (starts is not None and ends is not None and axes is not None and list(axes.reshape(-1)) == [1]
+                and list(starts.reshape(-1)) == [0] and list(ends.reshape(-1)) == [1])
+    return False

@@ -99,9 +99,11 @@ def test_truncation_warns_once_per_call(embedder):
         embedder.encode(["short texts", "do not warn"])
 
 
-def test_inputs_of_several_tokenising_chunks_give_the_same_results(exported):
-    # more texts than one tokenising chunk (on CUDA the next is tokenised while the graph runs this one)
+@pytest.mark.parametrize("ahead", [False, True])
+def test_inputs_of_several_tokenising_chunks_give_the_same_results(exported, ahead):
+    # more texts than one tokenising chunk; ahead (what CUDA does): the next is tokenised while the graph runs this one
     embedder = Embedder(exported["bert-cls"], device="cpu")
+    embedder._tokenize_ahead = ahead
     texts = [f"{i} {VARIED_TEXTS[i % len(VARIED_TEXTS)]}" for i in range(2 * TOKENIZE_CHUNK + 7)]
     with pytest.warns(UserWarning) as record:
         whole = embedder.encode(texts)
