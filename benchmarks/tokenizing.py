@@ -1,6 +1,7 @@
 """Tokenising on the CPU: the tokenizer with and without character offsets, and tokenising a chunk ahead (in a
 worker thread, while the graph runs the chunk before; what the runtime does on CUDA) against tokenising the chunks
-in turn (what it does on CPU). Interleaved (A B A B ...), medians.
+in turn (what it does on CPU) and against tokenising the whole input first (one length sort over all of it, as
+before 2026-11-27). Interleaved (A B C A B C ...), medians.
 
 Usage: python benchmarks/tokenizing.py MODEL [--reps 5] > results/tokenizing-minilm.md
 MODEL: an exported folder with an int8 variant (bge-onnx export ... --precision fp32 int8).
@@ -58,23 +59,32 @@ def main() -> None:
 
     print(f"## A chunk ahead against the chunks in turn, int8 on the CPU (seconds per encode; chunks of "
           f"{loading.TOKENIZE_CHUNK})\n")
-    print("| corpus | texts | a chunk ahead | in turn | ahead / in turn (speed) | per round |")
-    print("|---|---|---|---|---|---|")
+    print("| corpus | texts | a chunk ahead | in turn | all first | ahead / in turn (speed) | in turn / all first "
+          "(speed) | ahead / in turn per round |")
+    print("|---|---|---|---|---|---|---|---|")
+    chunk = loading.TOKENIZE_CHUNK
 
-    def encode(items: list[str], ahead: bool):
+    def encode(items: list[str], ahead: bool, chunked: bool = True):
         def run():
             embedder._tokenize_ahead = ahead
-            embedder.encode(items)
+            loading.TOKENIZE_CHUNK = chunk if chunked else 10**9
+            try:
+                embedder.encode(items)
+            finally:
+                loading.TOKENIZE_CHUNK = chunk
         return run
 
     # the mixed corpus takes about a minute per encode here: no warm-up round (the queries' warmed the session)
     for corpus, items, reps, warm in (("short queries", texts["short queries"] * 4, args.reps, True),
                                       ("mixed", (texts["mixed"] * 5)[:4200], max(2, args.reps // 2), False)):
         print(f"timing {corpus}", file=sys.stderr, flush=True)
-        seconds = timed({"ahead": encode(items, True), "in turn": encode(items, False)}, reps, warm)
-        ahead, first = (statistics.median(seconds[k]) for k in ("ahead", "in turn"))
+        runs = {"ahead": encode(items, True), "in turn": encode(items, False),
+                "all first": encode(items, False, chunked=False)}
+        seconds = timed(runs, reps, warm)
+        ahead, turn, first = (statistics.median(seconds[k]) for k in runs)
         rounds = ", ".join(f"{b / a:.2f}" for a, b in zip(seconds["ahead"], seconds["in turn"]))
-        print(f"| {corpus} | {len(items)} | {ahead:.2f} | {first:.2f} | {first / ahead:.2f}x | {rounds} |")
+        print(f"| {corpus} | {len(items)} | {ahead:.2f} | {turn:.2f} | {first:.2f} | {turn / ahead:.2f}x | "
+              f"{first / turn:.2f}x | {rounds} |")
     print()
 
 

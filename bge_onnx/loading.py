@@ -296,7 +296,7 @@ def run_sorted(
 # Inputs of more items than this are tokenised chunk by chunk, each chunk length-sorted on its own. On CUDA the
 # next chunk is tokenised in a worker thread while the graph runs this one: tokenising was 45% of encode() there,
 # and this made it 1.08-1.19x faster on an H200 (benchmarks/results/gpu-minilm.md). On CPU, where tokenising is
-# about 1% of the time and competes with onnxruntime's threads for the cores, it was 0.95-1.03x in two runs
+# about 1% of the time and competes with onnxruntime's threads for the cores, it was 0.95-1.03x over three runs
 # (benchmarks/results/tokenizing-minilm.md), so there the chunks are tokenised in turn, without a thread.
 TOKENIZE_CHUNK = 2048
 
