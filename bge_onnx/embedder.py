@@ -130,11 +130,14 @@ class Embedder(ModelHandle):
         if prefix:
             items = [prefix + text for text in items]
         pooling = self.pooling
+        if self._model.spec.output == POOLED_OUTPUT:  # the graph pools (format_version 2)
 
-        def reduce(output: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-            if self._model.spec.output == POOLED_OUTPUT:  # the graph pooled already
+            def reduce(output: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
                 return output
-            return pool(output, feeds["attention_mask"], pooling)
+        else:  # token states (format_version 1)
+
+            def reduce(output: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
+                return pool(output, feeds["attention_mask"], pooling)
 
         def tokenize(chunk: list[str], at: int) -> tuple[list, int]:
             return self._model.tokenizer.encode_texts(chunk, name=name, start=start + at)

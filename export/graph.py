@@ -68,10 +68,7 @@ def export_graph(
     with tempfile.TemporaryDirectory(prefix=".trace.", dir=path.parent) as work:
         traced = Path(work) / "traced.onnx"
         _trace(model, traced, task=task, with_token_types=with_token_types)
-        first_token = task is Task.RERANK or (pooling is not None and Pooling(pooling) is Pooling.CLS)
-        fused, first_token = _fuse(
-            traced, path, model.config, external_data, pooling if task is Task.EMBED else None, first_token
-        )
+        fused, first_token = _fuse(traced, path, model.config, external_data, pooling if task is Task.EMBED else None)
     written = [path.name]
     if external_data:
         written += sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name + "."))
@@ -106,7 +103,7 @@ def _trace(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: 
 
 
 def _fuse(
-    traced: Path, path: Path, config, external_data: bool, pooling: Pooling | None = None, first_token: bool = False
+    traced: Path, path: Path, config, external_data: bool, pooling: Pooling | None = None
 ) -> tuple[dict[str, int], bool]:
     """onnxruntime's BERT fusions (attention, skip layer norm, bias GELU), hardware-independent, saved to ``path``.
 
@@ -131,9 +128,8 @@ def _fuse(
         )
         if pooling is not None:
             add_pooling(optimized.model, pooling)
-        first_token = first_token and keep_first_token(optimized.model)
+        first_token = keep_first_token(optimized.model)  # only where nothing reads the other tokens
         optimized.save_model_to_file(str(path), use_external_data_format=external_data)
     finally:
         fusion_logger.setLevel(level)
     return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}, first_token
-

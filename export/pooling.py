@@ -90,6 +90,8 @@ def keep_first_token(model: onnx.ModelProto) -> bool:
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    if last.output[0] in {o.name for o in graph.output}:  # the token states leave the graph whole
+        return False
     if not all(_reads_first_token(n, constants) for n in readers(last.output[0])):
         return False
     p = FIRST_TOKEN_PREFIX

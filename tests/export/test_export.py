@@ -80,6 +80,20 @@ def test_first_token_cut_leaves_other_graphs_alone(exported):
             node.op_type = "NotAttention"
     unfused = graph.SerializeToString()
     assert not keep_first_token(graph) and graph.SerializeToString() == unfused
+    states = onnx.load(str(exported["bert-mean"] / "model.onnx"))
+    _strip_pooling(states, dim=read_spec(exported["bert-mean"]).dim)  # now the token states are the graph's output
+    whole = states.SerializeToString()
+    assert not keep_first_token(states) and states.SerializeToString() == whole
+
+
+def _strip_pooling(graph, dim: int) -> None:
+    """Take the pooling nodes out of an fp32 graph: its output becomes the token states."""
+    nodes = list(graph.graph.node)
+    states = next(n for n in nodes if n.name.startswith(POOLING_PREFIX)).input[0]
+    del graph.graph.node[:]
+    graph.graph.node.extend(n for n in nodes if not n.name.startswith(POOLING_PREFIX))
+    del graph.graph.output[:]
+    graph.graph.output.append(helper.make_tensor_value_info(states, onnx.TensorProto.FLOAT, ["batch", "seq", dim]))
 
 
 def _without_pooling(folder):
@@ -87,12 +101,7 @@ def _without_pooling(folder):
     spec = read_spec(folder)
     path = folder / spec.variants["fp32"].file
     graph = onnx.load(str(path))
-    nodes = list(graph.graph.node)
-    states = next(n for n in nodes if n.name.startswith(POOLING_PREFIX)).input[0]
-    del graph.graph.node[:]
-    graph.graph.node.extend(n for n in nodes if not n.name.startswith(POOLING_PREFIX))
-    del graph.graph.output[:]
-    graph.graph.output.append(helper.make_tensor_value_info(states, onnx.TensorProto.FLOAT, ["batch", "seq", spec.dim]))
+    _strip_pooling(graph, spec.dim)
     onnx.save(graph, str(path))
     fp32 = spec.variants["fp32"]
     write_spec(folder, dataclasses.replace(
