@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from sentences import ordinary_sentences
 from tiny_models import KINDS, RERANK_KINDS, build_checkpoint, minilm_path
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("BGE_ONNX_SHARED", REPO.parent / "shared"))
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +61,6 @@ def model_copy(exported, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def stsb_sentences() -> list[str]:
-    path = SHARED / "data" / "stsb" / "sts-test.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    return [row[key] for row in rows for key in ("sentence1", "sentence2")]
+def sentences() -> list[str]:
+    """Everyday sentences written by the tests themselves (a clone has no data set beside it)."""
+    return ordinary_sentences(500)

@@ -20,12 +20,12 @@ def sentence_transformer():
 
 
 @pytest.fixture(scope="module")
-def texts(stsb_sentences):
+def texts(sentences):
     long_texts = [
         "In information retrieval, dense vectors from a bi-encoder are compared with cosine similarity. " * k
         for k in (3, 8, 20)
     ]
-    return list(dict.fromkeys(stsb_sentences))[:300] + VARIED_TEXTS + list(PROBE_TEXTS) + long_texts
+    return sentences[:300] + VARIED_TEXTS + list(PROBE_TEXTS) + long_texts
 
 
 def test_manifest_of_the_real_model(minilm_onnx, sentence_transformer):
@@ -57,7 +57,7 @@ def test_long_text_is_cut_at_256_not_128(minilm_onnx, sentence_transformer):
     assert float(cut_short @ reference) < float(ours @ reference) - 1e-4
 
 
-def test_int8_within_its_gate_on_sentences_it_was_not_gated_on(minilm_onnx, sentence_transformer, stsb_sentences, tmp_path):
+def test_int8_within_its_gate_on_sentences_it_was_not_gated_on(minilm_onnx, sentence_transformer, sentences, tmp_path):
     import shutil
 
     folder = shutil.copytree(minilm_onnx, tmp_path / "minilm")
@@ -66,7 +66,7 @@ def test_int8_within_its_gate_on_sentences_it_was_not_gated_on(minilm_onnx, sent
     assert figures["passed"] and figures["min_cosine"] >= 0.985 and figures["mean_cosine"] >= 0.995
     embedder = Embedder(folder, device="cpu")
     assert embedder.precision is Precision.INT8  # auto on CPU
-    texts = list(dict.fromkeys(stsb_sentences))[:400]
+    texts = sentences[100:500]
     reference = sentence_transformer.encode(texts, batch_size=32, convert_to_numpy=True)
     ours = embedder.encode(texts)
     held_out = precision.compare(Task.EMBED, reference, ours)
