@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import positive_int
 from .errors import BgeOnnxError, InputError
 from .spec import MANIFEST, read_spec
 
@@ -192,12 +193,9 @@ def _describe_parity(parity: dict) -> str:
 
 def _positive_int(value: str) -> int:
     try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+        return positive_int("the value", int(value))
+    except ValueError:  # not an int, or InputError (a ValueError): below 1
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value!r}") from None
 
 
 def _runtime_kwargs(args: argparse.Namespace) -> dict:

@@ -8,11 +8,11 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from .errors import InputTypeError
-from .loading import ModelHandle, Progress, check_positive
+from .batching import Progress
+from .checks import check_texts, describe, positive_int
+from .handle import ModelHandle
 from .pooling import normalize as l2_normalize
-from .pooling import pool
-from .spec import POOLED_OUTPUT, Pooling, Task
-from .tokenize import check_texts, describe
+from .spec import Pooling, Task
 
 
 class Embedder(ModelHandle):
@@ -102,8 +102,8 @@ class Embedder(ModelHandle):
         """
         if isinstance(texts, (str, bytes, bytearray)) or not isinstance(texts, Iterable):
             raise InputTypeError(f"texts must be an iterable of str, got {type(texts).__name__} {describe(texts)}")
-        check_positive("chunk_size", chunk_size)
-        batch_size = self.batch_size if batch_size is None else check_positive("batch_size", batch_size)
+        positive_int("chunk_size", chunk_size)
+        batch_size = self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
         progress = Progress(None, label="embedded", enabled=show_progress)
         iterator, start = iter(texts), 0
         while chunk := list(itertools.islice(iterator, chunk_size)):
@@ -117,7 +117,7 @@ class Embedder(ModelHandle):
     ) -> np.ndarray:
         single = isinstance(texts, str)
         items = check_texts([texts] if single else texts, name=name)
-        batch_size = self.batch_size if batch_size is None else check_positive("batch_size", batch_size)
+        batch_size = self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
         progress = Progress(len(items), label="embedded", enabled=show_progress)
         vectors = self._run(items, name, prefix, batch_size, normalize, progress)
         return vectors[0] if single else vectors
@@ -129,21 +129,12 @@ class Embedder(ModelHandle):
             return np.zeros((0, self.dim), dtype=np.float32)
         if prefix:
             items = [prefix + text for text in items]
-        pooling = self.pooling
-        if self._model.spec.output == POOLED_OUTPUT:  # the graph pools (format_version 2)
-
-            def reduce(output: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-                return output
-        else:  # token states (format_version 1)
-
-            def reduce(output: np.ndarray, feeds: dict[str, np.ndarray]) -> np.ndarray:
-                return pool(output, feeds["attention_mask"], pooling)
 
         def tokenize(chunk: list[str], at: int) -> tuple[list, int]:
             return self._model.tokenizer.encode_texts(chunk, name=name, start=start + at)
 
         vectors = self._run_chunks(
-            items, tokenize, width=self.dim, reduce=reduce, batch_size=batch_size, progress=progress, what="texts"
+            items, tokenize, width=self.dim, batch_size=batch_size, progress=progress, what="texts"
         )
         return l2_normalize(vectors) if normalize else vectors
 

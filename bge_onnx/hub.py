@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
-from .errors import ModelFilesError, ModelIntegrityError
-from .spec import MANIFEST
+from .errors import ModelFilesError
+from .spec import MANIFEST, Precision, read_spec
+from .tokenize import TOKENIZER_FILE
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -75,13 +75,8 @@ def download(repo_id: str, *, revision: str | None = None) -> Path:
                 f"{'@' + revision if revision else ''}: {err}"
             ) from err
 
-    manifest = fetch(MANIFEST)
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-        variant = data["variants"]["fp32"]
-        needed = ["tokenizer.json", variant["file"], *variant.get("data_files", [])]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ModelIntegrityError(f"{manifest} (from hub repo {repo_id!r}) is not a valid manifest: {err!r}") from err
-    for filename in needed:
+    folder = fetch(MANIFEST).parent
+    spec = read_spec(folder)  # ModelIntegrityError names the file when the manifest is not valid
+    for filename in [TOKENIZER_FILE, *spec.variants[Precision.FP32.value].all_files]:
         fetch(filename)
-    return manifest.parent
+    return folder

@@ -1,10 +1,29 @@
-"""CLS or mean pooling of token states and L2 normalisation, in numpy (the only copy)."""
+"""From a graph's output to one row per item: CLS or mean pooling and L2 normalisation in numpy (the only copy)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from .spec import Pooling
+from .spec import POOLED_OUTPUT, ModelSpec, Pooling, Task
+
+# (graph output, the feeds it was run with) -> float32 rows, one per item
+Reduce = Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
+
+
+def reducer(spec: ModelSpec) -> Reduce:
+    """How a folder's graph output becomes one row per item, decided once at load.
+
+    Rerankers: the first logit. Embedders: the graph's pooled vectors (format_version 2) as they are, or the
+    token states (format_version 1) pooled here.
+    """
+    if spec.task is Task.RERANK:
+        return lambda logits, feeds: logits[:, :1]
+    if spec.output == POOLED_OUTPUT:
+        return lambda pooled, feeds: pooled
+    pooling = spec.pooling
+    return lambda hidden, feeds: pool(hidden, feeds["attention_mask"], pooling)
 
 
 def pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: Pooling) -> np.ndarray:

@@ -8,9 +8,10 @@ import os
 import numpy as np
 
 from .errors import InputError, InputTypeError
-from .loading import ModelHandle, Progress, check_positive
+from .batching import Progress
+from .checks import check_pairs, check_texts, describe, positive_int
+from .handle import ModelHandle
 from .spec import Task
-from .tokenize import check_pairs, check_texts, describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Reranker(ModelHandle):
         limit = self._model.tokenizer.max_length
         if query_max_length is None:
             query_max_length = limit * 3 // 4
-        check_positive("query_max_length", query_max_length)
+        positive_int("query_max_length", query_max_length)
         if query_max_length + self._model.tokenizer.pair_specials >= limit:
             raise InputError(
                 f"query_max_length={query_max_length} leaves no room for the passage within max_length={limit}"
@@ -100,7 +101,7 @@ class Reranker(ModelHandle):
         if isinstance(pairs, (tuple, list)) and len(pairs) == 2 and isinstance(pairs[0], str):
             return float(self.compute_score([pairs], normalize=normalize, batch_size=batch_size)[0])
         items = check_pairs(pairs)
-        batch_size = self.batch_size if batch_size is None else check_positive("batch_size", batch_size)
+        batch_size = self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
         if not items:
             return np.zeros((0,), dtype=np.float32)
         progress = Progress(len(items), label="scored", enabled=show_progress)
@@ -112,7 +113,6 @@ class Reranker(ModelHandle):
             items,
             tokenize,
             width=1,
-            reduce=lambda logits, feeds: logits[:, :1],
             batch_size=batch_size,
             progress=progress,
             what="pairs",
@@ -140,7 +140,7 @@ class Reranker(ModelHandle):
             raise InputTypeError(f"query is {type(query).__name__} {describe(query)}, expected str")
         items = check_texts(passages, name="passages")
         if top_k is not None:
-            check_positive("top_k", top_k)
+            positive_int("top_k", top_k)
         scores = self.compute_score([(query, p) for p in items], normalize=normalize, batch_size=batch_size)
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [RerankResult(int(i), float(scores[i]), items[i]) for i in order]

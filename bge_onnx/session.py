@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .checks import positive_int
 from .errors import (
     InputError,
     ModelFilesError,
@@ -27,7 +28,7 @@ THREADS_ENV = "BGE_ONNX_THREADS"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-GPU_FIX = 'pip uninstall -y onnxruntime onnxruntime-gpu && pip install "bge-onnx[gpu]"'
+GPU_FIX = "pip uninstall -y bge-onnx bge-onnx-gpu onnxruntime onnxruntime-gpu && pip install bge-onnx-gpu"
 
 
 class Device(str, enum.Enum):
@@ -67,19 +68,16 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
 
 def resolve_threads(threads: int | None) -> int:
     """The thread count to use: the argument, else $BGE_ONNX_THREADS, else the usable CPUs."""
-    source = "threads"
-    if threads is None:
-        env = os.environ.get(THREADS_ENV)
-        if not env:
-            return usable_cpus()
-        source = f"${THREADS_ENV}"
-        try:
-            threads = int(env)
-        except ValueError:
-            raise InputError(f"{source} must be a positive integer, got {env!r}") from None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InputError(f"{source} must be a positive integer, got {threads!r}")
-    return threads
+    if threads is not None:
+        return positive_int("threads", threads)
+    env = os.environ.get(THREADS_ENV)
+    if not env:
+        return usable_cpus()
+    try:
+        value: object = int(env)
+    except ValueError:
+        value = env
+    return positive_int(f"${THREADS_ENV}", value)
 
 
 def conflicting_runtimes(installed: Iterable[str] | None = None) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .checks import positive_int
 from .errors import ModelFilesError, ModelIntegrityError
 
 MANIFEST = "bge_onnx.json"
@@ -95,9 +96,7 @@ class ModelSpec:
         if self.task is Task.EMBED and self.pooling is None:
             raise ValueError("an embedding model needs a pooling (cls or mean)")
         for name in ("dim", "max_length", "max_positions"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, getattr(self, name))  # InputError is a ValueError: read_spec reports the manifest
         if self.max_length > self.max_positions:
             raise ValueError(
                 f"max_length {self.max_length} exceeds the model's max_positions {self.max_positions}"

@@ -1,69 +1,17 @@
-"""Input checks and HF tokenizers: batches of texts or (query, passage) pairs, truncation, padding."""
+"""HF tokenizers: batches of texts or (query, passage) pairs, truncation (FlagReranker's rules for pairs), padding."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from .errors import InputError, InputTypeError, ModelFilesError, ModelIntegrityError
+from .checks import describe
+from .errors import InputError, ModelFilesError, ModelIntegrityError
 
 TOKENIZER_FILE = "tokenizer.json"
-
-
-def describe(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def check_texts(texts: object, *, name: str = "texts", start: int = 0) -> list[str]:
-    """Return ``texts`` as a list of str, or raise an error naming the first bad item (its index counts from ``start``).
-
-    Raises:
-        InputTypeError: ``texts`` is not a list/iterable of str, or an item is not a str.
-    """
-    if isinstance(texts, (str, bytes, bytearray)) or not isinstance(texts, Iterable):
-        raise InputTypeError(
-            f"{name} must be a list of str, got {type(texts).__name__} {describe(texts)}"
-        )
-    items = list(texts)
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise InputTypeError(
-                f"{name}[{start + i}] is {type(item).__name__} {describe(item)}, expected str"
-            )
-    return items
-
-
-def check_pairs(pairs: object) -> list[tuple[str, str]]:
-    """Return ``pairs`` as a list of (query, passage) tuples, or raise naming the first bad pair.
-
-    Raises:
-        InputTypeError: not a list of 2-item (str, str) pairs.
-    """
-    if isinstance(pairs, (str, bytes, bytearray)) or not isinstance(pairs, Iterable):
-        raise InputTypeError(
-            f"pairs must be a list of (query, passage) pairs, got {type(pairs).__name__} "
-            f"{describe(pairs)}"
-        )
-    items = []
-    for i, pair in enumerate(pairs):
-        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
-            raise InputTypeError(
-                f"pairs[{i}] is {type(pair).__name__} {describe(pair)}, expected a (query, passage) "
-                "pair of two str"
-            )
-        for j, part in enumerate(pair):
-            if not isinstance(part, str):
-                which = "query" if j == 0 else "passage"
-                raise InputTypeError(
-                    f"pairs[{i}][{j}] (the {which}) is {type(part).__name__} {describe(part)}, "
-                    "expected str"
-                )
-        items.append((pair[0], pair[1]))
-    return items
 
 
 def _raise_unencodable(texts: Sequence[str], name: str, err: Exception, start: int = 0) -> None:
@@ -113,7 +61,7 @@ class TextTokenizer:
     def encode_texts(self, texts: list[str], *, name: str = "texts", start: int = 0) -> tuple[list[Encoding], int]:
         """Tokenise with special tokens, cut at max_length; return encodings and how many were cut."""
         try:
-            # _fast: without character offsets, which nothing here uses (benchmarks/results/tokenizing-minilm.md)
+            # _fast: without character offsets, which nothing here uses (docs/decisions.md)
             encodings = self._truncating.encode_batch_fast(texts)
         except TypeError as err:
             _raise_unencodable(texts, name, err, start)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bge_onnx.pooling import normalize
 from bge_onnx.spec import Pooling
 
 MIN_COSINE = 0.99999
@@ -98,8 +99,7 @@ def torch_scores(
 
 def embedding_parity(reference: np.ndarray, ours: np.ndarray) -> dict[str, Any]:
     """Min cosine and max abs difference of the L2-normalised vectors; the worst probe's index."""
-    ref = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
-    out = ours / np.maximum(np.linalg.norm(ours, axis=1, keepdims=True), 1e-12)
+    ref, out = normalize(reference), normalize(ours)
     cosines = (ref * out).sum(axis=1)
     return {
         "min_cosine": float(cosines.min()),

@@ -18,7 +18,7 @@ from bge_onnx.errors import ExportError, ParityError
 from bge_onnx.spec import POOLED_OUTPUT, ModelSpec, Precision, Task, Variant, sha256_file, write_spec
 
 from . import parity, probes
-from .graph import export_graph, input_names
+from .trace import export_graph, input_names
 from .precision import add_variant
 from .source import Source, describe_source
 

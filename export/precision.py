@@ -35,7 +35,7 @@ FILES = {Precision.INT8: "model_int8.onnx", Precision.FP16: "model_fp16.onnx"}
 
 # int8 recipes, fastest first; the export keeps the first that passes the gate. All quantise weights per output
 # channel (7-bit) and activations per batch (dynamic uint8), and keep the attention products (MatMuls of two
-# activations) in fp32. Measured on all-MiniLM-L6-v2 (benchmarks/results/int8-recipes-minilm.md), mean / min
+# activations) in fp32. Measured on all-MiniLM-L6-v2 (docs/decisions.md), mean / min
 # cosine to fp32 on the mixed corpus: every weight int8 0.9920 / 0.968; FFN down-projections fp32 0.9954 / 0.981;
 # both FFN layers fp32 0.9978 / 0.990. The error comes from the FFN inputs' activations, whose range is set by the
 # [CLS] token's outliers (int8-outliers-minilm.md); keeping any single FFN MatMul in fp32 barely helps, so there is
@@ -80,7 +80,7 @@ def quantize_int8(src: Path, dst: Path, keep_fp32: frozenset[str]) -> dict[str, 
             # 7-bit weights: on CPUs without VNNI, onnxruntime's u8s8 kernel (AVX2 vpmaddubsw) saturates when two
             # large activations meet two large 8-bit weights, so the same graph would be less accurate there than
             # on the CPU that measured its gate. Measured on AVX2: more accurate and no slower than 8-bit
-            # (benchmarks/results/int8-outliers-minilm.md).
+            # (docs/decisions.md).
             reduce_range=True,
             nodes_to_exclude=excluded,
             # The fused ops' outputs have no type in ONNX shape inference; all of them are float.

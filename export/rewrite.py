@@ -1,12 +1,58 @@
-"""The embedding graph's last step: CLS or mean pooling of the token states, as ONNX nodes (torch-free)."""
+"""Rewrites of a traced graph, torch-free: onnxruntime's fusions, the pooling as the graph's last step, and the
+last layer cut to the first token where nothing else is read."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bge_onnx.spec import POOLED_OUTPUT, Pooling
+
+def fuse(
+    traced: Path,
+    path: Path,
+    *,
+    num_heads: int,
+    hidden_size: int,
+    external_data: bool,
+    pooling: Pooling | None = None,
+) -> tuple[dict[str, int], bool]:
+    """Apply onnxruntime's BERT fusions (attention, skip layer norm, bias GELU; hardware-independent) to the
+    traced graph, end an embedding graph in its ``pooling``, cut the last layer to the first token where
+    possible (keep_first_token), and save to ``path``.
+
+    The embedding layer norm is not fused: that fusion hides the embedding tables from int8 quantisation.
+    Returns the count of each fused op and whether the last layer was cut to the first token.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.enable_embed_layer_norm = False
+    fusion_logger = logging.getLogger("onnxruntime.transformers")
+    level = fusion_logger.level
+    fusion_logger.setLevel(logging.ERROR)
+    try:
+        optimized = optimize_model(
+            str(traced),
+            model_type="bert",
+            num_heads=num_heads,
+            hidden_size=hidden_size,
+            optimization_options=options,
+            opt_level=0,  # fusions only: no onnxruntime optimisation specific to this machine is saved
+        )
+        if pooling is not None:
+            add_pooling(optimized.model, pooling)
+        first_token = keep_first_token(optimized.model)  # only where nothing reads the other tokens
+        optimized.save_model_to_file(str(path), use_external_data_format=external_data)
+    finally:
+        fusion_logger.setLevel(level)
+    return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}, first_token
+
 
 # Prefix of the pooling nodes' names.
 POOLING_PREFIX = "bge_onnx_pooling/"
@@ -16,7 +62,7 @@ def add_pooling(model: onnx.ModelProto, pooling: Pooling) -> None:
     """Replace the graph's token-states output with their pooled vector per text (``sentence_embedding``).
 
     In the graph, not in numpy, so that on CUDA only (batch, dim) floats are copied to the host instead of
-    (batch, sequence, dim): half of the graph's time there (benchmarks/results/gpu-minilm.md). CLS takes token 0;
+    (batch, sequence, dim): half of the graph's time there (docs/decisions.md). CLS takes token 0;
     mean averages the real tokens (mask 1), as sentence-transformers does. The fp16 variant runs these nodes in fp16
     (the converter turns their casts into fp16 ones), so the mean is taken with weights mask / count that sum to 1:
     a sum of the states first could overflow fp16 (65504) over thousands of tokens.

@@ -1,9 +1,8 @@
-"""Tracing a transformers model into an ONNX graph with dynamic batch and sequence axes."""
+"""Tracing a transformers model into an ONNX graph with dynamic batch and sequence axes (torch lives here)."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import tempfile
 import warnings
@@ -13,7 +12,7 @@ import torch
 
 from bge_onnx.spec import Pooling, Task
 
-from .pooling import add_pooling, keep_first_token
+from .rewrite import fuse
 
 # Above this many bytes of weights the graph is saved with its weights in a side file (protobuf's 2 GB cap).
 EXTERNAL_DATA_BYTES = 1_500_000_000
@@ -58,7 +57,7 @@ def export_graph(
     """Write ``model`` as ONNX to ``path`` with onnxruntime's transformer fusions applied; an embedding graph
     ends in its pooling (output ``sentence_embedding``), a reranker's in its logits. Where only the first token
     of the last layer is read (CLS pooling, rerankers' heads), the last layer computes only that token after its
-    attention (pooling.keep_first_token).
+    attention (rewrite.keep_first_token).
 
     Returns the file names written (graph, and weights if separate), the count of each fused op, and whether the
     last layer was cut to the first token.
@@ -68,7 +67,14 @@ def export_graph(
     with tempfile.TemporaryDirectory(prefix=".trace.", dir=path.parent) as work:
         traced = Path(work) / "traced.onnx"
         _trace(model, traced, task=task, with_token_types=with_token_types)
-        fused, first_token = _fuse(traced, path, model.config, external_data, pooling if task is Task.EMBED else None)
+        fused, first_token = fuse(
+            traced,
+            path,
+            num_heads=model.config.num_attention_heads,
+            hidden_size=model.config.hidden_size,
+            external_data=external_data,
+            pooling=pooling if task is Task.EMBED else None,
+        )
     written = [path.name]
     if external_data:
         written += sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name + "."))
@@ -78,7 +84,7 @@ def export_graph(
 def _trace(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: bool) -> None:
     # torch's TorchScript exporter, not dynamo: onnxruntime's optimiser recognises attention only in the graph the
     # TorchScript exporter writes (all-MiniLM-L6-v2 on CPU, fp32: fused 1.07-1.10x the unfused graph, 1.08-1.17x
-    # the dynamo exporter's; benchmarks/results/fusion-minilm.md).
+    # the dynamo exporter's; docs/decisions.md).
     wrapper = (_WithTokenTypes if with_token_types else _WithoutTokenTypes)(model, task).eval()
     names = input_names(with_token_types)
     output = "last_hidden_state" if task is Task.EMBED else "logits"
@@ -100,36 +106,3 @@ def _trace(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: 
             dynamic_axes={name: {0: "batch", 1: "sequence"} for name in [*names, output]},
             opset_version=17,
         )
-
-
-def _fuse(
-    traced: Path, path: Path, config, external_data: bool, pooling: Pooling | None = None
-) -> tuple[dict[str, int], bool]:
-    """onnxruntime's BERT fusions (attention, skip layer norm, bias GELU), hardware-independent, saved to ``path``.
-
-    The embedding layer norm is not fused: that fusion hides the embedding tables from int8 quantisation.
-    """
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    options = FusionOptions("bert")
-    options.enable_embed_layer_norm = False
-    fusion_logger = logging.getLogger("onnxruntime.transformers")
-    level = fusion_logger.level
-    fusion_logger.setLevel(logging.ERROR)
-    try:
-        optimized = optimize_model(
-            str(traced),
-            model_type="bert",
-            num_heads=config.num_attention_heads,
-            hidden_size=config.hidden_size,
-            optimization_options=options,
-            opt_level=0,  # fusions only: no onnxruntime optimisation specific to this machine is saved
-        )
-        if pooling is not None:
-            add_pooling(optimized.model, pooling)
-        first_token = keep_first_token(optimized.model)  # only where nothing reads the other tokens
-        optimized.save_model_to_file(str(path), use_external_data_format=external_data)
-    finally:
-        fusion_logger.setLevel(level)
-    return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}, first_token

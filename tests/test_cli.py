@@ -30,7 +30,7 @@ def test_help_and_usage_errors():
     result = cli()
     assert result.returncode == 2 and b"required" in result.stderr
     result = cli("embed", "--batch-size", "0")
-    assert result.returncode == 2 and b"expected a positive integer, got '0'" in result.stderr
+    assert result.returncode == 2 and b"must be a positive int, got '0'" in result.stderr
 
 
 def test_embed_lines_to_jsonl(exported):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bge_onnx import Embedder, InputError, InputTypeError
-from bge_onnx.loading import MAX_TOKENS_CPU, TOKENIZE_CHUNK, token_batches, tokenize_ahead
+from bge_onnx.batching import MAX_TOKENS_CPU, TOKENIZE_CHUNK, token_batches, tokenize_ahead
 from bge_onnx.spec import Pooling
 from tiny_models import VARIED_TEXTS
 

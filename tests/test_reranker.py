@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bge_onnx import InputError, InputTypeError, Reranker, RerankResult
-from bge_onnx.loading import TOKENIZE_CHUNK
+from bge_onnx.batching import TOKENIZE_CHUNK
 
 PASSAGES = [
     "The giant panda is a bear species endemic to China.",

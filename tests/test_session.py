@@ -44,9 +44,9 @@ def test_threads_argument_env_and_errors(monkeypatch):
     monkeypatch.setenv(S.THREADS_ENV, "5")
     assert S.resolve_threads(None) == 5 and S.resolve_threads(2) == 2
     monkeypatch.setenv(S.THREADS_ENV, "many")
-    with pytest.raises(InputError, match=r"\$BGE_ONNX_THREADS must be a positive integer, got 'many'"):
+    with pytest.raises(InputError, match=r"\$BGE_ONNX_THREADS must be a positive int, got 'many'"):
         S.resolve_threads(None)
-    with pytest.raises(InputError, match="threads must be a positive integer, got 0"):
+    with pytest.raises(InputError, match="threads must be a positive int, got 0"):
         S.resolve_threads(0)
 
 
@@ -77,6 +77,7 @@ def test_both_runtimes_installed_is_reported(monkeypatch):
     monkeypatch.setattr(S, "conflicting_runtimes", lambda installed=None: True)
     with pytest.warns(RuntimeWarning, match="both onnxruntime and onnxruntime-gpu are installed.*Fix: pip uninstall"):
         assert S.choose_providers("auto", [S.CPU]) == [S.CPU]
-    with pytest.raises(ProviderError, match="they have overwritten each other; fix: pip uninstall -y onnxruntime onnxruntime-gpu"):
+    with pytest.raises(ProviderError, match="they have overwritten each other; fix: "
+                       "pip uninstall -y bge-onnx bge-onnx-gpu onnxruntime onnxruntime-gpu && pip install bge-onnx-gpu"):
         with pytest.warns(RuntimeWarning):
             S.choose_providers("cuda", [S.CPU])

@@ -28,3 +28,15 @@ def test_runtime_loads_no_training_stack(exported):
     assert loaded.isdisjoint(FORBIDDEN), sorted(loaded & set(FORBIDDEN))
     # a local folder needs no hub client either: it is imported only for repo ids
     assert "huggingface_hub" not in loaded
+
+
+def test_graph_rewrites_load_without_torch():
+    # fusions, pooling, first-token cut and quantisation need no torch: a torch-free caller can import them
+    script = (
+        "import json, sys; import bge_onnx_export.rewrite, bge_onnx_export.precision, bge_onnx_export.probes; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "onnx" in loaded and "bge_onnx_export" in loaded
+    assert loaded.isdisjoint({"torch", "transformers", "optimum"}), sorted(loaded & {"torch", "transformers"})

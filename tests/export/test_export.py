@@ -14,7 +14,7 @@ from onnx import helper
 from bge_onnx import Embedder, ExportError, ModelFilesError, ParityError
 from bge_onnx.spec import POOLED_OUTPUT, read_spec, sha256_file, write_spec
 from bge_onnx_export import export_model, parity
-from bge_onnx_export.pooling import POOLING_PREFIX, keep_first_token
+from bge_onnx_export.rewrite import POOLING_PREFIX, keep_first_token
 
 from tiny_models import EMBED_KINDS, VARIED_TEXTS
 

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from bge_onnx import Embedder, ExportError, ModelFilesError, ParityError, Precision, Reranker
 from bge_onnx.spec import read_spec, sha256_file
 from bge_onnx_export import export_model, precision, probes
-from bge_onnx_export.pooling import POOLING_PREFIX
+from bge_onnx_export.rewrite import POOLING_PREFIX
 
 def pooling_ops(graph: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in graph.graph.node if node.name.startswith(POOLING_PREFIX)]

@@ -1,0 +1,72 @@
+"""Checking what callers pass: positive ints, texts and pairs; an error names the bad value and its index."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .errors import InputError, InputTypeError
+
+
+def describe(value: object) -> str:
+    """``repr(value)``, cut to 80 characters for error messages."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is an int >= 1 (not a bool), else raise InputError naming ``name``.
+
+    >>> positive_int("batch_size", 8)
+    8
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive int, got {describe(value)}")
+    return value
+
+
+def check_texts(texts: object, *, name: str = "texts", start: int = 0) -> list[str]:
+    """Return ``texts`` as a list of str, or raise an error naming the first bad item (its index counts from ``start``).
+
+    Raises:
+        InputTypeError: ``texts`` is not a list/iterable of str, or an item is not a str.
+    """
+    if isinstance(texts, (str, bytes, bytearray)) or not isinstance(texts, Iterable):
+        raise InputTypeError(
+            f"{name} must be a list of str, got {type(texts).__name__} {describe(texts)}"
+        )
+    items = list(texts)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InputTypeError(
+                f"{name}[{start + i}] is {type(item).__name__} {describe(item)}, expected str"
+            )
+    return items
+
+
+def check_pairs(pairs: object) -> list[tuple[str, str]]:
+    """Return ``pairs`` as a list of (query, passage) tuples, or raise naming the first bad pair.
+
+    Raises:
+        InputTypeError: not a list of 2-item (str, str) pairs.
+    """
+    if isinstance(pairs, (str, bytes, bytearray)) or not isinstance(pairs, Iterable):
+        raise InputTypeError(
+            f"pairs must be a list of (query, passage) pairs, got {type(pairs).__name__} "
+            f"{describe(pairs)}"
+        )
+    items = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InputTypeError(
+                f"pairs[{i}] is {type(pair).__name__} {describe(pair)}, expected a (query, passage) "
+                "pair of two str"
+            )
+        for j, part in enumerate(pair):
+            if not isinstance(part, str):
+                which = "query" if j == 0 else "passage"
+                raise InputTypeError(
+                    f"pairs[{i}][{j}] (the {which}) is {type(part).__name__} {describe(part)}, "
+                    "expected str"
+                )
+        items.append((pair[0], pair[1]))
+    return items

@@ -1,0 +1,131 @@
+"""Opening a model folder for a task: resolving it, its manifest, the variant to run, file checks, tokenizer, session."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from . import hub
+from .checks import positive_int
+from .errors import BgeOnnxError, InputError, ModelFilesError, WrongTaskError, caller_stacklevel
+from .session import CUDA, Session, choose_providers
+from .spec import ModelSpec, Precision, Task, read_spec, verify_files
+from .tokenize import TOKENIZER_FILE, TextTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    folder: Path
+    spec: ModelSpec
+    tokenizer: TextTokenizer
+    session: Session
+    precision: Precision
+
+
+def gate_passed(spec: ModelSpec, precision: Precision) -> bool:
+    """Whether the folder holds a variant of this precision that passed its quality gate at export."""
+    variant = spec.variants.get(precision.value)
+    return variant is not None and (precision is Precision.FP32 or bool(variant.parity.get("passed")))
+
+
+def choose_precision(spec: ModelSpec, precision: str | Precision, *, on_cuda: bool, folder: Path) -> Precision:
+    """The variant to run: an explicit precision must exist; "auto" takes fp16 on CUDA, int8 on CPU, else fp32.
+
+    "auto" takes a quantised variant only when it passed its quality gate at export (a forced export did not).
+    """
+    if precision == "auto":
+        preferred = Precision.FP16 if on_cuda else Precision.INT8
+        return preferred if gate_passed(spec, preferred) else Precision.FP32
+    try:
+        precision = Precision(precision)
+    except ValueError:
+        raise InputError(f"precision must be 'auto', 'fp32', 'int8' or 'fp16', got {precision!r}") from None
+    if precision.value not in spec.variants:
+        raise ModelFilesError(
+            f"{folder} has no {precision.value} variant (it has {', '.join(sorted(spec.variants))}); add one with "
+            f"`bge-onnx export SRC --out {folder} --precision {' '.join(sorted({*spec.variants, precision.value}))} --force` "
+            "or pass precision='auto'"
+        )
+    if precision is Precision.FP16 and not on_cuda:
+        warnings.warn(
+            "precision='fp16' on CPU: onnxruntime runs it through casts, slower than fp32; fp16 is meant for CUDA",
+            UserWarning,
+            stacklevel=caller_stacklevel(),
+        )
+    return precision
+
+
+def open_model(
+    model: str | os.PathLike[str],
+    *,
+    task: Task,
+    device: str,
+    threads: int | None,
+    max_length: int | None,
+    revision: str | None,
+    precision: str | Precision = "auto",
+) -> LoadedModel:
+    """Resolve, check and load a model folder for ``task``."""
+    folder = hub.resolve(model, revision=revision)
+    spec = read_spec(folder)
+    if spec.task is not task:
+        kinds = {Task.EMBED: ("an embedding", "Embedder"), Task.RERANK: ("a reranker", "Reranker")}
+        raise WrongTaskError(
+            f"{folder} holds {kinds[spec.task][0]} model ({spec.architecture}); load it with "
+            f"bge_onnx.{kinds[spec.task][1]}, not {kinds[task][1]}"
+        )
+    if max_length is None:
+        max_length = spec.max_length
+    positive_int("max_length", max_length)
+    if max_length > spec.max_positions:
+        raise InputError(
+            f"max_length={max_length} exceeds what the model can take ({spec.max_positions} tokens)"
+        )
+    providers = choose_providers(device)
+    chosen = choose_precision(spec, precision, on_cuda=CUDA in providers, folder=folder)
+    variant = spec.variants[chosen.value]
+    # Hashing the files and parsing the graph each read every byte; both release the GIL, so the check runs
+    # beside the load instead of before it (cold start: docs/decisions.md).
+    checked = in_background(verify_files, folder, spec, [TOKENIZER_FILE, *variant.all_files])
+    try:
+        tokenizer = TextTokenizer(folder, max_length=max_length)
+        session = Session(folder / variant.file, device=device, threads=threads, providers=providers)
+    except BaseException as err:
+        try:
+            checked()  # a missing or changed file explains a failed load better than the parser does
+        except BgeOnnxError as changed:
+            raise changed from err
+        raise
+    checked()
+    if precision == "auto" and chosen is Precision.FP16 and CUDA not in session.providers:
+        # CUDA failed to start and the session fell back to CPU (with a warning): fp16 has no place there
+        chosen = choose_precision(spec, "auto", on_cuda=False, folder=folder)
+        variant = spec.variants[chosen.value]
+        verify_files(folder, spec, variant.all_files)
+        session = Session(folder / variant.file, device="cpu", threads=threads)
+    return LoadedModel(folder, spec, tokenizer, session, chosen)
+
+
+def in_background(function: Callable[..., None], *args: object) -> Callable[[], None]:
+    """Start ``function(*args)`` in a thread; the returned callable waits for it and raises what it raised."""
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            function(*args)
+        except BaseException as err:  # handed to the caller's thread by wait()
+            raised.append(err)
+
+    thread = threading.Thread(target=target, name="bge-onnx-verify", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if raised:
+            raise raised[0]
+
+    return wait

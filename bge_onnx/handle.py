@@ -1,0 +1,98 @@
+"""ModelHandle: what Embedder and Reranker share (a folder opened for their task, its batch loop, its properties)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .batching import MAX_TOKENS_CPU, MAX_TOKENS_CUDA, Progress, Tokenize, run_chunks, warn_truncated
+from .checks import positive_int
+from .folder import open_model
+from .pooling import reducer
+from .session import CUDA
+from .spec import ModelSpec, Precision, Task
+
+
+class ModelHandle:
+    """A model folder loaded for ``task``, run in length-sorted batches; Embedder and Reranker build on it."""
+
+    task: Task
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        max_length: int | None = None,
+        batch_size: int = 256,
+        max_tokens: int | None = None,
+        precision: str = "auto",
+        revision: str | None = None,
+    ) -> None:
+        self.batch_size = positive_int("batch_size", batch_size)
+        if max_tokens is not None:
+            positive_int("max_tokens", max_tokens)
+        self._model = open_model(
+            model,
+            task=self.task,
+            device=device,
+            threads=threads,
+            max_length=max_length,
+            revision=revision,
+            precision=precision,
+        )
+        on_cuda = CUDA in self._model.session.providers
+        if max_tokens is None:
+            max_tokens = MAX_TOKENS_CUDA if on_cuda else MAX_TOKENS_CPU
+        self.max_tokens = max_tokens
+        self._tokenize_ahead = on_cuda
+        self._reduce = reducer(self._model.spec)
+
+    def _run_chunks(
+        self,
+        items: Sequence,
+        tokenize: Tokenize,
+        *,
+        width: int,
+        batch_size: int,
+        progress: Progress,
+        what: str,
+    ) -> np.ndarray:
+        """Run items through the graph (batching.run_chunks) and warn once about those cut at max_length."""
+        out, truncated = run_chunks(
+            self._model.session,
+            items,
+            tokenize,
+            pad_id=self._model.spec.pad_token_id,
+            width=width,
+            reduce=self._reduce,
+            batch_size=batch_size,
+            max_tokens=self.max_tokens,
+            ahead=self._tokenize_ahead,
+            progress=progress,
+        )
+        warn_truncated(truncated, len(items), self.max_length, what)
+        return out
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The folder's manifest."""
+        return self._model.spec
+
+    @property
+    def max_length(self) -> int:
+        """Token limit per text (per pair for a reranker)."""
+        return self._model.tokenizer.max_length
+
+    @property
+    def precision(self) -> Precision:
+        """The variant in use (what precision="auto" chose)."""
+        return self._model.precision
+
+    @property
+    def providers(self) -> list[str]:
+        """The onnxruntime execution providers in use, e.g. ['CPUExecutionProvider']."""
+        return list(self._model.session.providers)
