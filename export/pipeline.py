@@ -27,7 +27,7 @@ MODEL_FILE = "model.onnx"
 
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "bge_onnx": bge_onnx.__version__}
-    for name in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers"):
+    for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tokenizers"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

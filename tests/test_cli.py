@@ -145,3 +145,16 @@ def test_default_model_is_exported_on_first_use(minilm_onnx, tmp_path):
     assert float(vector @ expected) >= 0.99999
     second = cli("embed", stdin="again\n", env=env)
     assert second.returncode == 0 and b"exporting" not in second.stderr
+
+
+def test_export_without_torch_says_what_to_install(tmp_path):
+    # a runtime-only install: torch cannot be imported (None in sys.modules makes `import torch` fail)
+    script = (
+        "import sys; sys.modules['torch'] = None; from bge_onnx.cli import main; "
+        f"sys.exit(main(['export', {str(tmp_path)!r}, '--out', {str(tmp_path / 'out')!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "exporting needs torch and transformers" in result.stderr
+    assert 'pip install "bge-onnx[export]"' in result.stderr
+    assert "Traceback" not in result.stderr

@@ -144,7 +144,7 @@ def test_cuda_requested_without_cuda_is_an_error_not_a_fallback(exported):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has CUDA: the error path cannot be reached")  # never on CI's CPU machine
-    with pytest.raises(ProviderError, match=r"device='cuda' but onnxruntime offers no CUDAExecutionProvider.*bge-onnx\[gpu\]"):
+    with pytest.raises(ProviderError, match=r"device='cuda' but onnxruntime offers no CUDAExecutionProvider.*pip install bge-onnx-gpu"):
         Embedder(exported["bert-cls"], device="cuda")
     with pytest.raises(InputError, match=r"device must be 'auto', 'cpu' or 'cuda', got 'tpu'"):
         Embedder(exported["bert-cls"], device="tpu")
