@@ -108,7 +108,8 @@ def describe_source(
     query_instruction: str | None = None,
 ) -> Source:
     """Decide task, pooling, instruction and lengths: explicit arguments, then the checkpoint's
-    sentence-transformers config, then the registry of known models. Never a silent guess.
+    sentence-transformers config, then the registry of known models, then (max length only) the model's
+    positions (``max_position_embeddings``, less RoBERTa's offset). Never a silent guess at pooling.
 
     Raises:
         ModelFilesError: no such folder or repo, or no config.json.
@@ -137,10 +138,10 @@ def describe_source(
     st = _sentence_transformers(folder) if task is Task.EMBED else None
     if st:
         chosen, normalize, limit, instruction = st
-    if known_model:
+    if known_model:  # fills in only what the checkpoint's own sentence-transformers files leave unsaid
         chosen = chosen or known_model.pooling
         limit = limit or min(known_model.max_length, max_positions)
-        instruction = known_model.query_instruction or instruction
+        instruction = instruction or known_model.query_instruction
     if pooling is not None:
         chosen = Pooling(pooling)
     if task is Task.RERANK:

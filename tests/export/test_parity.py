@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from bge_onnx.registry import EN_INSTRUCTION
 from bge_onnx.spec import Pooling, read_spec
 from bge_onnx_export.parity import MAX_SCORE_DIFF, MIN_COSINE, torch_embeddings, torch_scores
 from bge_onnx_export.probes import PROBE_PAIRS, PROBE_TEXTS
+from bge_onnx_export.source import describe_source
 from tiny_models import EMBED_KINDS, RERANK_KINDS, VARIED_TEXTS
 
 
@@ -81,6 +83,18 @@ def test_pooling_comes_from_flag_config_or_registry(exported):
     assert (m3.pooling, m3.query_instruction, m3.max_length) == (Pooling.CLS, "", 128)
     assert m3.source["id"] == "BAAI/bge-m3"
     assert "token_type_ids" not in m3.inputs and "token_type_ids" in st.inputs
+
+
+def test_checkpoint_config_wins_over_the_registry(checkpoints, tmp_path):
+    # a sentence-transformers folder whose name the registry knows (CLS, English instruction): its own files win
+    folder = shutil.copytree(checkpoints["bert-mean"], tmp_path / "bge-small-en-v1.5")
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "custom: "}}))
+    source = describe_source(str(folder))
+    assert (source.pooling, source.query_instruction, source.max_length) == (Pooling.MEAN, "custom: ", 64)
+    assert source.source_id == "BAAI/bge-small-en-v1.5"
+    # with no prompt of its own, the registry's instruction fills in
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {}}))
+    assert describe_source(str(folder)).query_instruction == EN_INSTRUCTION
 
 
 def test_mean_and_cls_really_differ(exported):
