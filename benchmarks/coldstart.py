@@ -2,23 +2,22 @@
 
 Each start is a fresh process that imports the library, loads the model and embeds one short text; it reports
 import, load and first-encode seconds and its peak RSS. Contestants alternate (A B C ... A B C), medians of
---reps. Install size: the files of the package and everything it requires, as installed (recursive closure of
+--rounds. Install size: the files of the package and everything it requires, as installed (recursive closure of
 its requirements, extras not included).
 
-Usage: python benchmarks/coldstart.py --model DIR --st-folder DIR --anchors-python ../anchors/bin/python \
-    [--reps 5] > benchmarks/results/coldstart-minilm.md   (DIR as for compare.py)
+--model, --st-folder and --anchors-python as for compare (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .harness import Report, interleave, log
 
 SNIPPETS = {
     "bge_onnx": """
@@ -28,11 +27,12 @@ model = Embedder({folder!r}, device="cpu", precision={precision!r})
 t_load = time.perf_counter()
 model.encode(["how do I reset my password"])
 """,
+    # PoolingType.DISABLED: bge-onnx's graphs end in their pooling (sentence_embedding)
     "fastembed": """
 from fastembed import TextEmbedding
 from fastembed.common.model_description import ModelSource, PoolingType
 t_import = time.perf_counter()
-TextEmbedding.add_custom_model(model="local/m", pooling=PoolingType.MEAN, normalization=True,
+TextEmbedding.add_custom_model(model="local/m", pooling=PoolingType.DISABLED, normalization=True,
                                sources=ModelSource(hf="local/none"), dim=384, model_file={model_file!r})
 model = TextEmbedding("local/m", specific_model_path={folder!r}, providers=["CPUExecutionProvider"])
 model.model.tokenizer.enable_truncation(max_length=256)
@@ -97,41 +97,43 @@ def contestants(args) -> dict[str, tuple[str, str]]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--st-folder", type=Path, required=True)
-    parser.add_argument("--anchors-python", required=True)
-    parser.add_argument("--reps", type=int, default=5)
-    args = parser.parse_args()
+def start(python: str, body: str, runs: list[dict]) -> None:
+    """One fresh process: import, load, first text; its figures go to ``runs``."""
+    out = subprocess.run([python, "-c", TEMPLATE.format(body=body)], capture_output=True, text=True, check=True)
+    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str], *, name: str = "coldstart") -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks {name}", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="bge-onnx folder with fp32 and int8 variants")
+    parser.add_argument("--st-folder", type=Path, required=True, help="sentence-transformers folder with onnx/ graphs")
+    parser.add_argument("--anchors-python", required=True, help="the Python of the anchors' environment")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; figures are medians (default 5)")
+    args = parser.parse_args(argv)
+    report = Report(name, "Cold start, peak RSS and install size: all-MiniLM-L6-v2 on CPU", argv,
+                    models={"MODEL": args.model})
     table = contestants(args)
-    runs: dict[str, list[dict]] = {name: [] for name in table}
-    for rep in range(args.reps):
-        for name, (python, body) in table.items():
-            print(f"round {rep + 1}: {name}", file=sys.stderr, flush=True)
-            start = time.perf_counter()
-            out = subprocess.run([python, "-c", TEMPLATE.format(body=body)], capture_output=True, text=True, check=True)
-            figures = json.loads(out.stdout.strip().splitlines()[-1])
-            figures["process wall"] = time.perf_counter() - start
-            runs[name].append(figures)
-    print("# Cold start, peak RSS and install size: all-MiniLM-L6-v2 on CPU\n")
-    print(f"Command: `python benchmarks/coldstart.py --model {args.model.name} --st-folder {args.st_folder.name} "
-          f"--anchors-python ANCHORS --reps {args.reps}`; {time.strftime('%Y-%m-%d')}; {platform.machine()}. "
-          f"Fresh process each time, contestants alternating, medians of {args.reps}; page cache warm (the files were "
-          "read by earlier rounds). 'total' = import + load + first encode of one short text.\n")
-    keys = ["import", "load", "first encode", "process wall", "peak RSS MB"]
-    print("| contestant | " + " | ".join(keys[:3]) + " | total | vs fastembed, same precision | process wall | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
-    for name, m in med.items():
-        total = m["import"] + m["load"] + m["first encode"]
-        base = "fastembed int8 (same graph)" if "int8" in name else "fastembed fp32 (same graph)"
-        fe = med[base]["import"] + med[base]["load"] + med[base]["first encode"]
-        print(f"| {name} | {m['import']:.2f} s | {m['load']:.2f} s | {m['first encode']:.3f} s | {total:.2f} s | "
-              f"{total / fe:.2f}x | {m['process wall']:.2f} s | {m['peak RSS MB']:.0f} |")
-    print("\n## Installed size (package + its required dependencies, as installed)\n")
-    print("| package | size MB | largest parts |")
-    print("|---|---|---|")
+    runs: dict[str, list[dict]] = {c: [] for c in table}
+    log(f"{args.rounds} rounds of {len(table)} fresh processes")
+    wall = interleave({c: (lambda p=p, b=b, r=runs[c]: start(p, b, r)) for c, (p, b) in table.items()},
+                      rounds=args.rounds, warm=False)
+    report.text(f"Fresh process each time, contestants alternating, medians of {args.rounds}; page cache warm (the "
+                "files were read by earlier rounds). 'total' = import + load + first encode of one short text.")
+    keys = ["import", "load", "first encode", "peak RSS MB"]
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in keys} for c, rs in runs.items()}
+    rows = []
+    for c, m in med.items():
+        m["total"] = m["import"] + m["load"] + m["first encode"]
+        m["process wall"] = statistics.median(wall[c])
+    for c, m in med.items():
+        base = med["fastembed int8 (same graph)" if "int8" in c else "fastembed fp32 (same graph)"]["total"]
+        rows.append([c, f"{m['import']:.2f} s", f"{m['load']:.2f} s", f"{m['first encode']:.3f} s",
+                     f"{m['total']:.2f} s", f"{m['total'] / base:.2f}x", f"{m['process wall']:.2f} s",
+                     f"{m['peak RSS MB']:.0f}"])
+    report.table(["contestant", "import", "load", "first encode", "total", "vs fastembed, same precision",
+                  "process wall", "peak RSS MB"], rows)
+    report.text("## Installed size (package + its required dependencies, as installed)")
+    sizes_rows, sizes_data = [], {}
     for label, python, names in (
         ("bge-onnx (runtime)", sys.executable, ["bge-onnx"]),
         ("fastembed", args.anchors_python, ["fastembed"]),
@@ -139,8 +141,8 @@ def main() -> None:
     ):
         sizes = json.loads(subprocess.run([python, "-c", SIZE, *names], capture_output=True, text=True, check=True).stdout)
         top = sorted(sizes.items(), key=lambda kv: -kv[1])[:4]
-        print(f"| {label} | {sum(sizes.values()) / 1e6:.0f} | " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in top) + " |")
-
-
-if __name__ == "__main__":
-    main()
+        sizes_data[label] = sizes
+        sizes_rows.append([label, f"{sum(sizes.values()) / 1e6:.0f}", ", ".join(f"{k} {v / 1e6:.0f}" for k, v in top)])
+    report.table(["package", "size MB", "largest parts"], sizes_rows)
+    report.data = {"medians": med, "runs": runs, "installed_bytes": sizes_data}
+    report.write()

@@ -1,6 +1,6 @@
 """One benchmark contestant in its own process: load it, then embed (or score) corpora on command (stdin -> stdout).
 
-Run by benchmarks/compare.py and rerank.py, possibly with another Python (the anchors need transformers 4 / optimum, which
+Run by `python -m benchmarks compare | by-length | rerank`, possibly with another Python (the anchors need transformers 4 / optimum, which
 bge-onnx's export extra does not). Protocol, one line each way, fields split by tabs: "run CORPUS" -> seconds;
 "save CORPUS PATH" -> "ok" after writing the vectors (or scores) as .npy; "quit". Imports only what the contestant needs, so each process
 holds one library.
@@ -32,10 +32,13 @@ def fastembed(folder: str, model_file: str, max_length: int, threads: int):
     from fastembed import TextEmbedding
     from fastembed.common.model_description import ModelSource, PoolingType
 
+    # bge-onnx's graphs end in their pooling (output sentence_embedding): fastembed then pools nothing
+    with open(os.path.join(folder, "bge_onnx.json"), encoding="utf-8") as f:
+        pooled = json.load(f)["output"] == "sentence_embedding"
     name = f"local/{os.path.basename(folder)}-{model_file}"
     TextEmbedding.add_custom_model(
-        model=name, pooling=PoolingType.MEAN, normalization=True, sources=ModelSource(hf="local/none"), dim=384,
-        model_file=model_file,
+        model=name, pooling=PoolingType.DISABLED if pooled else PoolingType.MEAN, normalization=True,
+        sources=ModelSource(hf="local/none"), dim=384, model_file=model_file,
     )
     model = TextEmbedding(name, specific_model_path=folder, threads=threads, providers=["CPUExecutionProvider"])
     model.model.tokenizer.enable_truncation(max_length=max_length)  # fastembed's default would cut at 128
@@ -94,20 +97,6 @@ def bge_onnx_rerank(folder: str, precision: str, threads: int):
     return lambda pairs: model.compute_score([tuple(p) for p in pairs])
 
 
-def gemm(threads: int):
-    """numpy float32 GEMM, for the roofline ratio: returns FLOP/s in place of seconds."""
-    a = np.random.default_rng(0).standard_normal((1024, 1024), dtype=np.float32)
-
-    def run(texts):
-        a @ a  # warm
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ a
-        return 20 * 2 * 1024**3 / (time.perf_counter() - start)
-
-    return run
-
-
 def main() -> None:
     spec = json.loads(sys.argv[1])
     corpora = json.loads(open(spec.pop("corpora"), encoding="utf-8").read())
@@ -122,9 +111,7 @@ def main() -> None:
         if command == "quit":
             break
         texts = corpora[args[0]]
-        if kind == "gemm":
-            print(encode(texts), flush=True)
-        elif command == "run":
+        if command == "run":
             start = time.perf_counter()
             encode(texts)
             print(time.perf_counter() - start, flush=True)

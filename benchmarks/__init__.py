@@ -1,0 +1,1 @@
+"""bge-onnx's benchmarks: run one with `python -m benchmarks NAME [options]`; `python -m benchmarks` lists them."""

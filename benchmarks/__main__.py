@@ -1,0 +1,38 @@
+"""python -m benchmarks NAME [options]: run one benchmark (each writes benchmarks/results/NAME.md and .json)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, what it measures)
+BENCHMARKS = {
+    "compare": ("compare", "throughput and accuracy against sentence-transformers, fastembed and optimum, CPU"),
+    "by-length": ("compare", "the same contestants on texts cut to fixed token lengths, and the plot"),
+    "coldstart": ("coldstart", "import + load + first text in a fresh process, peak RSS, installed size"),
+    "quality": ("quality", "STS-B Spearman and SciFact nDCG@10 against the published MTEB scores, per precision"),
+    "rerank": ("rerank", "reranker throughput and scores against sentence-transformers' CrossEncoder, CPU"),
+    "parity": ("parity", "every architecture and the packaged real model against PyTorch, fp32"),
+    "gpu": ("gpu", "CUDA: provider start, fp16/fp32 parity, throughput against sentence-transformers on the GPU"),
+    "gpu-rerank": ("gpu_rerank", "CUDA: reranker parity and throughput against the CrossEncoder on the GPU"),
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "list"):
+        print(__doc__.strip() + "\n\nbenchmarks:")
+        for name, (_, what) in BENCHMARKS.items():
+            print(f"  {name:<11} {what}")
+        print("\n`python -m benchmarks NAME --help` lists a benchmark's options; benchmarks/README.md says what each needs.")
+        return 0
+    name, *rest = argv
+    if name not in BENCHMARKS:
+        print(f"benchmarks: unknown benchmark {name!r}; one of: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"benchmarks.{BENCHMARKS[name][0]}")
+    module.main(rest, name=name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
