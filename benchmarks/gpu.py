@@ -56,7 +56,10 @@ def rates(runs: dict, items: list, rounds: int, warm: int = 256) -> dict:
     """Items per second of each run over items, interleaved, medians; each warmed on ``warm`` items first."""
     for run in runs.values():
         run(items[:warm])  # CUDA kernels, memory arenas
-    seconds = medians(interleave({n: (lambda r=r: r(items)) for n, r in runs.items()}, rounds=rounds, warm=False))
+    def once(run) -> None:  # timed by interleave (the run's own return value is not seconds)
+        run(items)
+
+    seconds = medians(interleave({n: (lambda r=r: once(r)) for n, r in runs.items()}, rounds=rounds, warm=False))
     return {name: len(items) / s for name, s in seconds.items()}
 
 
