@@ -67,27 +67,33 @@ def fetch(src: str, revision: str | None) -> tuple[Path, str | None]:
     return folder, folder.name  # the snapshot folder is named by its commit
 
 
-def _sentence_transformers(folder: Path) -> tuple[Pooling, bool, int | None, str] | None:
-    """Pooling, normalise, max_seq_length and query prompt from a sentence-transformers folder."""
+def _sentence_transformers(folder: Path, *, pooling_given: bool) -> tuple[Pooling | None, bool, int | None, str] | None:
+    """Pooling, normalise, max_seq_length and query prompt from a sentence-transformers folder; the pooling is
+    not read (None) when the caller gives one."""
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return None
     modules = _read_json(modules_file)
     kinds = [m.get("type", "") for m in modules]
     unsupported = [k for k in kinds if k not in (ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE)]
-    if unsupported:
+    if unsupported:  # e.g. a Dense layer after the pooling: the vectors would differ whatever the pooling
         raise ExportError(f"{modules_file} uses modules bge-onnx cannot run yet: {unsupported}")
+    pooling = None
     pooling_module = next((m for m in modules if m.get("type") == ST_POOLING), None)
-    if pooling_module is None:
-        raise ExportError(f"{modules_file} has no Pooling module; pass --pooling cls|mean")
-    config = _read_json(folder / pooling_module["path"] / "config.json")
-    modes = [k for k, v in config.items() if k.startswith("pooling_mode") and v]
-    if modes == ["pooling_mode_cls_token"]:
-        pooling = Pooling.CLS
-    elif modes == ["pooling_mode_mean_tokens"]:
-        pooling = Pooling.MEAN
-    else:
-        raise ExportError(f"{folder / pooling_module['path']}/config.json uses pooling {modes}; bge-onnx runs cls or mean")
+    if not pooling_given:
+        if pooling_module is None:
+            raise ExportError(f"{modules_file} has no Pooling module; pass --pooling cls|mean")
+        config = _read_json(folder / pooling_module["path"] / "config.json")
+        modes = [k for k, v in config.items() if k.startswith("pooling_mode") and v]
+        if modes == ["pooling_mode_cls_token"]:
+            pooling = Pooling.CLS
+        elif modes == ["pooling_mode_mean_tokens"]:
+            pooling = Pooling.MEAN
+        else:
+            raise ExportError(
+                f"{folder / pooling_module['path']}/config.json uses pooling {modes}; bge-onnx runs cls or mean "
+                "(--pooling cls|mean overrides it)"
+            )
     max_length = None
     bert_config = folder / "sentence_bert_config.json"
     if bert_config.is_file():
@@ -135,7 +141,7 @@ def describe_source(
     instruction = ""
     limit = None
     chosen = None
-    st = _sentence_transformers(folder) if task is Task.EMBED else None
+    st = _sentence_transformers(folder, pooling_given=pooling is not None) if task is Task.EMBED else None
     if st:
         chosen, normalize, limit, instruction = st
     if known_model:  # fills in only what the checkpoint's own sentence-transformers files leave unsaid

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bge_onnx import Embedder, Reranker
+from bge_onnx.errors import ExportError
 from bge_onnx.registry import EN_INSTRUCTION
 from bge_onnx.spec import Pooling, read_spec
 from bge_onnx_export.parity import MAX_SCORE_DIFF, MIN_COSINE, torch_embeddings, torch_scores
@@ -95,6 +96,20 @@ def test_checkpoint_config_wins_over_the_registry(checkpoints, tmp_path):
     # with no prompt of its own, the registry's instruction fills in
     (folder / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {}}))
     assert describe_source(str(folder)).query_instruction == EN_INSTRUCTION
+
+
+def test_explicit_pooling_wins_over_a_missing_or_unsupported_pooling_config(checkpoints, tmp_path):
+    folder = shutil.copytree(checkpoints["bert-mean"], tmp_path / "no-pooling-module")
+    modules = json.loads((folder / "modules.json").read_text())
+    (folder / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Pooling")]))
+    with pytest.raises(ExportError, match="has no Pooling module; pass --pooling cls|mean"):
+        describe_source(str(folder))
+    assert describe_source(str(folder), pooling="cls").pooling is Pooling.CLS
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ExportError, match="uses pooling"):
+        describe_source(str(folder))
+    assert describe_source(str(folder), pooling="mean").pooling is Pooling.MEAN
 
 
 def test_mean_and_cls_really_differ(exported):
