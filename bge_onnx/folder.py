@@ -69,8 +69,24 @@ def open_model(
     revision: str | None,
     precision: str | Precision = "auto",
 ) -> LoadedModel:
-    """Resolve, check and load a model folder for ``task``."""
-    folder = hub.resolve(model, revision=revision)
+    """Resolve, check and load a model folder for ``task``.
+
+    The execution provider and so the precision are chosen before a hub repo is downloaded, so that only the
+    chosen variant's files are fetched.
+    """
+    if max_length is not None:
+        positive_int("max_length", max_length)
+    providers = choose_providers(device)
+    on_cuda = CUDA in providers
+
+    def files_for(spec: ModelSpec, *, cuda: bool = on_cuda) -> list[str]:
+        """What a hub repo's load needs: the tokenizer and the chosen variant's graph (its warning comes later)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chosen = choose_precision(spec, precision, on_cuda=cuda, folder=Path(os.fspath(model)))
+        return [TOKENIZER_FILE, *spec.variants[chosen.value].all_files]
+
+    folder = hub.resolve(model, revision=revision, files_for=files_for)
     spec = read_spec(folder)
     if spec.task is not task:
         kinds = {Task.EMBED: ("an embedding", "Embedder"), Task.RERANK: ("a reranker", "Reranker")}
@@ -80,13 +96,11 @@ def open_model(
         )
     if max_length is None:
         max_length = spec.max_length
-    positive_int("max_length", max_length)
     if max_length > spec.max_positions:
         raise InputError(
             f"max_length={max_length} exceeds what the model can take ({spec.max_positions} tokens)"
         )
-    providers = choose_providers(device)
-    chosen = choose_precision(spec, precision, on_cuda=CUDA in providers, folder=folder)
+    chosen = choose_precision(spec, precision, on_cuda=on_cuda, folder=folder)
     variant = spec.variants[chosen.value]
     # Hashing the files and parsing the graph each read every byte; both release the GIL, so the check runs
     # beside the load instead of before it (cold start: docs/decisions.md).
@@ -103,6 +117,7 @@ def open_model(
     checked()
     if precision == "auto" and chosen is Precision.FP16 and CUDA not in session.providers:
         # CUDA failed to start and the session fell back to CPU (with a warning): fp16 has no place there
+        hub.resolve(model, revision=revision, files_for=lambda spec: files_for(spec, cuda=False))  # a repo's CPU graph
         chosen = choose_precision(spec, "auto", on_cuda=False, folder=folder)
         variant = spec.variants[chosen.value]
         verify_files(folder, spec, variant.all_files)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ModelFilesError
-from .spec import MANIFEST, Precision, read_spec
-from .tokenize import TOKENIZER_FILE
+from .spec import MANIFEST, ModelSpec, read_spec
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -22,8 +22,16 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(_REPO_ID.match(name)) and ".." not in name
 
 
-def resolve(model: str | os.PathLike[str], *, revision: str | None = None) -> Path:
+def resolve(
+    model: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    files_for: Callable[[ModelSpec], list[str]] = lambda spec: [],
+) -> Path:
     """Return the local folder for ``model``: an existing path as is, else a hub repo downloaded to the cache.
+
+    For a repo, ``files_for(spec)`` names the files to fetch beside the manifest (the tokenizer and one variant's
+    graph), so that the caller picks the precision before anything large is downloaded.
 
     Raises:
         ModelFilesError: neither an existing folder nor a downloadable bge-onnx repo.
@@ -38,14 +46,21 @@ def resolve(model: str | os.PathLike[str], *, revision: str | None = None) -> Pa
     name = os.fspath(model)
     if not looks_like_repo_id(name):
         raise ModelFilesError(f"model folder {name!r} does not exist (and is not a hub repo id 'owner/name')")
-    return download(name, revision=revision)
+    return download(name, revision=revision, files_for=files_for)
 
 
-def download(repo_id: str, *, revision: str | None = None) -> Path:
-    """Download an exported bge-onnx repo: its manifest first, then only the files the runtime needs.
+def download(
+    repo_id: str, *, revision: str | None = None, files_for: Callable[[ModelSpec], list[str]] = lambda spec: []
+) -> Path:
+    """Fetch an exported bge-onnx repo's manifest, then only the files ``files_for(spec)`` names.
+
+    When the manifest and those files of the revision are already in the cache, nothing goes over the network
+    (no request at all, not even the HEAD that checks a branch for a newer commit): a cached branch is not looked
+    up again here. Otherwise the manifest is fetched anew, then each file (huggingface_hub skips those it has).
 
     Raises:
         ModelFilesError: the repo, revision or a file cannot be fetched, or the repo is not a bge-onnx export.
+        ModelIntegrityError: the manifest is not valid.
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -53,6 +68,18 @@ def download(repo_id: str, *, revision: str | None = None) -> Path:
         HfHubHTTPError,
         LocalEntryNotFoundError,
     )
+
+    def cached(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
+        except (LocalEntryNotFoundError, EntryNotFoundError, OSError):
+            return None
+
+    manifest = cached(MANIFEST)
+    if manifest is not None:
+        wanted = files_for(read_spec(manifest.parent))
+        if all(cached(filename) is not None for filename in wanted):
+            return manifest.parent
 
     def fetch(filename: str) -> Path:
         try:
@@ -77,6 +104,6 @@ def download(repo_id: str, *, revision: str | None = None) -> Path:
 
     folder = fetch(MANIFEST).parent
     spec = read_spec(folder)  # ModelIntegrityError names the file when the manifest is not valid
-    for filename in [TOKENIZER_FILE, *spec.variants[Precision.FP32.value].all_files]:
+    for filename in files_for(spec):
         fetch(filename)
     return folder

@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -187,3 +188,61 @@ def test_export_from_a_hub_repo_id(hub, tmp_path):
     # an unknown id with no sentence-transformers config: the export asks instead of guessing
     result = export("acme/raw-checkpoint")
     assert result.returncode == 1 and "Pass --pooling cls or --pooling mean" in result.stderr
+
+
+class _Silent:
+    """A server that accepts connections and never answers (a firewall that drops the replies): it counts them."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:  # closed
+                return
+            self.connections.append(connection)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+
+    def close(self) -> None:
+        self.socket.close()
+        for connection in self.connections:
+            connection.close()
+
+
+def test_auto_precision_downloads_only_the_chosen_variant_and_a_cached_load_makes_no_request(model_copy, tmp_path):
+    from bge_onnx import Embedder, Precision
+    from bge_onnx_export import precision
+
+    repo = model_copy("bert-cls")
+    # an int8 variant that passed its gate (a gate this tiny random model meets), so "auto" picks it on CPU
+    precision.add_variant(repo, Precision.INT8, gate={"min_cosine": 0.0})
+    expected = Embedder(repo, device="cpu", precision="int8").encode(["hub text", "another"])
+    server = _Hub({"acme/tiny-int8": repo})
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        result = _load("acme/tiny-int8", tmp_path / "v.npy", tmp_path / "hf", endpoint)
+        assert result.returncode == 0, result.stdout + result.stderr
+        fetched = {r.split("/resolve/main/")[-1] for r in server.requests if r.startswith("GET")}
+        assert fetched == {"bge_onnx.json", "tokenizer.json", "model_int8.onnx"}  # not the fp32 graph
+    finally:
+        server.shutdown()
+        server.server_close()
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy"), expected, atol=1e-6)
+
+    # cached: no request at all, not even the HEAD that asks whether main moved (HF_HUB_OFFLINE unset)
+    silent = _Silent()
+    try:
+        result = _load("acme/tiny-int8", tmp_path / "w.npy", tmp_path / "hf", silent.endpoint)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert silent.connections == []
+    finally:
+        silent.close()
+    np.testing.assert_allclose(np.load(tmp_path / "w.npy"), expected, atol=1e-6)
