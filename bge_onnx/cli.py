@@ -190,6 +190,37 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from . import hub
+    from .folder import choose_precision
+    from .session import CUDA, choose_providers
+    from .tokenize import TOKENIZER_FILE
+
+    if not hub.looks_like_repo_id(args.model) or Path(args.model).expanduser().exists():
+        raise InputError(f"pull takes a hub repo id 'owner/name', got {args.model!r}")
+    on_cuda = CUDA in choose_providers(args.device)
+
+    def files_for(spec) -> list[str]:
+        if args.precision == "all":
+            names = sorted(spec.variants)
+        else:
+            names = [choose_precision(spec, args.precision, on_cuda=on_cuda, folder=Path(args.model)).value]
+        return [TOKENIZER_FILE, *(name for n in names for name in spec.variants[n].all_files)]
+
+    print(hub.resolve(args.model, revision=args.revision, files_for=files_for, refresh=True))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .registry import KNOWN_MODELS
+
+    for model_id, known in KNOWN_MODELS.items():
+        pooling = known.pooling.value if known.pooling else "-"
+        row = [model_id, known.task.value, pooling, str(known.dim), str(known.max_length), known.query_instruction or "-"]
+        print("\t".join(row))
+    return 0
+
+
 def _describe_parity(parity: dict) -> str:
     gate = parity.get("gate")
     if not gate:  # fp32: against PyTorch
@@ -216,7 +247,8 @@ def _positive_int(value: str) -> int:
 
 
 def _runtime_kwargs(args: argparse.Namespace) -> dict:
-    options = {"device": args.device, "threads": args.threads, "max_length": args.max_length, "precision": args.precision}
+    options = {"device": args.device, "threads": args.threads, "max_length": args.max_length,
+               "precision": args.precision, "revision": args.revision}
     if args.max_tokens is not None:
         options["max_tokens"] = args.max_tokens
     return options
@@ -230,6 +262,7 @@ def _runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, help="at most this many texts per forward pass (default: 256)")
     parser.add_argument("--max-tokens", type=_positive_int, help="at most this many padded tokens per forward pass (default: 512 on CPU, 16384 on CUDA)")
     parser.add_argument("--max-length", type=_positive_int, help="token limit (default: the model's)")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit) when MODEL is a repo id")
     parser.add_argument("--input", choices=["lines", "jsonl"], default="lines",
                         help="stdin format: one text per line, or JSONL strings / objects with 'text' (default: lines)")
 
@@ -285,6 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--revision", help="hub revision")
     info.add_argument("--json", action="store_true", help="print the raw manifest")
     info.set_defaults(run=_cmd_info)
+
+    pull = commands.add_parser("pull", help="download a hub repo's files into the cache and print its folder",
+                               description="Fill the hub cache with a bge-onnx repo (a container build step): the "
+                                           "manifest, the tokenizer and the graph a load would use here (or every "
+                                           "graph). Asks the hub which commit the revision names now, so a branch "
+                                           "moves only here; later loads use the cache without the network.")
+    pull.add_argument("model", metavar="MODEL", help="hub repo id, owner/name")
+    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
+    pull.add_argument("--precision", choices=["auto", "fp32", "int8", "fp16", "all"], default="auto",
+                      help="graph to fetch (default: auto = what a load on this machine's --device picks; all: every graph)")
+    pull.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="the device the model will run on, for --precision auto (default: auto)")
+    pull.set_defaults(run=_cmd_pull)
+
+    models = commands.add_parser("models", help="list the known BGE models",
+                                 description="The registry of known models, one per line, tab-separated: id, task, "
+                                             "pooling, dimension, max length, query instruction ('-' for none).")
+    models.set_defaults(run=_cmd_models)
     return parser
 
 

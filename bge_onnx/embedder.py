@@ -29,7 +29,9 @@ class Embedder(ModelHandle):
             default 512 on CPU (measured best), 16384 on CUDA.
         precision: "auto" (int8 on CPU / fp16 on CUDA when the folder has one that passed its export gate,
             else fp32), or "fp32", "int8", "fp16" (an error if the folder lacks it).
-        revision: hub revision when ``model`` is a repo id.
+        revision: hub revision (branch, tag or commit) when ``model`` is a repo id. Once the files are cached, a
+            load makes no network request (a cached branch is not looked up again: `bge-onnx pull` does that).
+        local_files_only: never use the network for a repo id: the cache, or ModelFilesError.
 
     Raises:
         ModelFilesError, ModelIntegrityError, WrongTaskError, ProviderError, InputError.

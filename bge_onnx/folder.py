@@ -68,6 +68,7 @@ def open_model(
     max_length: int | None,
     revision: str | None,
     precision: str | Precision = "auto",
+    local_files_only: bool = False,
 ) -> LoadedModel:
     """Resolve, check and load a model folder for ``task``.
 
@@ -86,7 +87,7 @@ def open_model(
             chosen = choose_precision(spec, precision, on_cuda=cuda, folder=Path(os.fspath(model)))
         return [TOKENIZER_FILE, *spec.variants[chosen.value].all_files]
 
-    folder = hub.resolve(model, revision=revision, files_for=files_for)
+    folder = hub.resolve(model, revision=revision, files_for=files_for, local_files_only=local_files_only)
     spec = read_spec(folder)
     if spec.task is not task:
         kinds = {Task.EMBED: ("an embedding", "Embedder"), Task.RERANK: ("a reranker", "Reranker")}
@@ -116,8 +117,12 @@ def open_model(
         raise
     checked()
     if precision == "auto" and chosen is Precision.FP16 and CUDA not in session.providers:
-        # CUDA failed to start and the session fell back to CPU (with a warning): fp16 has no place there
-        hub.resolve(model, revision=revision, files_for=lambda spec: files_for(spec, cuda=False))  # a repo's CPU graph
+        # CUDA failed to start and the session fell back to CPU (with a warning): fp16 has no place there; a hub
+        # repo's CPU graph may still need fetching
+        def cpu_files(spec: ModelSpec) -> list[str]:
+            return files_for(spec, cuda=False)
+
+        hub.resolve(model, revision=revision, files_for=cpu_files, local_files_only=local_files_only)
         chosen = choose_precision(spec, "auto", on_cuda=False, folder=folder)
         variant = spec.variants[chosen.value]
         verify_files(folder, spec, variant.all_files)

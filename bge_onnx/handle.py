@@ -31,6 +31,7 @@ class ModelHandle:
         max_tokens: int | None = None,
         precision: str = "auto",
         revision: str | None = None,
+        local_files_only: bool = False,
     ) -> None:
         self.batch_size = positive_int("batch_size", batch_size)
         if max_tokens is not None:
@@ -43,6 +44,7 @@ class ModelHandle:
             max_length=max_length,
             revision=revision,
             precision=precision,
+            local_files_only=local_files_only,
         )
         on_cuda = CUDA in self._model.session.providers
         if max_tokens is None:

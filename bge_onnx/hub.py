@@ -27,11 +27,15 @@ def resolve(
     *,
     revision: str | None = None,
     files_for: Callable[[ModelSpec], list[str]] = lambda spec: [],
+    local_files_only: bool = False,
+    refresh: bool = False,
 ) -> Path:
     """Return the local folder for ``model``: an existing path as is, else a hub repo downloaded to the cache.
 
     For a repo, ``files_for(spec)`` names the files to fetch beside the manifest (the tokenizer and one variant's
-    graph), so that the caller picks the precision before anything large is downloaded.
+    graph), so that the caller picks the precision before anything large is downloaded. ``local_files_only``: the
+    cache or an error, never the network; ``refresh``: ask the hub which commit the revision names now (a branch
+    moves) instead of trusting the cache.
 
     Raises:
         ModelFilesError: neither an existing folder nor a downloadable bge-onnx repo.
@@ -46,17 +50,23 @@ def resolve(
     name = os.fspath(model)
     if not looks_like_repo_id(name):
         raise ModelFilesError(f"model folder {name!r} does not exist (and is not a hub repo id 'owner/name')")
-    return download(name, revision=revision, files_for=files_for)
+    return download(name, revision=revision, files_for=files_for, local_files_only=local_files_only, refresh=refresh)
 
 
 def download(
-    repo_id: str, *, revision: str | None = None, files_for: Callable[[ModelSpec], list[str]] = lambda spec: []
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    files_for: Callable[[ModelSpec], list[str]] = lambda spec: [],
+    local_files_only: bool = False,
+    refresh: bool = False,
 ) -> Path:
     """Fetch an exported bge-onnx repo's manifest, then only the files ``files_for(spec)`` names.
 
     When the manifest and those files of the revision are already in the cache, nothing goes over the network
     (no request at all, not even the HEAD that checks a branch for a newer commit): a cached branch is not looked
-    up again here. Otherwise the manifest is fetched anew, then each file (huggingface_hub skips those it has).
+    up again here (``refresh`` does: `bge-onnx pull`). Otherwise the manifest is fetched anew, then each file
+    (huggingface_hub skips those it has); with ``local_files_only`` (or HF_HUB_OFFLINE=1) that is an error instead.
 
     Raises:
         ModelFilesError: the repo, revision or a file cannot be fetched, or the repo is not a bge-onnx export.
@@ -65,9 +75,14 @@ def download(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
+
+    at = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
 
     def cached(filename: str) -> Path | None:
         try:
@@ -75,11 +90,17 @@ def download(
         except (LocalEntryNotFoundError, EntryNotFoundError, OSError):
             return None
 
-    manifest = cached(MANIFEST)
+    manifest = None if refresh else cached(MANIFEST)
     if manifest is not None:
         wanted = files_for(read_spec(manifest.parent))
         if all(cached(filename) is not None for filename in wanted):
             return manifest.parent
+    if local_files_only:
+        raise ModelFilesError(
+            f"hub repo {at} is not in the local cache, or only in part, and local_files_only=True forbids the "
+            f"network; fill the cache first with `bge-onnx pull {repo_id}`"
+            f"{' --revision ' + revision if revision else ''}, or pass a local folder."
+        )
 
     def fetch(filename: str) -> Path:
         try:
@@ -88,6 +109,20 @@ def download(
             raise ModelFilesError(
                 f"cannot download {filename} of {repo_id!r} and it is not in the local cache "
                 f"({err}); check the network or HF_ENDPOINT, or pass a local folder."
+            ) from err
+        except GatedRepoError as err:  # before RepositoryNotFoundError: it is one
+            raise ModelFilesError(
+                f"hub repo {repo_id!r} is gated: accept its terms on the hub with your account, then set HF_TOKEN "
+                "to a token of that account."
+            ) from err
+        except RepositoryNotFoundError as err:
+            raise ModelFilesError(
+                f"hub repo {repo_id!r} does not exist, or is private: check the name, or set HF_TOKEN to a token "
+                "that may read it."
+            ) from err
+        except RevisionNotFoundError as err:
+            raise ModelFilesError(
+                f"hub repo {repo_id!r} has no revision {revision!r} (a branch, tag or commit); check the name."
             ) from err
         except EntryNotFoundError as err:  # the hub answered: no such file
             if filename == MANIFEST:

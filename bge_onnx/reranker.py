@@ -32,7 +32,8 @@ class Reranker(ModelHandle):
 
     Args:
         model: an exported reranker folder or a hub repo id holding one.
-        device, threads, batch_size, max_tokens, precision, revision: as for :class:`bge_onnx.Embedder`.
+        device, threads, batch_size, max_tokens, precision, revision, local_files_only: as for
+            :class:`bge_onnx.Embedder`.
         max_length: token limit of a whole pair (FlagReranker's default: 512).
         query_max_length: token limit of the query part; default ``max_length * 3 // 4`` as in FlagReranker.
 
@@ -54,6 +55,7 @@ class Reranker(ModelHandle):
         max_tokens: int | None = None,
         precision: str = "auto",
         revision: str | None = None,
+        local_files_only: bool = False,
     ) -> None:
         super().__init__(
             model,
@@ -64,6 +66,7 @@ class Reranker(ModelHandle):
             max_tokens=max_tokens,
             precision=precision,
             revision=revision,
+            local_files_only=local_files_only,
         )
         limit = self._model.tokenizer.max_length
         if query_max_length is None:

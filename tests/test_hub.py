@@ -19,9 +19,10 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class _Hub(http.server.ThreadingHTTPServer):
-    def __init__(self, repos: dict[str, Path]) -> None:
+    def __init__(self, repos: dict[str, Path], gated: tuple[str, ...] = ()) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.repos = repos
+        self.gated = gated  # answered as the hub answers a gated repo without an accepted token
         self.requests: list[str] = []
 
 
@@ -63,12 +64,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if len(parts) < 5 or parts[2] != "resolve":
             self._fail(404, "RepoNotFound")
             return None
+        if "/".join(parts[:2]) in self.server.gated:
+            self._fail(403, "GatedRepo")
+            return None
         repo = self.server.repos.get("/".join(parts[:2]))
         if repo is None:
             self._fail(404, "RepoNotFound")
             return None
+        if parts[3] not in ("main", COMMIT):
+            self._fail(404, "RevisionNotFound")
+            return None
         path = repo.joinpath(*parts[4:])
-        if parts[3] not in ("main", COMMIT) or not path.is_file():
+        if not path.is_file():
             self._fail(404, "EntryNotFound")
             return None
         body = path.read_bytes()
@@ -111,21 +118,30 @@ def hub(exported, checkpoints):
 
 
 _SCRIPT = """
-import sys, numpy as np, bge_onnx
+import json, sys, numpy as np, bge_onnx
+options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 try:
-    vectors = bge_onnx.Embedder(sys.argv[1], device="cpu").encode(["hub text", "another"])
+    vectors = bge_onnx.Embedder(sys.argv[1], device="cpu", **options).encode(["hub text", "another"])
 except bge_onnx.BgeOnnxError as err:
     print(type(err).__name__ + ": " + str(err)); sys.exit(1)
 np.save(sys.argv[2], vectors)
 """
 
 
-def _load(model: str, out: Path, home: Path, endpoint: str, offline: bool = False) -> subprocess.CompletedProcess:
-    # huggingface_hub reads HF_ENDPOINT when imported, so each load runs in a fresh process
+def _env(endpoint: str, home: Path, offline: bool = False) -> dict[str, str]:
     env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_TOKEN", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-c", _SCRIPT, model, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    return env
+
+
+def _load(
+    model: str, out: Path, home: Path, endpoint: str, offline: bool = False, **options: object
+) -> subprocess.CompletedProcess:
+    # huggingface_hub reads HF_ENDPOINT when imported, so each load runs in a fresh process
+    return subprocess.run([sys.executable, "-c", _SCRIPT, model, str(out), json.dumps(options)],
+                          env=_env(endpoint, home, offline), capture_output=True, text=True, timeout=300)
 
 
 def test_repo_id_downloads_only_what_the_runtime_needs(hub, exported, tmp_path):
@@ -157,7 +173,9 @@ def test_repo_that_is_not_an_export(hub, tmp_path):
 def test_unknown_repo_and_offline_miss(hub, tmp_path):
     endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
     result = _load("acme/does-not-exist", tmp_path / "v.npy", tmp_path / "hf", endpoint)
-    assert result.returncode == 1 and "ModelFilesError: cannot download bge_onnx.json of hub repo 'acme/does-not-exist'" in result.stdout
+    assert result.returncode == 1
+    assert "ModelFilesError: hub repo 'acme/does-not-exist' does not exist, or is private" in result.stdout
+    assert "HF_TOKEN" in result.stdout
     result = _load("acme/tiny-bge", tmp_path / "v.npy", tmp_path / "empty-cache", endpoint, offline=True)
     assert result.returncode == 1 and "is not in the local cache" in result.stdout
 
@@ -246,3 +264,69 @@ def test_auto_precision_downloads_only_the_chosen_variant_and_a_cached_load_make
     finally:
         silent.close()
     np.testing.assert_allclose(np.load(tmp_path / "w.npy"), expected, atol=1e-6)
+
+
+def test_gated_repo_and_unknown_revision_name_the_fix(tmp_path, exported):
+    server = _Hub({"acme/tiny-bge": exported["bert-cls"]}, gated=("acme/gated",))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        result = _load("acme/gated", tmp_path / "v.npy", tmp_path / "hf", endpoint)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "hub repo 'acme/gated' is gated: accept its terms on the hub" in result.stdout
+        assert "HF_TOKEN" in result.stdout
+        result = _load("acme/tiny-bge", tmp_path / "v.npy", tmp_path / "hf", endpoint, revision="v9")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "hub repo 'acme/tiny-bge' has no revision 'v9'" in result.stdout
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bge_onnx", *args], env=env, capture_output=True, text=True,
+                          timeout=300, input="hub text\nanother\n")
+
+
+def test_pull_fills_the_cache_for_local_files_only_loads(hub, exported, tmp_path):
+    endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
+    home = tmp_path / "hf"
+    result = _load("acme/tiny-bge", tmp_path / "v.npy", home, endpoint, local_files_only=True)
+    assert result.returncode == 1 and "local_files_only=True forbids the network" in result.stdout
+    assert "bge-onnx pull acme/tiny-bge" in result.stdout and hub.requests == []
+
+    result = _cli("pull", "acme/tiny-bge", "--revision", COMMIT, env=_env(endpoint, home))
+    assert result.returncode == 0, result.stderr
+    folder = Path(result.stdout.strip())
+    assert folder.is_dir() and COMMIT in folder.name
+    assert {p.name for p in folder.iterdir()} == {"bge_onnx.json", "tokenizer.json", "model.onnx"}
+
+    silent = _Silent()  # after a pull: no network, with local_files_only or without
+    try:
+        for options in ({"local_files_only": True, "revision": COMMIT}, {"revision": COMMIT}):
+            result = _load("acme/tiny-bge", tmp_path / "w.npy", home, silent.endpoint, **options)
+            assert result.returncode == 0, result.stdout + result.stderr
+        result = _cli("embed", "acme/tiny-bge", "--revision", COMMIT, env=_env(silent.endpoint, home))
+        assert result.returncode == 0, result.stderr
+        assert silent.connections == []
+    finally:
+        silent.close()
+    from bge_onnx import Embedder
+
+    local = Embedder(exported["bert-cls"], device="cpu").encode(["hub text", "another"])
+    np.testing.assert_allclose(np.load(tmp_path / "w.npy"), local, atol=1e-6)
+    np.testing.assert_allclose(np.array([json.loads(line) for line in result.stdout.splitlines()]), local, atol=1e-6)
+
+
+def test_models_lists_the_registry(tmp_path):
+    from bge_onnx.registry import KNOWN_MODELS
+
+    result = _cli("models", env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [row[0] for row in rows] == list(KNOWN_MODELS)
+    for row in rows:
+        known = KNOWN_MODELS[row[0]]
+        assert row[1:5] == [known.task.value, known.pooling.value if known.pooling else "-", str(known.dim),
+                            str(known.max_length)]
+        assert row[5] == (known.query_instruction or "-")
