@@ -53,6 +53,30 @@ def resolve(
     return download(name, revision=revision, files_for=files_for, local_files_only=local_files_only, refresh=refresh)
 
 
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The cache's snapshot folder of ``repo_id`` at ``revision``, if the cache knows that revision.
+
+    Read from huggingface_hub's documented cache layout (HF_HUB_CACHE/models--owner--name/refs/REVISION holds the
+    commit; snapshots/COMMIT holds the files) with only its constants imported, so that a cached load neither
+    imports its downloader nor asks the hub anything.
+    """
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    revision = revision or "main"
+    commit = revision
+    if not _COMMIT.match(revision):
+        try:
+            commit = (repo / "refs" / revision).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+    snapshot = repo / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
 def download(
     repo_id: str,
     *,
@@ -65,13 +89,26 @@ def download(
 
     When the manifest and those files of the revision are already in the cache, nothing goes over the network
     (no request at all, not even the HEAD that checks a branch for a newer commit): a cached branch is not looked
-    up again here (``refresh`` does: `bge-onnx pull`). Otherwise the manifest is fetched anew, then each file
-    (huggingface_hub skips those it has); with ``local_files_only`` (or HF_HUB_OFFLINE=1) that is an error instead.
+    up again here (``refresh`` does: `bge-onnx pull`), and huggingface_hub's downloader is not even imported.
+    Otherwise the manifest is fetched anew, then each file (huggingface_hub skips those it has); with
+    ``local_files_only`` (or HF_HUB_OFFLINE=1) that is an error instead.
 
     Raises:
         ModelFilesError: the repo, revision or a file cannot be fetched, or the repo is not a bge-onnx export.
         ModelIntegrityError: the manifest is not valid.
     """
+    snapshot = None if refresh else cached_snapshot(repo_id, revision)
+    if snapshot is not None and (snapshot / MANIFEST).is_file():
+        if all((snapshot / filename).is_file() for filename in files_for(read_spec(snapshot))):
+            return snapshot
+    if local_files_only:
+        raise ModelFilesError(
+            f"hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "") + " is not in the local "
+            "cache, or only in part, and local_files_only=True forbids the network; fill the cache first with "
+            f"`bge-onnx pull {repo_id}{' --revision ' + revision if revision else ''}`, or pass a local folder."
+        )
+
+    # here, not at the top: importing huggingface_hub's downloader costs ~0.15 s, which a cached load never pays
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -81,26 +118,6 @@ def download(
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
-
-    at = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
-
-    def cached(filename: str) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=True))
-        except (LocalEntryNotFoundError, EntryNotFoundError, OSError):
-            return None
-
-    manifest = None if refresh else cached(MANIFEST)
-    if manifest is not None:
-        wanted = files_for(read_spec(manifest.parent))
-        if all(cached(filename) is not None for filename in wanted):
-            return manifest.parent
-    if local_files_only:
-        raise ModelFilesError(
-            f"hub repo {at} is not in the local cache, or only in part, and local_files_only=True forbids the "
-            f"network; fill the cache first with `bge-onnx pull {repo_id}`"
-            f"{' --revision ' + revision if revision else ''}, or pass a local folder."
-        )
 
     def fetch(filename: str) -> Path:
         try:
