@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -192,20 +193,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     from . import hub
-    from .folder import choose_precision
+    from .folder import files_to_load
     from .session import CUDA, choose_providers
-    from .tokenize import TOKENIZER_FILE
 
     if not hub.looks_like_repo_id(args.model) or Path(args.model).expanduser().exists():
         raise InputError(f"pull takes a hub repo id 'owner/name', got {args.model!r}")
     on_cuda = CUDA in choose_providers(args.device)
+    precisions = ["fp32", "int8", "fp16"] if args.precision == "all" else [args.precision]
 
     def files_for(spec) -> list[str]:
-        if args.precision == "all":
-            names = sorted(spec.variants)
-        else:
-            names = [choose_precision(spec, args.precision, on_cuda=on_cuda, folder=Path(args.model)).value]
-        return [TOKENIZER_FILE, *(name for n in names for name in spec.variants[n].all_files)]
+        wanted = [p for p in precisions if args.precision != "all" or p in spec.variants]
+        with warnings.catch_warnings():  # "fp16 on CPU is slow" concerns a run, not a download
+            warnings.simplefilter("ignore")
+            files = [f for p in wanted for f in files_to_load(spec, p, on_cuda=on_cuda, folder=Path(args.model))]
+        return list(dict.fromkeys(files))
 
     print(hub.resolve(args.model, revision=args.revision, files_for=files_for, refresh=True))
     return 0

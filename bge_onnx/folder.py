@@ -59,6 +59,12 @@ def choose_precision(spec: ModelSpec, precision: str | Precision, *, on_cuda: bo
     return precision
 
 
+def files_to_load(spec: ModelSpec, precision: str | Precision, *, on_cuda: bool, folder: Path) -> list[str]:
+    """The files a load reads besides the manifest: the tokenizer and the chosen variant's graph (and weights)."""
+    chosen = choose_precision(spec, precision, on_cuda=on_cuda, folder=folder)
+    return [TOKENIZER_FILE, *spec.variants[chosen.value].all_files]
+
+
 def open_model(
     model: str | os.PathLike[str],
     *,
@@ -84,8 +90,7 @@ def open_model(
         """What a hub repo's load needs: the tokenizer and the chosen variant's graph (its warning comes later)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            chosen = choose_precision(spec, precision, on_cuda=cuda, folder=Path(os.fspath(model)))
-        return [TOKENIZER_FILE, *spec.variants[chosen.value].all_files]
+            return files_to_load(spec, precision, on_cuda=cuda, folder=Path(os.fspath(model)))
 
     folder = hub.resolve(model, revision=revision, files_for=files_for, local_files_only=local_files_only)
     spec = read_spec(folder)
