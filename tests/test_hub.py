@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,98 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-class _Hub(http.server.ThreadingHTTPServer):
-    def __init__(self, repos: dict[str, Path], gated: tuple[str, ...] = ()) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.repos = repos
-        self.gated = gated  # answered as the hub answers a gated repo without an accepted token
-        self.requests: list[str] = []
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """HEAD/GET /{owner}/{name}/resolve/{revision}/{filename}, with the headers huggingface_hub reads."""
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _api(self, parts: list[str]) -> None:
-        """What snapshot_download asks first: GET /api/models/{owner}/{name}/revision/{revision} (the commit),
-        then GET /api/models/{owner}/{name}/tree/{commit} (the files)."""
-        repo = self.server.repos.get("/".join(parts[2:4]))
-        if repo is None or len(parts) < 6:
-            self._fail(404, "RepoNotFound")
-            return
-        files = sorted(p for p in repo.rglob("*") if p.is_file())
-        if parts[4] == "revision":
-            info = {"id": "/".join(parts[2:4]), "sha": COMMIT, "siblings": [{"rfilename": p.relative_to(repo).as_posix()} for p in files]}
-        else:
-            info = [
-                {"type": "file", "path": p.relative_to(repo).as_posix(), "size": p.stat().st_size,
-                 "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
-                for p in files
-            ]
-        body = json.dumps(info).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _file(self) -> Path | None:
-        parts = self.path.split("?")[0].strip("/").split("/")
-        self.server.requests.append(f"{self.command} {self.path}")
-        if parts[:2] == ["api", "models"] and self.command == "GET":
-            self._api(parts)
-            return None
-        if len(parts) < 5 or parts[2] != "resolve":
-            self._fail(404, "RepoNotFound")
-            return None
-        if "/".join(parts[:2]) in self.server.gated:
-            self._fail(403, "GatedRepo")
-            return None
-        repo = self.server.repos.get("/".join(parts[:2]))
-        if repo is None:
-            self._fail(404, "RepoNotFound")
-            return None
-        if parts[3] not in ("main", COMMIT):
-            self._fail(404, "RevisionNotFound")
-            return None
-        path = repo.joinpath(*parts[4:])
-        if not path.is_file():
-            self._fail(404, "EntryNotFound")
-            return None
-        body = path.read_bytes()
-        self.send_response(200)
-        self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("ETag", '"' + hashlib.sha256(body).hexdigest() + '"')
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        return path
-
-    def _fail(self, status: int, code: str) -> None:
-        self.send_response(status)
-        self.send_header("X-Error-Code", code)
-        self.send_header("X-Error-Message", code)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._file()
-
-    def do_GET(self) -> None:  # noqa: N802
-        path = self._file()
-        if path is not None:
-            self.wfile.write(path.read_bytes())
+from hubserver import COMMIT, Hub, Silent, hub_env
 
 
 @pytest.fixture()
 def hub(exported, checkpoints):
-    server = _Hub({
+    server = Hub({
         "acme/tiny-bge": exported["bert-cls"],
         "acme/raw-checkpoint": checkpoints["bert-cls"],
         "BAAI/bge-small-en-v1.5": checkpoints["bert-cls"],
@@ -128,20 +39,12 @@ np.save(sys.argv[2], vectors)
 """
 
 
-def _env(endpoint: str, home: Path, offline: bool = False) -> dict[str, str]:
-    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    env.pop("HF_TOKEN", None)
-    if offline:
-        env["HF_HUB_OFFLINE"] = "1"
-    return env
-
-
 def _load(
     model: str, out: Path, home: Path, endpoint: str, offline: bool = False, **options: object
 ) -> subprocess.CompletedProcess:
     # huggingface_hub reads HF_ENDPOINT when imported, so each load runs in a fresh process
     return subprocess.run([sys.executable, "-c", _SCRIPT, model, str(out), json.dumps(options)],
-                          env=_env(endpoint, home, offline), capture_output=True, text=True, timeout=300)
+                          env=hub_env(endpoint, home, offline), capture_output=True, text=True, timeout=300)
 
 
 def test_repo_id_downloads_only_what_the_runtime_needs(hub, exported, tmp_path):
@@ -208,32 +111,6 @@ def test_export_from_a_hub_repo_id(hub, tmp_path):
     assert result.returncode == 1 and "Pass --pooling cls or --pooling mean" in result.stderr
 
 
-class _Silent:
-    """A server that accepts connections and never answers (a firewall that drops the replies): it counts them."""
-
-    def __init__(self) -> None:
-        self.socket = socket.create_server(("127.0.0.1", 0))
-        self.connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.socket.accept()
-            except OSError:  # closed
-                return
-            self.connections.append(connection)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-
-    def close(self) -> None:
-        self.socket.close()
-        for connection in self.connections:
-            connection.close()
-
-
 def test_auto_precision_downloads_only_the_chosen_variant_and_a_cached_load_makes_no_request(model_copy, tmp_path):
     from bge_onnx import Embedder, Precision
     from bge_onnx_export import precision
@@ -242,7 +119,7 @@ def test_auto_precision_downloads_only_the_chosen_variant_and_a_cached_load_make
     # an int8 variant that passed its gate (a gate this tiny random model meets), so "auto" picks it on CPU
     precision.add_variant(repo, Precision.INT8, gate={"min_cosine": 0.0})
     expected = Embedder(repo, device="cpu", precision="int8").encode(["hub text", "another"])
-    server = _Hub({"acme/tiny-int8": repo})
+    server = Hub({"acme/tiny-int8": repo})
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         endpoint = f"http://127.0.0.1:{server.server_address[1]}"
@@ -256,7 +133,7 @@ def test_auto_precision_downloads_only_the_chosen_variant_and_a_cached_load_make
     np.testing.assert_allclose(np.load(tmp_path / "v.npy"), expected, atol=1e-6)
 
     # cached: no request at all, not even the HEAD that asks whether main moved (HF_HUB_OFFLINE unset)
-    silent = _Silent()
+    silent = Silent()
     try:
         result = _load("acme/tiny-int8", tmp_path / "w.npy", tmp_path / "hf", silent.endpoint)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -267,7 +144,7 @@ def test_auto_precision_downloads_only_the_chosen_variant_and_a_cached_load_make
 
 
 def test_gated_repo_and_unknown_revision_name_the_fix(tmp_path, exported):
-    server = _Hub({"acme/tiny-bge": exported["bert-cls"]}, gated=("acme/gated",))
+    server = Hub({"acme/tiny-bge": exported["bert-cls"]}, gated=("acme/gated",))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         endpoint = f"http://127.0.0.1:{server.server_address[1]}"
@@ -295,13 +172,13 @@ def test_pull_fills_the_cache_for_local_files_only_loads(hub, exported, tmp_path
     assert result.returncode == 1 and "local_files_only=True forbids the network" in result.stdout
     assert "bge-onnx pull acme/tiny-bge" in result.stdout and hub.requests == []
 
-    result = _cli("pull", "acme/tiny-bge", "--revision", COMMIT, env=_env(endpoint, home))
+    result = _cli("pull", "acme/tiny-bge", "--revision", COMMIT, env=hub_env(endpoint, home))
     assert result.returncode == 0, result.stderr
     folder = Path(result.stdout.strip())
     assert folder.is_dir() and COMMIT in folder.name
     assert {p.name for p in folder.iterdir()} == {"bge_onnx.json", "tokenizer.json", "model.onnx"}
 
-    silent = _Silent()  # after a pull: no network, with local_files_only or without
+    silent = Silent()  # after a pull: no network, with local_files_only or without
     try:
         for options in ({"local_files_only": True, "revision": COMMIT}, {"revision": COMMIT}):
             result = _load("acme/tiny-bge", tmp_path / "w.npy", home, silent.endpoint, **options)
@@ -309,10 +186,10 @@ def test_pull_fills_the_cache_for_local_files_only_loads(hub, exported, tmp_path
         # nor does it import huggingface_hub's downloader (~0.15 s of every cold start)
         script = (f"import sys, bge_onnx; bge_onnx.Embedder('acme/tiny-bge', device='cpu', revision={COMMIT!r}); "
                   "print('huggingface_hub.file_download' in sys.modules)")
-        imported = subprocess.run([sys.executable, "-c", script], env=_env(silent.endpoint, home),
+        imported = subprocess.run([sys.executable, "-c", script], env=hub_env(silent.endpoint, home),
                                   capture_output=True, text=True, timeout=120)
         assert imported.stdout.strip() == "False", imported.stdout + imported.stderr
-        result = _cli("embed", "acme/tiny-bge", "--revision", COMMIT, env=_env(silent.endpoint, home))
+        result = _cli("embed", "acme/tiny-bge", "--revision", COMMIT, env=hub_env(silent.endpoint, home))
         assert result.returncode == 0, result.stderr
         assert silent.connections == []
     finally:
