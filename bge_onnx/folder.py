@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import hub
+from . import adopt, hub
 from .checks import positive_int
 from .errors import BgeOnnxError, InputError, ModelFilesError, WrongTaskError, caller_stacklevel
 from .session import CUDA, Session, choose_providers
-from .spec import ModelSpec, Precision, Task, read_spec, verify_files
+from .spec import MANIFEST, ModelSpec, Precision, Task, read_spec, verify_files
 from .tokenize import TOKENIZER_FILE, TextTokenizer
 
 
@@ -93,34 +94,21 @@ def open_model(
             return files_to_load(spec, precision, on_cuda=cuda, folder=Path(os.fspath(model)))
 
     folder = hub.resolve(model, revision=revision, files_for=files_for, local_files_only=local_files_only)
+    if not (folder / MANIFEST).is_file() and adopt.find_graph(folder) is not None:
+        return _open_export(folder, os.fspath(model), task=task, device=device, threads=threads,
+                            max_length=max_length, precision=precision, providers=providers)
     spec = read_spec(folder)
-    if spec.task is not task:
-        kinds = {Task.EMBED: ("an embedding", "Embedder"), Task.RERANK: ("a reranker", "Reranker")}
-        raise WrongTaskError(
-            f"{folder} holds {kinds[spec.task][0]} model ({spec.architecture}); load it with "
-            f"bge_onnx.{kinds[spec.task][1]}, not {kinds[task][1]}"
-        )
-    if max_length is None:
-        max_length = spec.max_length
-    if max_length > spec.max_positions:
-        raise InputError(
-            f"max_length={max_length} exceeds what the model can take ({spec.max_positions} tokens)"
-        )
+    _check_task(folder, spec, task)
+    max_length = _max_length(spec, max_length)
     chosen = choose_precision(spec, precision, on_cuda=on_cuda, folder=folder)
     variant = spec.variants[chosen.value]
     # Hashing the files and parsing the graph each read every byte; both release the GIL, so the check runs
     # beside the load instead of before it (cold start: docs/decisions.md).
     checked = in_background(verify_files, folder, spec, [TOKENIZER_FILE, *variant.all_files])
-    try:
+    with _explained_by(checked):
         tokenizer = TextTokenizer(folder, max_length=max_length)
-        session = Session(folder / variant.file, device=device, threads=threads, providers=providers)
-    except BaseException as err:
-        try:
-            checked()  # a missing or changed file explains a failed load better than the parser does
-        except BgeOnnxError as changed:
-            raise changed from err
-        raise
-    checked()
+        session = Session(folder / variant.file, device=device, threads=threads, providers=providers,
+                          output=spec.output)
     if precision == "auto" and chosen is Precision.FP16 and CUDA not in session.providers:
         # CUDA failed to start and the session fell back to CPU (with a warning): fp16 has no place there; a hub
         # repo's CPU graph may still need fetching
@@ -131,8 +119,72 @@ def open_model(
         chosen = choose_precision(spec, "auto", on_cuda=False, folder=folder)
         variant = spec.variants[chosen.value]
         verify_files(folder, spec, variant.all_files)
-        session = Session(folder / variant.file, device="cpu", threads=threads)
+        session = Session(folder / variant.file, device="cpu", threads=threads, output=spec.output)
     return LoadedModel(folder, spec, tokenizer, session, chosen)
+
+
+def _open_export(
+    folder: Path,
+    name: str,
+    *,
+    task: Task,
+    device: str,
+    threads: int | None,
+    max_length: int | None,
+    precision: str | Precision,
+    providers: list[str],
+) -> LoadedModel:
+    """Open an ONNX export that is not ours (no manifest): its one graph as it is, described by adopt.describe."""
+    graph, data_files = adopt.find_graph(folder)
+    if precision not in ("auto", Precision.FP32, "fp32"):
+        raise ModelFilesError(
+            f"{folder} is an ONNX export without a bge-onnx manifest: it has one graph, {graph}, run as fp32. For "
+            f"int8 or fp16, convert it: `bge-onnx optimize {name} --out DIR --precision fp32 int8` (or fp16)"
+        )
+    checked = in_background(hub.verify_hub_files, folder, adopt.needed_files(folder))
+    with _explained_by(checked):
+        session = Session(folder / graph, device=device, threads=threads, providers=providers)
+        spec = adopt.describe(
+            folder, graph=graph, data_files=data_files, inputs=session.input_names, outputs=session.outputs,
+            name=name if hub.looks_like_repo_id(name) and not Path(name).exists() else None,
+            revision=folder.name if folder.parent.name == "snapshots" else None,
+        )
+        session.output = spec.output
+        _check_task(folder, spec, task)
+        tokenizer = TextTokenizer(folder, max_length=_max_length(spec, max_length))
+    return LoadedModel(folder, spec, tokenizer, session, Precision.FP32)
+
+
+def _check_task(folder: Path, spec: ModelSpec, task: Task) -> None:
+    if spec.task is not task:
+        kinds = {Task.EMBED: ("an embedding", "Embedder"), Task.RERANK: ("a reranker", "Reranker")}
+        raise WrongTaskError(
+            f"{folder} holds {kinds[spec.task][0]} model ({spec.architecture}); load it with "
+            f"bge_onnx.{kinds[spec.task][1]}, not {kinds[task][1]}"
+        )
+
+
+def _max_length(spec: ModelSpec, max_length: int | None) -> int:
+    if max_length is None:
+        return spec.max_length
+    if max_length > spec.max_positions:
+        raise InputError(f"max_length={max_length} exceeds what the model can take ({spec.max_positions} tokens)")
+    return max_length
+
+
+@contextlib.contextmanager
+def _explained_by(checked: Callable[[], None]) -> Iterator[None]:
+    """Wait for the background file check after the block; if the block failed, a missing or changed file
+    explains it better than the parser does."""
+    try:
+        yield
+    except BaseException as err:
+        try:
+            checked()
+        except BgeOnnxError as changed:
+            raise changed from err
+        raise
+    checked()
 
 
 def in_background(function: Callable[..., None], *args: object) -> Callable[[], None]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ModelFilesError
-from .spec import MANIFEST, ModelSpec, read_spec
+from . import adopt
+from .errors import ModelFilesError, ModelIntegrityError
+from .spec import MANIFEST, ModelSpec, read_spec, sha256_file
+from .tokenize import TOKENIZER_FILE
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -85,22 +88,24 @@ def download(
     local_files_only: bool = False,
     refresh: bool = False,
 ) -> Path:
-    """Fetch an exported bge-onnx repo's manifest, then only the files ``files_for(spec)`` names.
+    """Fetch a repo's files: a bge-onnx export's manifest, then only the files ``files_for(spec)`` names; a repo
+    without a manifest (an official BAAI repo's onnx/ folder, an optimum or sentence-transformers export): its
+    graph and weights, tokenizer, config and sentence-transformers files, never the PyTorch weights.
 
-    When the manifest and those files of the revision are already in the cache, nothing goes over the network
-    (no request at all, not even the HEAD that checks a branch for a newer commit): a cached branch is not looked
-    up again here (``refresh`` does: `bge-onnx pull`), and huggingface_hub's downloader is not even imported.
-    Otherwise the manifest is fetched anew, then each file (huggingface_hub skips those it has); with
-    ``local_files_only`` (or HF_HUB_OFFLINE=1) that is an error instead.
+    When those files of the revision are already in the cache, nothing goes over the network (no request at all,
+    not even the HEAD that checks a branch for a newer commit): a cached branch is not looked up again here
+    (``refresh`` does: `bge-onnx pull`), and huggingface_hub's downloader is not even imported. Otherwise the files
+    are fetched (huggingface_hub skips those it has); with ``local_files_only`` (or HF_HUB_OFFLINE=1) that is an
+    error instead. An unreachable hub fails after one wait of HF_HUB_ETAG_TIMEOUT seconds (10 by default), not
+    after huggingface_hub's minutes of retries.
 
     Raises:
-        ModelFilesError: the repo, revision or a file cannot be fetched, or the repo is not a bge-onnx export.
+        ModelFilesError: the repo, revision or a file cannot be fetched, or the repo holds no ONNX model.
         ModelIntegrityError: the manifest is not valid.
     """
     snapshot = None if refresh else cached_snapshot(repo_id, revision)
-    if snapshot is not None and (snapshot / MANIFEST).is_file():
-        if all((snapshot / filename).is_file() for filename in files_for(read_spec(snapshot))):
-            return snapshot
+    if snapshot is not None and _complete(snapshot, files_for):
+        return snapshot
     if local_files_only:
         raise ModelFilesError(
             f"hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "") + " is not in the local "
@@ -109,7 +114,7 @@ def download(
         )
 
     # here, not at the top: importing huggingface_hub's downloader costs ~0.15 s, which a cached load never pays
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -119,7 +124,22 @@ def download(
         RevisionNotFoundError,
     )
 
-    def fetch(filename: str) -> Path:
+    if not constants.HF_HUB_OFFLINE:
+        # One request that answers or fails within the timeout: when no file is cached, huggingface_hub retries a
+        # timed-out request with a 60 s timeout, five times, so a network that drops packets took minutes to fail.
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, MANIFEST, revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        except HfHubHTTPError:
+            pass  # the hub answered (maybe "no such file"): the downloads below say what it means
+        except Exception as err:  # no answer at all, whatever the HTTP stack calls it
+            raise ModelFilesError(
+                f"cannot reach the hub at {constants.ENDPOINT} to download {repo_id!r} "
+                f"({type(err).__name__}: {err or 'no answer'} within HF_HUB_ETAG_TIMEOUT="
+                f"{constants.HF_HUB_ETAG_TIMEOUT} s), and it is not in the local cache. Check the network or "
+                "HF_ENDPOINT, fill the cache beforehand with `bge-onnx pull`, or pass a local folder."
+            ) from err
+
+    def fetch(filename: str, *, optional: bool = False) -> Path | None:
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision))
         except LocalEntryNotFoundError as err:  # offline, or the hub unreachable, and not cached
@@ -142,20 +162,95 @@ def download(
                 f"hub repo {repo_id!r} has no revision {revision!r} (a branch, tag or commit); check the name."
             ) from err
         except EntryNotFoundError as err:  # the hub answered: no such file
-            if filename == MANIFEST:
-                raise ModelFilesError(
-                    f"hub repo {repo_id!r} has no {MANIFEST}: it is not an exported bge-onnx model. "
-                    f"Export it with `bge-onnx export {repo_id} --out DIR` and load DIR."
-                ) from err
-            raise ModelFilesError(f"hub repo {repo_id!r} lists {filename} in {MANIFEST} but lacks the file") from err
+            if optional:
+                return None
+            raise ModelFilesError(f"hub repo {repo_id!r} has no file {filename}") from err
         except (HfHubHTTPError, OSError) as err:
             raise ModelFilesError(
                 f"cannot download {filename} of hub repo {repo_id!r}"
                 f"{'@' + revision if revision else ''}: {err}"
             ) from err
 
-    folder = fetch(MANIFEST).parent
-    spec = read_spec(folder)  # ModelIntegrityError names the file when the manifest is not valid
-    for filename in files_for(spec):
-        fetch(filename)
+    manifest = fetch(MANIFEST, optional=True)
+    if manifest is not None:
+        folder = manifest.parent
+        spec = read_spec(folder)  # ModelIntegrityError names the file when the manifest is not valid
+        for filename in files_for(spec):
+            fetch(filename)
+        return folder
+    # no manifest: an export that is not ours; its graph first, so that a repo without one fails before
+    # anything else is fetched
+    graph = next((g for g in adopt.GRAPH_FILES if fetch(g, optional=True) is not None), None)
+    if graph is None:
+        raise ModelFilesError(
+            f"hub repo {repo_id!r} has neither {MANIFEST} nor an ONNX graph ({' or '.join(adopt.GRAPH_FILES)}): "
+            f"it holds no ONNX model. Export it with `bge-onnx export {repo_id} --out DIR` and load DIR."
+        )
+    for suffix in adopt.DATA_SUFFIXES:
+        fetch(graph + suffix, optional=True)
+    folder = fetch(adopt.CONFIG_FILE).parent
+    fetch(TOKENIZER_FILE)
+    for filename in adopt.ST_FILES:
+        fetch(filename, optional=True)
+    pooling = adopt.pooling_config_file(folder)
+    if pooling:
+        fetch(pooling, optional=True)
     return folder
+
+
+def _complete(snapshot: Path, files_for: Callable[[ModelSpec], list[str]]) -> bool:
+    """Whether a cached snapshot holds all a load reads: for an export without a manifest, every file it may read
+    is either there or known to be absent (huggingface_hub marks a file the hub said it lacks under .no_exist)."""
+    if (snapshot / MANIFEST).is_file():
+        return all((snapshot / filename).is_file() for filename in files_for(read_spec(snapshot)))
+    found = adopt.find_graph(snapshot)
+    if found is None:
+        return False
+    absent = snapshot.parent.parent / ".no_exist" / snapshot.name
+    maybe = [MANIFEST, *(found[0] + suffix for suffix in adopt.DATA_SUFFIXES), *adopt.ST_FILES]
+    pooling = adopt.pooling_config_file(snapshot)
+    if pooling:
+        maybe.append(pooling)
+    return all((snapshot / f).is_file() for f in (adopt.CONFIG_FILE, TOKENIZER_FILE)) and all(
+        (snapshot / f).is_file() or (absent / f).is_file() for f in maybe
+    )
+
+
+def verify_hub_files(folder: Path, names: list[str]) -> None:
+    """Check files of a hub cache snapshot against the hub's own hashes, recorded at download as their blob names.
+
+    huggingface_hub stores each file as blobs/ETAG, with a link to it from the snapshot; the ETag of a file in
+    Git LFS (every graph and weight file) is its sha256, that of a small file its git blob sha1. A download is
+    written beside the blob and renamed only when complete, so an interrupted one is never linked. Files that are
+    not links to such blobs (a local folder, a cache without symlinks) are not checked here.
+
+    Raises:
+        ModelIntegrityError: a file's content no longer matches its hash.
+    """
+    for name in names:
+        path = Path(folder) / name
+        if not path.is_symlink():
+            continue
+        blob = path.resolve()
+        expected = blob.name
+        if _SHA256.match(expected):
+            actual = sha256_file(blob)
+        elif _COMMIT.match(expected):
+            actual = git_blob_sha1(blob)
+        else:
+            continue
+        if actual != expected:
+            raise ModelIntegrityError(
+                f"{path} does not match the hash the hub gave at download (expected {expected[:12]}…, found "
+                f"{actual[:12]}…): the cached file is corrupt. Delete {blob} and load again, or run "
+                "`bge-onnx pull` for the repo."
+            )
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The hash git (and the hub's ETag) gives a small file: sha1 of "blob SIZE\\0" + content."""
+    data = Path(path).read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .spec import POOLED_OUTPUT, ModelSpec, Pooling, Task
+from .spec import POOLED_OUTPUTS, ModelSpec, Pooling, Task
 
 # (graph output, the feeds it was run with) -> float32 rows, one per item
 Reduce = Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
@@ -15,12 +15,12 @@ Reduce = Callable[[np.ndarray, dict[str, np.ndarray]], np.ndarray]
 def reducer(spec: ModelSpec) -> Reduce:
     """How a folder's graph output becomes one row per item, decided once at load.
 
-    Rerankers: the first logit. Embedders: the graph's pooled vectors (format_version 2) as they are, or the
-    token states (format_version 1) pooled here.
+    Rerankers: the first logit. Embedders: the graph's pooled vectors (format_version 2, or another export's pooled
+    output) as they are, or the token states (format_version 1, official exports) pooled here.
     """
     if spec.task is Task.RERANK:
         return lambda logits, feeds: logits[:, :1]
-    if spec.output == POOLED_OUTPUT:
+    if spec.output in POOLED_OUTPUTS:
         return lambda pooled, feeds: pooled
     pooling = spec.pooling
     return lambda hidden, feeds: pool(hidden, feeds["attention_mask"], pooling)

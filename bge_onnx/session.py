@@ -150,6 +150,7 @@ class Session:
         device: str | Device = "auto",
         threads: int | None = None,
         providers: list[str] | None = None,
+        output: str | None = None,
     ) -> None:
         path = Path(path)
         if not path.is_file():
@@ -185,6 +186,14 @@ class Session:
                 "Re-export the model with bge-onnx."
             )
 
+        # name -> rank, for exports whose outputs are read at load (adopt.describe)
+        self.outputs = {o.name: len(o.shape or ()) for o in self._session.get_outputs()}
+        self.output = output or next(iter(self.outputs))
+        if self.output not in self.outputs:
+            raise ModelIntegrityError(
+                f"{path} has outputs {list(self.outputs)}, not {self.output!r}; re-export or re-download the model."
+            )
+
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Run the graph and return its first output (token states or logits)."""
-        return self._session.run(None, feeds)[0]
+        """Run the graph and return its output (pooled vectors, token states or logits)."""
+        return self._session.run([self.output], feeds)[0]

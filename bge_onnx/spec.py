@@ -19,6 +19,8 @@ MANIFEST = "bge_onnx.json"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 POOLED_OUTPUT = "sentence_embedding"
+# outputs that are one vector per text already: ours, and the names other exports give theirs
+POOLED_OUTPUTS = (POOLED_OUTPUT, "dense_vecs")
 
 
 class Task(str, enum.Enum):

@@ -8,14 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from bge_onnx import registry
+from bge_onnx.adopt import read_sentence_transformers
 from bge_onnx.errors import ExportError, ModelFilesError
 from bge_onnx.hub import looks_like_repo_id
 from bge_onnx.spec import Pooling, Task
 
 SUPPORTED_TYPES = ("bert", "xlm-roberta", "roberta")
-ST_TRANSFORMER = "sentence_transformers.models.Transformer"
-ST_POOLING = "sentence_transformers.models.Pooling"
-ST_NORMALIZE = "sentence_transformers.models.Normalize"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,40 +67,15 @@ def fetch(src: str, revision: str | None) -> tuple[Path, str | None]:
 
 def _sentence_transformers(folder: Path, *, pooling_given: bool) -> tuple[Pooling | None, bool, int | None, str] | None:
     """Pooling, normalise, max_seq_length and query prompt from a sentence-transformers folder; the pooling is
-    not read (None) when the caller gives one."""
-    modules_file = folder / "modules.json"
-    if not modules_file.is_file():
+    not needed (None) when the caller gives one."""
+    st = read_sentence_transformers(folder)
+    if st is None:
         return None
-    modules = _read_json(modules_file)
-    kinds = [m.get("type", "") for m in modules]
-    unsupported = [k for k in kinds if k not in (ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE)]
-    if unsupported:  # e.g. a Dense layer after the pooling: the vectors would differ whatever the pooling
-        raise ExportError(f"{modules_file} uses modules bge-onnx cannot run yet: {unsupported}")
-    pooling = None
-    pooling_module = next((m for m in modules if m.get("type") == ST_POOLING), None)
-    if not pooling_given:
-        if pooling_module is None:
-            raise ExportError(f"{modules_file} has no Pooling module; pass --pooling cls|mean")
-        config = _read_json(folder / pooling_module["path"] / "config.json")
-        modes = [k for k, v in config.items() if k.startswith("pooling_mode") and v]
-        if modes == ["pooling_mode_cls_token"]:
-            pooling = Pooling.CLS
-        elif modes == ["pooling_mode_mean_tokens"]:
-            pooling = Pooling.MEAN
-        else:
-            raise ExportError(
-                f"{folder / pooling_module['path']}/config.json uses pooling {modes}; bge-onnx runs cls or mean "
-                "(--pooling cls|mean overrides it)"
-            )
-    max_length = None
-    bert_config = folder / "sentence_bert_config.json"
-    if bert_config.is_file():
-        max_length = _read_json(bert_config).get("max_seq_length")
-    prompts = {}
-    st_config = folder / "config_sentence_transformers.json"
-    if st_config.is_file():
-        prompts = _read_json(st_config).get("prompts") or {}
-    return pooling, ST_NORMALIZE in kinds, max_length, prompts.get("query", "")
+    if st.unsupported:  # e.g. a Dense layer after the pooling: the vectors would differ whatever the pooling
+        raise ExportError(f"{folder / 'modules.json'} uses modules bge-onnx cannot run yet: {list(st.unsupported)}")
+    if st.pooling is None and not pooling_given:
+        raise ExportError(f"{st.problem}; pass --pooling cls|mean")
+    return (None if pooling_given else st.pooling), st.normalize, st.max_length, st.query_prompt
 
 
 def describe_source(

@@ -66,7 +66,7 @@ def export_graph(
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory(prefix=".trace.", dir=path.parent) as work:
         traced = Path(work) / "traced.onnx"
-        _trace(model, traced, task=task, with_token_types=with_token_types)
+        trace_model(model, traced, task=task, with_token_types=with_token_types)
         fused, first_token = fuse(
             traced,
             path,
@@ -81,7 +81,8 @@ def export_graph(
     return written, fused, first_token
 
 
-def _trace(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: bool) -> None:
+def trace_model(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: bool) -> None:
+    """Write the plain graph (token states or logits out, unfused), as optimum and the official repos publish it."""
     # torch's TorchScript exporter, not dynamo: onnxruntime's optimiser recognises attention only in the graph the
     # TorchScript exporter writes (all-MiniLM-L6-v2 on CPU, fp32: fused 1.07-1.10x the unfused graph, 1.08-1.17x
     # the dynamo exporter's; docs/decisions.md).

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sentences import ordinary_sentences
-from tiny_models import KINDS, RERANK_KINDS, build_checkpoint, minilm_path
+from tiny_models import KINDS, RERANK_KINDS, build_checkpoint, build_official, minilm_path
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +27,15 @@ def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
         out[kind] = root / name
         export_model(checkpoints[kind], out[kind], log=None, **options)
     return out
+
+
+@pytest.fixture(scope="session")
+def official(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """kind -> the checkpoint with its plain graph in onnx/, as the official BAAI repos publish it (bge-m3's
+    stand-in with its weights in onnx/model.onnx_data)."""
+    root = tmp_path_factory.mktemp("official")
+    return {kind: build_official(checkpoints[kind], root / KINDS[kind][0], external_data=kind == "xlmr-cls")
+            for kind in KINDS}
 
 
 @pytest.fixture(scope="session")

@@ -84,6 +84,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _fail(self, status: int, code: str) -> None:
         self.send_response(status)
+        if code == "EntryNotFound":  # as the hub does: huggingface_hub then caches that the file is absent
+            self.send_header("X-Repo-Commit", COMMIT)
         self.send_header("X-Error-Code", code)
         self.send_header("X-Error-Message", code)
         self.send_header("Content-Length", "0")

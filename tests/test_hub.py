@@ -66,13 +66,6 @@ def test_repo_id_downloads_only_what_the_runtime_needs(hub, exported, tmp_path):
     assert hub.requests == []
 
 
-def test_repo_that_is_not_an_export(hub, tmp_path):
-    endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
-    result = _load("acme/raw-checkpoint", tmp_path / "v.npy", tmp_path / "hf", endpoint)
-    assert result.returncode == 1
-    assert "ModelFilesError: hub repo 'acme/raw-checkpoint' has no bge_onnx.json: it is not an exported bge-onnx model" in result.stdout
-
-
 def test_unknown_repo_and_offline_miss(hub, tmp_path):
     endpoint = f"http://127.0.0.1:{hub.server_address[1]}"
     result = _load("acme/does-not-exist", tmp_path / "v.npy", tmp_path / "hf", endpoint)

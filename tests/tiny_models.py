@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 # initializer_range 0.5, not the default 0.02: at 0.02 a tiny random BERT gives every text nearly the same
@@ -131,3 +132,29 @@ KINDS = {
 }
 EMBED_KINDS = ["bert-cls", "bert-mean", "xlmr-cls"]
 RERANK_KINDS = ["bert-rerank", "xlmr-rerank"]
+
+
+def build_official(checkpoint: Path, folder: Path, *, external_data: bool = False) -> Path:
+    """A copy of ``checkpoint`` with the plain graph in onnx/ beside the PyTorch weights, as the official BAAI repos
+    publish it: token states (or logits) out, no fusion, no pooling; ``external_data``: weights in
+    onnx/model.onnx_data, as bge-m3's."""
+    import onnx
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    from bge_onnx.spec import Task
+    from bge_onnx_export.trace import trace_model
+
+    shutil.copytree(checkpoint, folder)
+    config = AutoConfig.from_pretrained(checkpoint)
+    rerank = (config.architectures or [""])[0].endswith("ForSequenceClassification")
+    model = (AutoModelForSequenceClassification if rerank else AutoModel).from_pretrained(checkpoint).eval()
+    graph = folder / "onnx" / "model.onnx"
+    graph.parent.mkdir()
+    with torch.no_grad():
+        trace_model(model, graph, task=Task.RERANK if rerank else Task.EMBED,
+                    with_token_types=config.type_vocab_size > 1)
+    if external_data:
+        onnx.save(onnx.load(graph), graph, save_as_external_data=True, location="model.onnx_data",
+                  size_threshold=0)
+    return folder

@@ -1,0 +1,196 @@
+"""ONNX exports that are not ours (an official repo's onnx/ folder, a sentence-transformers or optimum export):
+where their files are, what their sentence-transformers config says, and the ModelSpec that runs them as they are."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .errors import ModelFilesError, ModelIntegrityError
+from .spec import POOLED_OUTPUTS, ModelSpec, Pooling, Task, Variant
+from .tokenize import TOKENIZER_FILE
+
+# where an export keeps its graph, in the order looked for: the official BAAI layout, then optimum's
+GRAPH_FILES = ("onnx/model.onnx", "model.onnx")
+# the names an export gives its graph's separate weights (torch.onnx and optimum use both)
+DATA_SUFFIXES = ("_data", ".data")
+CONFIG_FILE = "config.json"
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+ST_POOLING = "sentence_transformers.models.Pooling"
+ST_NORMALIZE = "sentence_transformers.models.Normalize"
+# token states, pooled here; BERT's pooler_output (dense + tanh over CLS) is neither CLS pooling nor a BGE vector
+TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ModelFilesError(f"{path} is missing") from err
+    except ValueError as err:
+        raise ModelIntegrityError(f"{path} is not valid JSON: {err}") from err
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceTransformersConfig:
+    """What a sentence-transformers folder says about its pooling, length and prompts.
+
+    ``pooling`` is None when there is no Pooling module or one bge-onnx cannot run; ``problem`` then says which.
+    """
+
+    pooling: Pooling | None
+    problem: str
+    unsupported: tuple[str, ...]
+    normalize: bool
+    max_length: int | None
+    query_prompt: str
+
+
+def read_sentence_transformers(folder: Path) -> SentenceTransformersConfig | None:
+    """Read modules.json, the Pooling config, sentence_bert_config.json and config_sentence_transformers.json.
+
+    Returns None for a folder without modules.json.
+
+    Raises:
+        ModelIntegrityError: one of those files is not valid JSON.
+    """
+    folder = Path(folder)
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = read_json(modules_file)
+    kinds = [m.get("type", "") for m in modules]
+    unsupported = tuple(k for k in kinds if k not in (ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE))
+    pooling, problem = None, ""
+    module = next((m for m in modules if m.get("type") == ST_POOLING), None)
+    if module is None:
+        problem = f"{modules_file} has no Pooling module"
+    else:
+        config_file = folder / module.get("path", "1_Pooling") / "config.json"
+        if not config_file.is_file():
+            problem = f"{config_file} is missing"
+        else:
+            modes = [k for k, v in read_json(config_file).items() if k.startswith("pooling_mode") and v]
+            pooling = {"pooling_mode_cls_token": Pooling.CLS, "pooling_mode_mean_tokens": Pooling.MEAN}.get(
+                modes[0] if len(modes) == 1 else ""
+            )
+            if pooling is None:
+                problem = f"{config_file} uses pooling {modes}; bge-onnx runs cls or mean"
+    bert_config = folder / "sentence_bert_config.json"
+    max_length = read_json(bert_config).get("max_seq_length") if bert_config.is_file() else None
+    st_config = folder / "config_sentence_transformers.json"
+    prompts = (read_json(st_config).get("prompts") or {}) if st_config.is_file() else {}
+    return SentenceTransformersConfig(
+        pooling, problem, unsupported, ST_NORMALIZE in kinds, max_length, prompts.get("query", "")
+    )
+
+
+def pooling_config_file(folder: Path) -> str | None:
+    """The Pooling module's config file named in modules.json, relative to the folder (1_Pooling/config.json)."""
+    modules_file = Path(folder) / "modules.json"
+    if not modules_file.is_file():
+        return None
+    module = next((m for m in read_json(modules_file) if m.get("type") == ST_POOLING), None)
+    return None if module is None else f"{module.get('path', '1_Pooling')}/config.json"
+
+
+def find_graph(folder: Path) -> tuple[str, tuple[str, ...]] | None:
+    """The graph of an export folder (relative path) and its separate weight files, or None."""
+    for graph in GRAPH_FILES:
+        if (Path(folder) / graph).is_file():
+            data = tuple(graph + suffix for suffix in DATA_SUFFIXES if (Path(folder) / (graph + suffix)).is_file())
+            return graph, data
+    return None
+
+
+def describe(
+    folder: Path,
+    *,
+    graph: str,
+    data_files: tuple[str, ...],
+    inputs: list[str],
+    outputs: dict[str, int],
+    name: str | None = None,
+    revision: str | None = None,
+) -> ModelSpec:
+    """A ModelSpec for running an export folder's graph as it is.
+
+    ``outputs`` maps the graph's output names to their ranks (read from the opened session). Pooling, max length
+    and query instruction come from the folder's sentence-transformers files, else from the registry (by ``name``,
+    the hub id, or the folder's name); the task from config.json's architecture. Where pooling happens follows the
+    graph: token states are pooled in numpy, a pooled output is used as it is, a reranker's logits are scores.
+
+    Raises:
+        ModelFilesError: config.json is missing.
+        ModelIntegrityError: the graph's outputs or the config do not fit an embedder or a reranker.
+    """
+    folder = Path(folder)
+    config = read_json(folder / CONFIG_FILE)
+    architectures = config.get("architectures") or ["BertModel"]
+    task = Task.RERANK if architectures[0].endswith("ForSequenceClassification") else Task.EMBED
+    max_positions = int(config.get("max_position_embeddings", 512))
+    if config.get("model_type", "bert") != "bert":  # RoBERTa-style position ids start after the padding index
+        max_positions -= int(config.get("pad_token_id", 1)) + 1
+    known = registry.lookup(name) or registry.lookup(folder.name)
+    known_model = known[1] if known else None
+    st = read_sentence_transformers(folder) if task is Task.EMBED else None
+    if st and st.unsupported:
+        raise ModelIntegrityError(
+            f"{folder / 'modules.json'} uses modules bge-onnx cannot run: {list(st.unsupported)}; "
+            "its vectors would differ from the model's."
+        )
+    pooling = (st.pooling if st else None) or (known_model.pooling if known_model else None)
+    max_length = (st.max_length if st else None) or (known_model.max_length if known_model else None) or max_positions
+    instruction = (st.query_prompt if st else "") or (known_model.query_instruction if known_model else "")
+
+    if task is Task.RERANK:
+        output = "logits" if "logits" in outputs else next((o for o, rank in outputs.items() if rank == 2), None)
+        dim = 1
+    else:
+        output = next((o for o in POOLED_OUTPUTS if outputs.get(o) == 2), None) or next(
+            (o for o in TOKEN_OUTPUTS if outputs.get(o) == 3), None
+        )
+        dim = int(config.get("hidden_size", 0))
+        if output not in POOLED_OUTPUTS and pooling is None:
+            why = st.problem if st and st.problem else "it has no sentence-transformers Pooling config"
+            raise ModelIntegrityError(
+                f"cannot tell how {name or str(folder)!r} pools token states: {why}, and it is not a known BGE "
+                "model. Convert it with `bge-onnx optimize SRC --out DIR --pooling cls|mean`."
+            )
+    if output is None:
+        raise ModelIntegrityError(
+            f"{folder / graph} has outputs {dict(outputs)} (name: rank); bge-onnx runs "
+            f"{'logits (batch, labels)' if task is Task.RERANK else 'last_hidden_state (batch, tokens, dim) or sentence_embedding (batch, dim)'}"
+        )
+    return ModelSpec(
+        task=task,
+        architecture=architectures[0],
+        dim=dim,
+        max_length=min(int(max_length), max_positions),
+        max_positions=max_positions,
+        pad_token_id=int(config.get("pad_token_id", 0)),
+        inputs=tuple(inputs),
+        output=output,
+        variants={"fp32": Variant(graph, data_files, {"reference": "the graph as published; not checked by bge-onnx"})},
+        pooling=pooling if task is Task.EMBED else None,
+        normalize=st.normalize if st else task is Task.EMBED,
+        query_instruction=instruction,
+        source={"id": name or str(folder), "revision": revision, "layout": "onnx export"},
+    )
+
+
+def needed_files(folder: Path) -> list[str]:
+    """The files an export folder's load reads: config, tokenizer, graph and weights, sentence-transformers files."""
+    found = find_graph(folder)
+    files = [CONFIG_FILE, TOKENIZER_FILE]
+    if found:
+        files += [found[0], *found[1]]
+    files += [f for f in ST_FILES if (Path(folder) / f).is_file()]
+    pooling = pooling_config_file(folder)
+    if pooling and (Path(folder) / pooling).is_file():
+        files.append(pooling)
+    return files
