@@ -168,8 +168,11 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import hub
 
-    folder = hub.resolve(args.model or default_model(), revision=args.revision)
-    spec = read_spec(folder)
+    from .folder import read_any_spec
+
+    model = args.model or default_model()
+    folder = hub.resolve(model, revision=args.revision)
+    spec = read_any_spec(folder, str(model))
     if args.json:
         print(json.dumps(spec.to_dict(), indent=2, ensure_ascii=False))
         return 0
@@ -217,7 +220,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     for model_id, known in KNOWN_MODELS.items():
         pooling = known.pooling.value if known.pooling else "-"
-        row = [model_id, known.task.value, pooling, str(known.dim), str(known.max_length), known.query_instruction or "-"]
+        row = [model_id, known.task.value, pooling, str(known.dim), str(known.max_length),
+               known.query_instruction or "-", " ".join(known.onnx_files) or "-"]
         print("\t".join(row))
     return 0
 
@@ -335,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the known BGE models",
                                  description="The registry of known models, one per line, tab-separated: id, task, "
-                                             "pooling, dimension, max length, query instruction ('-' for none).")
+                                             "pooling, dimension, max length, query instruction, the official repo's ONNX files ('-' for none).")
     models.set_defaults(run=_cmd_models)
     return parser
 

@@ -144,15 +144,30 @@ def _open_export(
     checked = in_background(hub.verify_hub_files, folder, adopt.needed_files(folder))
     with _explained_by(checked):
         session = Session(folder / graph, device=device, threads=threads, providers=providers)
-        spec = adopt.describe(
-            folder, graph=graph, data_files=data_files, inputs=session.input_names, outputs=session.outputs,
-            name=name if hub.looks_like_repo_id(name) and not Path(name).exists() else None,
-            revision=folder.name if folder.parent.name == "snapshots" else None,
-        )
+        spec = describe_export(folder, name, session)
         session.output = spec.output
         _check_task(folder, spec, task)
         tokenizer = TextTokenizer(folder, max_length=_max_length(spec, max_length))
     return LoadedModel(folder, spec, tokenizer, session, Precision.FP32)
+
+
+def describe_export(folder: Path, name: str, session: Session | None = None) -> ModelSpec:
+    """The ModelSpec of an export folder without a manifest (adopt.describe), its graph's inputs and outputs read
+    from ``session`` or from a CPU session opened here."""
+    graph, data_files = adopt.find_graph(folder)
+    session = session or Session(folder / graph, device="cpu", threads=1)
+    return adopt.describe(
+        folder, graph=graph, data_files=data_files, inputs=session.input_names, outputs=session.outputs,
+        name=name if hub.looks_like_repo_id(name) and not Path(name).exists() else None,
+        revision=folder.name if folder.parent.name == "snapshots" else None,
+    )
+
+
+def read_any_spec(folder: Path, name: str) -> ModelSpec:
+    """A folder's manifest, or for an export without one, what describe_export makes of it."""
+    if not (Path(folder) / MANIFEST).is_file() and adopt.find_graph(folder) is not None:
+        return describe_export(folder, name)
+    return read_spec(folder)
 
 
 def _check_task(folder: Path, spec: ModelSpec, task: Task) -> None:

@@ -206,3 +206,4 @@ def test_models_lists_the_registry(tmp_path):
         assert row[1:5] == [known.task.value, known.pooling.value if known.pooling else "-", str(known.dim),
                             str(known.max_length)]
         assert row[5] == (known.query_instruction or "-")
+        assert row[6] == (" ".join(known.onnx_files) or "-")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -164,3 +165,12 @@ def test_an_unreachable_hub_fails_within_its_timeout_when_nothing_is_cached(tmp_
     assert "cannot reach the hub at" in result.stdout and "HF_HUB_ETAG_TIMEOUT=2" in result.stdout
     assert "bge-onnx pull" in result.stdout
     assert took < 30, f"took {took:.0f} s"  # huggingface_hub alone retries for minutes
+
+
+def test_info_describes_an_official_folder(official):
+    result = subprocess.run([sys.executable, "-m", "bge_onnx", "info", str(official["bert-mean"]), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    spec = json.loads(result.stdout)
+    assert (spec["pooling"], spec["output"], spec["variants"]["fp32"]["file"]) == ("mean", "last_hidden_state",
+                                                                                 "onnx/model.onnx")
