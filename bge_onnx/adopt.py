@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .errors import ModelFilesError, ModelIntegrityError
+from .errors import InputError, ModelFilesError, ModelIntegrityError
 from .spec import POOLED_OUTPUTS, ModelSpec, Pooling, Task, Variant
 from .tokenize import TOKENIZER_FILE
 
@@ -18,10 +18,11 @@ GRAPH_FILES = ("onnx/model.onnx", "model.onnx")
 # the names an export gives its graph's separate weights (torch.onnx and optimum use both)
 DATA_SUFFIXES = ("_data", ".data")
 CONFIG_FILE = "config.json"
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
-ST_TRANSFORMER = "sentence_transformers.models.Transformer"
-ST_POOLING = "sentence_transformers.models.Pooling"
-ST_NORMALIZE = "sentence_transformers.models.Normalize"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", TOKENIZER_CONFIG)
+# modules.json types by class name: sentence-transformers writes sentence_transformers.models.Pooling, and since
+# v5 also sentence_transformers.sentence_transformer.modules.pooling.Pooling
+ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE = "Transformer", "Pooling", "Normalize"
 # token states, pooled here; BERT's pooler_output (dense + tanh over CLS) is neither CLS pooling nor a BGE vector
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
 
@@ -63,10 +64,10 @@ def read_sentence_transformers(folder: Path) -> SentenceTransformersConfig | Non
     if not modules_file.is_file():
         return None
     modules = read_json(modules_file)
-    kinds = [m.get("type", "") for m in modules]
-    unsupported = tuple(k for k in kinds if k not in (ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE))
+    kinds = [_class_name(m) for m in modules]
+    unsupported = tuple(m.get("type", "") for m, k in zip(modules, kinds) if k not in (ST_TRANSFORMER, ST_POOLING, ST_NORMALIZE))
     pooling, problem = None, ""
-    module = next((m for m in modules if m.get("type") == ST_POOLING), None)
+    module = next((m for m in modules if _class_name(m) == ST_POOLING), None)
     if module is None:
         problem = f"{modules_file} has no Pooling module"
     else:
@@ -74,14 +75,22 @@ def read_sentence_transformers(folder: Path) -> SentenceTransformersConfig | Non
         if not config_file.is_file():
             problem = f"{config_file} is missing"
         else:
-            modes = [k for k, v in read_json(config_file).items() if k.startswith("pooling_mode") and v]
-            pooling = {"pooling_mode_cls_token": Pooling.CLS, "pooling_mode_mean_tokens": Pooling.MEAN}.get(
-                modes[0] if len(modes) == 1 else ""
-            )
+            config = read_json(config_file)
+            if isinstance(config.get("pooling_mode"), str):  # sentence-transformers v5: "pooling_mode": "mean"
+                modes = [config["pooling_mode"]]
+            else:  # before: "pooling_mode_mean_tokens": true, ...
+                modes = [k for k, v in config.items() if k.startswith("pooling_mode") and v]
+            pooling = {"pooling_mode_cls_token": Pooling.CLS, "pooling_mode_mean_tokens": Pooling.MEAN,
+                       "cls": Pooling.CLS, "mean": Pooling.MEAN}.get(modes[0] if len(modes) == 1 else "")
             if pooling is None:
                 problem = f"{config_file} uses pooling {modes}; bge-onnx runs cls or mean"
     bert_config = folder / "sentence_bert_config.json"
     max_length = read_json(bert_config).get("max_seq_length") if bert_config.is_file() else None
+    tokenizer_config = folder / TOKENIZER_CONFIG
+    if max_length is None and bert_config.is_file() and tokenizer_config.is_file():
+        # sentence-transformers v5 keeps the limit as the tokenizer's model_max_length (others set it to 1e30)
+        limit = read_json(tokenizer_config).get("model_max_length")
+        max_length = int(limit) if isinstance(limit, (int, float)) and 0 < limit < 1_000_000 else None
     st_config = folder / "config_sentence_transformers.json"
     prompts = (read_json(st_config).get("prompts") or {}) if st_config.is_file() else {}
     return SentenceTransformersConfig(
@@ -89,12 +98,16 @@ def read_sentence_transformers(folder: Path) -> SentenceTransformersConfig | Non
     )
 
 
+def _class_name(module: dict) -> str:
+    return str(module.get("type", "")).rsplit(".", 1)[-1]
+
+
 def pooling_config_file(folder: Path) -> str | None:
     """The Pooling module's config file named in modules.json, relative to the folder (1_Pooling/config.json)."""
     modules_file = Path(folder) / "modules.json"
     if not modules_file.is_file():
         return None
-    module = next((m for m in read_json(modules_file) if m.get("type") == ST_POOLING), None)
+    module = next((m for m in read_json(modules_file) if _class_name(m) == ST_POOLING), None)
     return None if module is None else f"{module.get('path', '1_Pooling')}/config.json"
 
 
@@ -116,12 +129,15 @@ def describe(
     outputs: dict[str, int],
     name: str | None = None,
     revision: str | None = None,
+    pooling: Pooling | None = None,
+    max_length: int | None = None,
+    query_instruction: str | None = None,
 ) -> ModelSpec:
     """A ModelSpec for running an export folder's graph as it is.
 
     ``outputs`` maps the graph's output names to their ranks (read from the opened session). Pooling, max length
     and query instruction come from the folder's sentence-transformers files, else from the registry (by ``name``,
-    the hub id, or the folder's name); the task from config.json's architecture. Where pooling happens follows the
+    the hub id, or the folder's name), unless given; the task from config.json's architecture. Where pooling happens follows the
     graph: token states are pooled in numpy, a pooled output is used as it is, a reranker's logits are scores.
 
     Raises:
@@ -143,9 +159,17 @@ def describe(
             f"{folder / 'modules.json'} uses modules bge-onnx cannot run: {list(st.unsupported)}; "
             "its vectors would differ from the model's."
         )
-    pooling = (st.pooling if st else None) or (known_model.pooling if known_model else None)
-    max_length = (st.max_length if st else None) or (known_model.max_length if known_model else None) or max_positions
+    explicit_length = max_length is not None
+    pooling = pooling or (st.pooling if st else None) or (known_model.pooling if known_model else None)
+    max_length = (max_length or (st.max_length if st else None) or (known_model.max_length if known_model else None)
+                  or max_positions)
     instruction = (st.query_prompt if st else "") or (known_model.query_instruction if known_model else "")
+    if query_instruction is not None:
+        instruction = query_instruction
+    if max_length > max_positions:
+        if explicit_length:
+            raise InputError(f"max_length={max_length} exceeds what the model can take ({max_positions} tokens)")
+        max_length = max_positions
 
     if task is Task.RERANK:
         output = "logits" if "logits" in outputs else next((o for o, rank in outputs.items() if rank == 2), None)
@@ -170,7 +194,7 @@ def describe(
         task=task,
         architecture=architectures[0],
         dim=dim,
-        max_length=min(int(max_length), max_positions),
+        max_length=int(max_length),
         max_positions=max_positions,
         pad_token_id=int(config.get("pad_token_id", 0)),
         inputs=tuple(inputs),

@@ -121,6 +121,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    try:
+        from bge_onnx_export.optimize import optimize_model
+
+        optimize_model(
+            args.src,
+            args.out,
+            revision=args.revision,
+            pooling=args.pooling,
+            max_length=args.max_length,
+            query_instruction=args.query_instruction,
+            precisions=args.precision,
+            allow_below_gate=args.allow_below_gate,
+            overwrite=args.force,
+            log=None if args.quiet else _say,
+        )
+    except ImportError as err:  # onnx, or sympy that onnxruntime's optimiser imports when it runs
+        raise BgeOnnxError(f"optimize needs onnx and sympy ({err}), not torch: {install_hint('optimize')}") from err
+    return 0
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     from .embedder import Embedder
 
@@ -296,6 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace DIR if it exists")
     export.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     export.set_defaults(run=_cmd_export)
+
+    optimize = commands.add_parser(
+        "optimize", help="turn an existing ONNX export into a bge-onnx model folder, without torch",
+        description="Convert an ONNX export (an official repo's onnx/ folder, an optimum or sentence-transformers "
+                    "export; local folder or hub id) to a bge-onnx folder: fusions, pooling in the graph, the "
+                    "first-token cut, gated int8/fp16, a manifest. Checked against the source graph itself.")
+    optimize.add_argument("src", metavar="SRC", help="export folder or hub repo id")
+    optimize.add_argument("--out", required=True, metavar="DIR", help="model folder to create")
+    optimize.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    optimize.add_argument("--pooling", choices=["cls", "mean"], help="needed only when the source does not say")
+    optimize.add_argument("--max-length", type=_positive_int, help="token limit (default: the source's)")
+    optimize.add_argument("--query-instruction", help="text put before queries by encode_queries / --queries")
+    optimize.add_argument("--precision", nargs="+", choices=["fp32", "int8", "fp16"], default=["fp32"],
+                          metavar="P", help="graphs to write: fp32 (always), int8 (CPU), fp16 (CUDA) (default: fp32)")
+    optimize.add_argument("--allow-below-gate", action="store_true",
+                          help="keep an int8/fp16 graph that fails its quality gate (runtime 'auto' will not pick it)")
+    optimize.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    optimize.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    optimize.set_defaults(run=_cmd_optimize)
 
     embed = commands.add_parser("embed", help="embed texts from stdin",
                                 description="Embed texts read from stdin; vectors go to stdout in input order.")

@@ -14,7 +14,7 @@ from . import adopt, hub
 from .checks import positive_int
 from .errors import BgeOnnxError, InputError, ModelFilesError, WrongTaskError, caller_stacklevel
 from .session import CUDA, Session, choose_providers
-from .spec import MANIFEST, ModelSpec, Precision, Task, read_spec, verify_files
+from .spec import MANIFEST, ModelSpec, Pooling, Precision, Task, read_spec, verify_files
 from .tokenize import TOKENIZER_FILE, TextTokenizer
 
 
@@ -151,15 +151,17 @@ def _open_export(
     return LoadedModel(folder, spec, tokenizer, session, Precision.FP32)
 
 
-def describe_export(folder: Path, name: str, session: Session | None = None) -> ModelSpec:
-    """The ModelSpec of an export folder without a manifest (adopt.describe), its graph's inputs and outputs read
-    from ``session`` or from a CPU session opened here."""
+def describe_export(
+    folder: Path, name: str, session: Session | None = None, **overrides: Pooling | int | str | None
+) -> ModelSpec:
+    """The ModelSpec of an export folder without a manifest (adopt.describe, which takes ``overrides``: pooling,
+    max_length, query_instruction), its graph's inputs and outputs read from ``session`` or a CPU session."""
     graph, data_files = adopt.find_graph(folder)
     session = session or Session(folder / graph, device="cpu", threads=1)
     return adopt.describe(
         folder, graph=graph, data_files=data_files, inputs=session.input_names, outputs=session.outputs,
         name=name if hub.looks_like_repo_id(name) and not Path(name).exists() else None,
-        revision=folder.name if folder.parent.name == "snapshots" else None,
+        revision=folder.name if folder.parent.name == "snapshots" else None, **overrides,
     )
 
 

@@ -1,12 +1,17 @@
-"""The PyTorch reference (transformers, FlagReranker's pair rules) and its comparison with the exported graph."""
+"""The PyTorch reference (transformers, FlagReranker's pair rules) and its comparison with the exported graph.
+
+torch is imported by the functions that run it, so that the comparisons serve torch-free conversion too.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from bge_onnx.pooling import normalize
 from bge_onnx.spec import Pooling
@@ -15,11 +20,19 @@ MIN_COSINE = 0.99999
 MAX_SCORE_DIFF = 1e-3
 
 
-@torch.no_grad()
 def torch_embeddings(
     model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], *, pooling: Pooling, max_length: int, batch_size: int = 16
 ) -> np.ndarray:
     """Pooled (not normalised) vectors from the PyTorch model, tokenised by transformers."""
+    import torch
+
+    with torch.no_grad():
+        return _torch_embeddings(model, tokenizer, texts, pooling=pooling, max_length=max_length, batch_size=batch_size)
+
+
+def _torch_embeddings(model, tokenizer, texts, *, pooling, max_length, batch_size):
+    import torch
+
     rows = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
@@ -61,7 +74,6 @@ def flag_pair(tokenizer: Any, model_type: str, query: str, passage: str, *, max_
     return ids, types
 
 
-@torch.no_grad()
 def torch_scores(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -72,6 +84,16 @@ def torch_scores(
     batch_size: int = 16,
 ) -> np.ndarray:
     """Raw logits from the PyTorch cross-encoder, tokenised as FlagReranker does."""
+    import torch
+
+    with torch.no_grad():
+        return _torch_scores(model, tokenizer, pairs, max_length=max_length, query_max_length=query_max_length,
+                             batch_size=batch_size)
+
+
+def _torch_scores(model, tokenizer, pairs, *, max_length, query_max_length, batch_size):
+    import torch
+
     if query_max_length is None:
         query_max_length = max_length * 3 // 4
     model_type = model.config.model_type

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,24 +17,8 @@ from bge_onnx.spec import POOLED_OUTPUT, ModelSpec, Precision, Task, Variant, sh
 from . import parity, probes
 from .trace import export_graph, input_names
 from .precision import add_variant
+from .staging import MODEL_FILE, place, stderr, versions
 from .source import Source, describe_source
-
-MODEL_FILE = "model.onnx"
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "bge_onnx": bge_onnx.__version__}
-    for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tokenizers"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
 
 def _load_torch(source: Source):
     from transformers import (
@@ -104,17 +85,6 @@ def _compare(source: Source, folder: Path, model, tokenizer, log: Callable[[str]
     return figures
 
 
-def _place(staging: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        elif overwrite and out.is_dir():
-            shutil.rmtree(out)
-        else:
-            raise ExportError(f"{out} already exists and is not empty; pass overwrite=True (--force) to replace it")
-    os.replace(staging, out)
-
-
 def export_model(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -128,7 +98,7 @@ def export_model(
     allow_below_gate: bool = False,
     overwrite: bool = False,
     external_data: bool | None = None,
-    log: Callable[[str], None] | None = _stderr,
+    log: Callable[[str], None] | None = stderr,
 ) -> ModelSpec:
     """Convert a Hugging Face checkpoint to a bge-onnx model folder.
 
@@ -203,7 +173,7 @@ def export_model(
             query_instruction=source.query_instruction,
             files={p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
             source={"id": source.source_id, "revision": source.revision, "path": str(source.folder)},
-            versions=_versions(),
+            versions=versions(),
         )
         write_spec(staging, spec)
         if check_parity:
@@ -215,7 +185,7 @@ def export_model(
             gate_set = f"{len(probes.GATE_PAIRS)} pairs" if source.task is Task.RERANK else f"{len(probes.GATE_TEXTS)} texts"
             log(f"writing the {precision.value} graph and checking it against fp32 on {gate_set}")
             spec = add_variant(staging, precision, allow_below_gate=allow_below_gate, log=log)
-        _place(staging, out, overwrite)
+        place(staging, out, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"wrote {out}")

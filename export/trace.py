@@ -13,9 +13,8 @@ import torch
 from bge_onnx.spec import Pooling, Task
 
 from .rewrite import fuse
+from .staging import EXTERNAL_DATA_BYTES
 
-# Above this many bytes of weights the graph is saved with its weights in a side file (protobuf's 2 GB cap).
-EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 class _Encoder(torch.nn.Module):

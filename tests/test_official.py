@@ -98,14 +98,15 @@ def test_official_repo_by_name_fetches_the_graph_and_configs_never_the_torch_wei
     np.testing.assert_allclose(np.load(tmp_path / "v.npy"),
                                Embedder(official["xlmr-cls"], device="cpu").encode(["hub text", "another"]), atol=1e-6)
     fetched = {r.split("/resolve/main/")[-1] for r in official_hub.requests if r.startswith("GET")}
-    assert fetched == {"onnx/model.onnx", "onnx/model.onnx_data", "config.json", "tokenizer.json"}
+    assert fetched == {"onnx/model.onnx", "onnx/model.onnx_data", "config.json", "tokenizer.json",
+                       "tokenizer_config.json"}
 
     official_hub.requests.clear()
     result = _load("embed", "acme/st-mean-onnx", tmp_path / "m.npy", env)  # sentence-transformers files come too
     assert result.returncode == 0, result.stdout + result.stderr
     fetched = {r.split("/resolve/main/")[-1] for r in official_hub.requests if r.startswith("GET")}
     assert fetched == {"onnx/model.onnx", "config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json",
-                       "sentence_bert_config.json"}
+                       "sentence_bert_config.json", "tokenizer_config.json"}
     np.testing.assert_allclose(np.load(tmp_path / "m.npy"),
                                Embedder(official["bert-mean"], device="cpu").encode(["hub text", "another"]), atol=1e-6)
 

@@ -148,7 +148,9 @@ def build_official(checkpoint: Path, folder: Path, *, external_data: bool = Fals
     shutil.copytree(checkpoint, folder)
     config = AutoConfig.from_pretrained(checkpoint)
     rerank = (config.architectures or [""])[0].endswith("ForSequenceClassification")
-    model = (AutoModelForSequenceClassification if rerank else AutoModel).from_pretrained(checkpoint).eval()
+    # eager attention, as optimum exports it (onnxruntime's optimiser does not recognise torch's SDPA pattern)
+    model = (AutoModelForSequenceClassification if rerank else AutoModel).from_pretrained(
+        checkpoint, attn_implementation="eager").eval()
     graph = folder / "onnx" / "model.onnx"
     graph.parent.mkdir()
     with torch.no_grad():

@@ -1,0 +1,86 @@
+"""bge-onnx optimize: an official ONNX export -> a bge-onnx folder, without torch, checked against the source graph."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bge_onnx import Embedder, Reranker
+from bge_onnx.errors import ExportError, ModelFilesError
+from bge_onnx.spec import POOLED_OUTPUT, read_spec, sha256_file
+from bge_onnx_export.optimize import optimize_model
+from bge_onnx_export.parity import torch_embeddings, torch_scores
+from bge_onnx_export.probes import PROBE_PAIRS, PROBE_TEXTS
+from tiny_models import EMBED_KINDS, RERANK_KINDS, VARIED_TEXTS
+
+# torch and transformers made unimportable: the conversion must not need them
+_NO_TORCH = """
+import sys
+for name in ("torch", "transformers", "optimum"):
+    sys.modules[name] = None
+from bge_onnx.cli import main
+code = main(sys.argv[1:])
+assert not any(m.split(".")[0] in ("torch", "transformers", "optimum") for m in sys.modules if sys.modules[m])
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("kind", EMBED_KINDS)
+def test_optimized_folder_without_torch_gives_the_pytorch_vectors(kind, official, torch_models, tmp_path):
+    out = tmp_path / "optimized"
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH, "optimize", str(official[kind]), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "against the source graph: min cosine" in result.stderr and "fused" in result.stderr
+    spec = read_spec(out)
+    assert spec.output == POOLED_OUTPUT and spec.source["reference"].startswith("the source ONNX graph")
+    assert spec.source["graph_sha256"] == sha256_file(official[kind] / "onnx" / "model.onnx")
+    assert spec.source["command"].startswith(f"bge-onnx optimize {official[kind]} --out {out}")
+    fp32 = spec.variants["fp32"].parity
+    assert fp32["min_cosine"] >= 0.99999 and fp32["fused_ops"].get("Attention") == 2
+    assert fp32["last_layer_first_token_only"] is (spec.pooling.value == "cls")
+    embedder = Embedder(out, device="cpu")
+    model, tokenizer = torch_models[kind]
+    texts = VARIED_TEXTS + list(PROBE_TEXTS)
+    reference = torch_embeddings(model, tokenizer, texts, pooling=embedder.pooling, max_length=embedder.max_length)
+    with pytest.warns(UserWarning, match="truncated"):
+        np.testing.assert_allclose(embedder.encode(texts, normalize=False), reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", RERANK_KINDS)
+def test_optimized_reranker_gives_the_pytorch_scores(kind, official, torch_models, tmp_path):
+    spec = optimize_model(official[kind], tmp_path / "optimized", log=None)
+    assert spec.output == "logits" and spec.variants["fp32"].parity["max_abs_diff"] <= 1e-3
+    reranker = Reranker(tmp_path / "optimized", device="cpu")
+    model, tokenizer = torch_models[kind]
+    pairs = list(PROBE_PAIRS)
+    reference = torch_scores(model, tokenizer, pairs, max_length=reranker.max_length)
+    with pytest.warns(UserWarning, match="truncated"):
+        assert np.abs(reranker.compute_score(pairs) - reference).max() <= 1e-4
+
+
+def test_int8_is_gated_against_fp32_and_external_data_is_read(official, tmp_path):
+    # bge-m3's stand-in keeps its weights in onnx/model.onnx_data
+    spec = optimize_model(official["xlmr-cls"], tmp_path / "m3", precisions=["fp32", "int8"], allow_below_gate=True,
+                          log=None)
+    int8 = spec.variants["int8"].parity
+    assert int8["reference"] == "fp32" and "min_cosine" in int8 and "passed" in int8
+    vectors = Embedder(tmp_path / "m3", device="cpu", precision="int8").encode(["a text", "another text"])
+    assert vectors.shape == (2, spec.dim) and np.isfinite(vectors).all()
+
+
+def test_overrides_and_bad_sources(official, exported, checkpoints, tmp_path):
+    spec = optimize_model(official["bert-cls"], tmp_path / "mean", pooling="mean", max_length=32,
+                          query_instruction="q: ", log=None)
+    assert (spec.pooling.value, spec.max_length, spec.query_instruction) == ("mean", 32, "q: ")
+    assert json.loads((tmp_path / "mean" / "bge_onnx.json").read_text())["variants"]["fp32"]["parity"]["min_cosine"] >= 0.99999
+    with pytest.raises(ExportError, match="is a bge-onnx folder already"):
+        optimize_model(exported["bert-cls"], tmp_path / "again", log=None)
+    with pytest.raises(ModelFilesError, match=r"has no ONNX graph .*`bge-onnx export SRC"):
+        optimize_model(checkpoints["bert-cls"], tmp_path / "none", log=None)
+    with pytest.raises(ExportError, match="already exists and is not empty"):
+        optimize_model(official["bert-cls"], tmp_path / "mean", log=None)
