@@ -236,6 +236,13 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .push import push
+
+    print(push(args.folder, args.repo_id, revision=args.revision, private=args.private, commit_message=args.message))
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from .registry import KNOWN_MODELS
 
@@ -376,6 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                       help="the device the model will run on, for --precision auto (default: auto)")
     pull.set_defaults(run=_cmd_pull)
+
+    push = commands.add_parser("push", help="upload an exported model folder to a hub repo, with a model card",
+                               description="Check DIR against its manifest (every file's sha256), then upload the "
+                                           "files the manifest lists, the manifest and a generated model card "
+                                           "(README.md: parity and gate figures, the export command) to REPO_ID in "
+                                           "one commit, creating the repo if needed. The token comes from $HF_TOKEN "
+                                           "or `hf auth login`. Prints the commit's URL.")
+    push.add_argument("folder", metavar="DIR", help="a model folder written by `bge-onnx export`")
+    push.add_argument("repo_id", metavar="REPO_ID", help="hub repo id, owner/name")
+    push.add_argument("--revision", metavar="BRANCH", help="branch to commit to, created from main if missing (default: main)")
+    push.add_argument("--private", action="store_true", help="create the repo private (no effect on an existing repo)")
+    push.add_argument("--message", metavar="M", help="commit message (default: names the source model and variants)")
+    push.set_defaults(run=_cmd_push)
 
     models = commands.add_parser("models", help="list the known BGE models",
                                  description="The registry of known models, one per line, tab-separated: id, task, "

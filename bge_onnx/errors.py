@@ -10,6 +10,7 @@ Each subclass also inherits the builtin it refines, so ``except FileNotFoundErro
     ├── InputError           (ValueError)         a bad text, pair or option
     │   └── InputTypeError   (InputError, TypeError)  an input of the wrong type
     ├── ProviderError        (RuntimeError)       the requested execution provider cannot be used
+    ├── PushError            (OSError)            the hub refused an upload or cannot be reached
     └── ExportError          (RuntimeError)       export failed (bge_onnx_export only)
         └── ParityError                            the exported graph does not match PyTorch
 """
@@ -45,6 +46,10 @@ class InputTypeError(InputError, TypeError):
 
 class ProviderError(BgeOnnxError, RuntimeError):
     """The requested onnxruntime execution provider (e.g. CUDA) is not usable."""
+
+
+class PushError(BgeOnnxError, OSError):
+    """Uploading a model folder to the hub failed: no token, no write access, or the hub unreachable."""
 
 
 class ExportError(BgeOnnxError, RuntimeError):

@@ -1,0 +1,350 @@
+"""Publishing an exported model folder to a hub repo, with a model card written from its manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import __version__, registry
+from .errors import InputError, ModelIntegrityError, PushError
+from .hub import looks_like_repo_id
+from .spec import MANIFEST, ModelSpec, Precision, Task, Variant, read_spec, verify_files
+from .tokenize import TOKENIZER_FILE
+
+CARD = "README.md"
+_PRECISION_ORDER = [p.value for p in Precision]
+# parity keys shown in their own columns or sections rather than among a variant's figures
+_CONTEXT_KEYS = {"reference", "recipe", "gate", "passed", "texts", "pairs", "device", "cpu", "note", "worst_index",
+                 "fused_ops", "last_layer_first_token_only"}
+_RECIPE_KEYS = {"quantized_matmuls": "MatMuls int8", "fp32_matmuls": "MatMuls kept fp32",
+                "quantized_attention": "attention int8", "weight_bits": "weight bits"}
+
+
+def files_to_push(folder: Path, spec: ModelSpec) -> list[str]:
+    """The files a push uploads besides the card: every file the manifest lists (each variant's graph and weights,
+    the tokenizer, the configs) and the manifest itself; nothing else lying in the folder.
+
+    Raises:
+        ModelIntegrityError: the manifest names a file outside the folder.
+    """
+    names = {*spec.files, TOKENIZER_FILE, *(f for variant in spec.variants.values() for f in variant.all_files)}
+    for name in names:
+        # a hand-edited manifest must not make a push upload files from elsewhere on the disk
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts or "\\" in name:
+            raise ModelIntegrityError(
+                f"{Path(folder) / MANIFEST} lists {name!r}, which is not a file inside the folder; re-export the model."
+            )
+    return sorted(names - {CARD, MANIFEST}) + [MANIFEST]
+
+
+def push(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload an exported bge-onnx folder to the hub repo ``repo_id``, with a model card generated from its manifest.
+
+    The folder is checked first, with no network: its manifest must be valid and every file it lists must match its
+    sha256, so that a corrupt or altered folder is never published. Then the repo is created if it does not exist
+    (``private`` applies only then), and one commit uploads the manifest's files, the manifest and the card
+    (README.md, written into the upload, not into ``folder``). A ``revision`` other than main is created as a branch
+    from main if missing.
+
+    Args:
+        folder: a folder written by `bge-onnx export`.
+        repo_id: 'owner/name'.
+        revision: the branch to commit to (default: main).
+        private: create the repo private.
+        token: a hub token with write access (default: $HF_TOKEN, else the one `hf auth login` saved).
+        commit_message: default: names the source model and the variants.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        ModelFilesError: the folder, its manifest or a file it lists is missing.
+        ModelIntegrityError: the manifest is invalid or a file does not match its sha256.
+        InputError: ``repo_id`` is not 'owner/name'.
+        PushError: the hub refused the upload (no token, no write access) or cannot be reached.
+
+    >>> push("bge-small-onnx", "me/bge-small-en-v1.5-onnx")  # doctest: +SKIP
+    'https://huggingface.co/me/bge-small-en-v1.5-onnx/commit/...'
+    """
+    if not isinstance(repo_id, str) or not looks_like_repo_id(repo_id):
+        raise InputError(f"repo_id must be a hub repo id 'owner/name', got {repo_id!r}")
+    folder = Path(folder).expanduser()
+    spec = read_spec(folder)
+    names = files_to_push(folder, spec)
+    verify_files(folder, spec, names[:-1])
+    card = model_card(spec, repo_id, revision=revision).encode("utf-8")
+
+    # here, not at the top: only a push needs huggingface_hub's upload side
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=folder / name) for name in names]
+    for operation in operations[:-1]:  # the hash huggingface_hub computed for the upload, read after our check
+        if operation.upload_info.sha256.hex() != spec.files[operation.path_in_repo]:
+            raise ModelIntegrityError(f"{folder / operation.path_in_repo} changed while being pushed; push again.")
+    operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card))
+    api = HfApi(token=token)
+    where = f"{repo_id!r}" + (f" (branch {revision!r})" if revision else "")
+    # the transport errors of the HTTP client this huggingface_hub uses (requests before 1.0, then httpx, httpx2),
+    # which it has imported by now; not OSError at large, which would also take a file vanishing mid-upload
+    clients = [("httpx", "TransportError"), ("httpx2", "TransportError"), ("requests", "ConnectionError"),
+               ("requests", "Timeout")]
+    network_errors = tuple(getattr(sys.modules[module], name) for module, name in clients if module in sys.modules)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision not in (None, "main"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or _commit_message(spec),
+            revision=revision,
+        )
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status == 401:
+            found = "the hub refused the token" if (token or get_token()) else "no hub token was found"
+            raise PushError(
+                f"cannot push to {where}: {found} (401). Set HF_TOKEN to a token with write access "
+                "(https://huggingface.co/settings/tokens), or run `hf auth login`."
+            ) from err
+        if status == 403:
+            raise PushError(
+                f"cannot push to {where}: the token has no write access to it (403). Push to a namespace you may "
+                "write to, or use a token with write permission on this repo or organisation."
+            ) from err
+        raise PushError(f"cannot push to {where}: the hub answered {status}: {err}") from err
+    except OfflineModeIsEnabled as err:
+        raise PushError(f"cannot push to {where}: HF_HUB_OFFLINE is set; unset it to upload.") from err
+    except network_errors as err:
+        raise PushError(
+            f"cannot push to {where}: the hub at {api.endpoint} cannot be reached ({err}); check the network, "
+            "or HF_ENDPOINT if it is set."
+        ) from err
+    return str(info.commit_url)
+
+
+def _commit_message(spec: ModelSpec) -> str:
+    variants = ", ".join(_variant_names(spec))
+    return f"bge-onnx {__version__} export of {spec.source.get('id') or 'a local checkpoint'} ({variants})"
+
+
+def model_card(spec: ModelSpec, repo_id: str, *, revision: str | None = None) -> str:
+    """The README.md of a pushed repo: hub metadata (YAML front matter), then what the model is, each variant's
+    parity and gate figures, the fusions, the export command, the versions and how to use it. Every figure is
+    the manifest's.
+
+    >>> print(model_card(read_spec("bge-small-onnx"), "me/bge-small-onnx").splitlines()[1])  # doctest: +SKIP
+    library_name: "bge-onnx"
+    """
+    name = repo_id.split("/")[-1]
+    sections = [
+        ["---", *_yaml(_metadata(spec)), "---"],
+        _summary(spec, name),
+        _variants(spec),
+        _optimisations(spec),
+        ["## How it was made", "", *_export_command(spec, name)],
+        _usage(spec, repo_id, revision),
+    ]
+    return "\n\n".join("\n".join(section) for section in sections) + "\n"
+
+
+def _base_model(spec: ModelSpec) -> str | None:
+    source_id = spec.source.get("id")
+    return source_id if isinstance(source_id, str) and looks_like_repo_id(source_id) else None
+
+
+def _metadata(spec: ModelSpec) -> dict[str, Any]:
+    """The front matter the hub indexes: library, tags, base model, pipeline (no license: the manifest has none)."""
+    embed = spec.task is Task.EMBED
+    tags = ["bge-onnx", "onnx", *(["sentence-embeddings", "feature-extraction"] if embed else ["reranker"])]
+    meta: dict[str, Any] = {"library_name": "bge-onnx", "tags": tags + [v for v in _variant_names(spec) if v != "fp32"]}
+    if _base_model(spec):
+        meta["base_model"] = _base_model(spec)
+    meta["pipeline_tag"] = "feature-extraction" if embed else "text-classification"
+    return meta
+
+
+def _summary(spec: ModelSpec, name: str) -> list[str]:
+    embed = spec.task is Task.EMBED
+    base = _base_model(spec)
+    origin = f"[`{base}`](https://huggingface.co/{base})" if base else f"`{spec.source.get('id') or 'a checkpoint'}`"
+    what = "a sentence embedding model" if embed else "a reranker (a cross-encoder that scores query-passage pairs)"
+    facts = [("Task", spec.task.value), ("Architecture", spec.architecture)]
+    if embed:
+        normalised = "L2-normalised" if spec.normalize else "not normalised"
+        facts += [("Dimension", str(spec.dim)), ("Pooling", f"{spec.pooling.value}, {normalised}")]
+    facts.append(("Max length", f"{spec.max_length} tokens (the model takes up to {spec.max_positions})"))
+    if embed:
+        facts.append(("Query instruction", f"`{spec.query_instruction}`" if spec.query_instruction else "none"))
+    facts.append(("Source", _describe_source(spec.source)))
+    return [
+        f"# {name}",
+        "",
+        (f"An ONNX export of {origin}, {what}, for [bge-onnx](https://pypi.org/project/bge-onnx/): onnxruntime "
+         "and tokenizers, without torch."),
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {key} | {_cell(value)} |" for key, value in facts),
+    ]
+
+
+def _variants(spec: ModelSpec) -> list[str]:
+    return [
+        "## Variants",
+        "",
+        ("Measured at export: fp32 against the PyTorch model, int8 and fp16 against fp32, each held to the gate "
+         'shown. `precision="auto"` runs int8 on CPU and fp16 on CUDA only when they passed their gate, else fp32.'),
+        "",
+        "| Variant | Files | Compared with | Figures | Gate | Passed | Recipe | Measured on |",
+        "|---|---|---|---|---|---|---|---|",
+        *(_variant_row(name, spec.variants[name]) for name in _variant_names(spec)),
+    ]
+
+
+def _optimisations(spec: ModelSpec) -> list[str]:
+    parity = spec.variants["fp32"].parity
+    fused = parity.get("fused_ops") or {}
+    ops = ", ".join(f"{op} ×{count}" for op, count in fused.items()) or "none recorded"
+    lines = ["## Graph optimisations", "", f"onnxruntime's transformer fusions in the fp32 graph: {ops}."]
+    if parity.get("last_layer_first_token_only"):
+        lines.append("The last layer computes only the first token after its attention (the only one the output uses).")
+    return lines
+
+
+def _usage(spec: ModelSpec, repo_id: str, revision: str | None) -> list[str]:
+    option = f", revision={json.dumps(revision)}" if revision else ""
+    flag = f" --revision {shlex.quote(revision)}" if revision else ""
+    if spec.task is Task.EMBED:
+        code = [
+            "from bge_onnx import Embedder",
+            "",
+            f'model = Embedder("{repo_id}"{option})',
+            f'vectors = model.encode(["The quick brown fox.", "A lazy dog."])  # float32, shape (2, {spec.dim})',
+        ]
+        if spec.query_instruction:
+            code.append('queries = model.encode_queries(["fast animals"])  # prepends the query instruction')
+        command = f'echo "The quick brown fox." | bge-onnx embed {repo_id}{flag}'
+    else:
+        code = [
+            "from bge_onnx import Reranker",
+            "",
+            f'model = Reranker("{repo_id}"{option})',
+            'for result in model.rerank("fast animals", ["The quick brown fox.", "A lazy dog."]):',
+            "    print(result.score, result.text)",
+        ]
+        passages = 'printf "The quick brown fox.\\nA lazy dog.\\n"'
+        command = f'{passages} | bge-onnx rerank {repo_id}{flag} --query "fast animals"'
+    lines = ["## Usage", "", "```bash", "pip install bge-onnx", "```", "", "```python", *code, "```", ""]
+    pull = "From the command line; `pull` fills the cache (a container build step), after which loads need no network:"
+    lines += [pull, "", "```bash", f"bge-onnx pull {repo_id}{flag}", command, "```"]
+    if spec.versions:
+        lines += ["", "Versions at export: " + ", ".join(f"{k} {v}" for k, v in spec.versions.items()) + "."]
+    return lines
+
+
+def _variant_names(spec: ModelSpec) -> list[str]:
+    return sorted(spec.variants, key=_PRECISION_ORDER.index)
+
+
+def _yaml(meta: Mapping[str, Any]) -> list[str]:
+    """YAML lines for flat metadata; strings as JSON, which YAML reads as double-quoted scalars."""
+    lines = []
+    for key, value in meta.items():
+        if isinstance(value, list):
+            lines += [f"{key}:", *(f"- {json.dumps(item)}" for item in value)]
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _figure(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.7g}"  # float32 precision: the figures compare float32 outputs
+    return str(value)
+
+
+def _describe_source(source: Mapping[str, Any]) -> str:
+    source_id = source.get("id") or "unknown"
+    if source.get("revision"):
+        return f"`{source_id}` at revision `{source['revision']}`"
+    return f"`{source_id}`, from local files (no hub revision recorded)"
+
+
+def _variant_row(precision: str, variant: Variant) -> str:
+    parity = variant.parity
+    gate = parity.get("gate") or {}
+    shown = {k: v for k, v in parity.items() if k not in _CONTEXT_KEYS and k not in _RECIPE_KEYS}
+    figures = ", ".join(f"{k} {_figure(v)}" for k, v in shown.items())
+    count = parity.get("texts") or parity.get("pairs")
+    unit = "texts" if "texts" in parity else "pairs"
+    if figures and count:
+        figures += f" ({count} {unit})"
+    if precision == "fp32":
+        reference = "PyTorch" if figures else "not checked (exported with --no-parity)"
+        passed = "—"
+    else:
+        reference = parity.get("reference", "fp32")
+        passed = "yes" if parity.get("passed") else "**no**: `auto` does not pick it"
+    gate_text = ", ".join(f"{k} ≥ {limit}" for k, limit in gate.items()) or "—"
+    recipe = parity.get("recipe") or "—"
+    details = [f"{_figure(parity[k])} {label}" for k, label in _RECIPE_KEYS.items() if k in parity]
+    if details:
+        recipe += " (" + ", ".join(details) + ")"
+    measured = ", ".join(str(parity[k]) for k in ("device", "cpu") if parity.get(k))
+    if parity.get("note"):
+        measured = f"{measured}; {parity['note']}" if measured else parity["note"]
+    cells = [precision, ", ".join(f"`{f}`" for f in variant.all_files), reference, figures or "—", gate_text, passed,
+             recipe, measured or "—"]
+    return "| " + " | ".join(_cell(str(c)) for c in cells) + " |"
+
+
+def _export_command(spec: ModelSpec, name: str) -> list[str]:
+    """The `bge-onnx export` command that makes this folder, rebuilt from what the manifest records."""
+    recorded = spec.source.get("command")
+    if isinstance(recorded, str):  # a manifest that records its command: shown as is
+        return ["Exported with:", "", "```bash", recorded, "```"]
+    source_id = spec.source.get("id") or "SOURCE"
+    revision = spec.source.get("revision")
+    args = ["bge-onnx", "export", source_id]
+    if revision:
+        args += ["--revision", revision]
+    args += ["--out", name, "--precision", *_variant_names(spec)]
+    if spec.task is Task.EMBED:
+        args += ["--pooling", spec.pooling.value]
+    args += ["--max-length", str(spec.max_length)]
+    known = registry.lookup(source_id)
+    if spec.task is Task.EMBED and (spec.query_instruction or (known and known[1].query_instruction)):
+        args += ["--query-instruction", spec.query_instruction]
+    fp32 = spec.variants["fp32"].parity
+    if not any(k not in _CONTEXT_KEYS for k in fp32):
+        args.append("--no-parity")
+    if any(not v.parity.get("passed") for k, v in spec.variants.items() if k != "fp32"):
+        args.append("--allow-below-gate")
+    where = ("from the hub at the revision recorded" if revision else
+             f"from a local checkpoint folder recorded as `{source_id}`: give that folder as the source")
+    rebuilt = (
+        "The manifest does not record the command; this one is rebuilt from what it records (source, precisions, "
+        f"pooling, max length, instruction, gates), {where}:"
+    )
+    return [rebuilt, "", "```bash", shlex.join(args), "```"]
