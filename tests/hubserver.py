@@ -146,7 +146,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         commit, repo = found
         path = repo.joinpath(*parts[4:])
         if not path.is_file():
-            self._fail(404, "EntryNotFound")
+            # as the hub does: with the commit, so that huggingface_hub caches that the file is absent there
+            self._fail(404, "EntryNotFound", **{"X-Repo-Commit": commit})
             return None
         body = path.read_bytes()
         self.send_response(200)
@@ -158,10 +159,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return path
 
     def _fail(self, status: int, code: str, message: str | None = None, **extra: str) -> None:
+        headers = {name: extra.pop(name) for name in list(extra) if name.startswith("X-")}
         body = json.dumps({"error": message or code, **extra}).encode() if message else b""
         self.send_response(status)
-        if code == "EntryNotFound":  # as the hub does: huggingface_hub then caches that the file is absent
-            self.send_header("X-Repo-Commit", COMMIT)
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.send_header("X-Error-Code", code)
         self.send_header("X-Error-Message", message or code)
         self.send_header("Content-Length", str(len(body)))
