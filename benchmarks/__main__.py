@@ -12,6 +12,7 @@ BENCHMARKS = {
     "coldstart": ("coldstart", "import + load + first text in a fresh process, peak RSS, installed size"),
     "quality": ("quality", "STS-B Spearman and SciFact nDCG@10 against the published MTEB scores, per precision"),
     "rerank": ("rerank", "reranker throughput and scores against sentence-transformers' CrossEncoder, CPU"),
+    "runtime-env": ("runtime_env", "the Dockerfile's runtime stage in a fresh venv: size, no torch, serverless cold start"),
     "parity": ("parity", "every architecture and the packaged real model against PyTorch, fp32"),
     "gpu": ("gpu", "CUDA: provider start, fp16/fp32 parity, throughput against sentence-transformers on the GPU"),
     "gpu-rerank": ("gpu_rerank", "CUDA: reranker parity and throughput against the CrossEncoder on the GPU"),
