@@ -377,3 +377,45 @@ def test_repo_id_from_a_read_only_hub_cache_makes_no_request(exported, read_only
         assert _snapshot(base) == before
     finally:
         silent.close()
+
+
+# -- the Dockerfile (no Docker engine in the tests: what can be checked without one) ----------------------------------
+
+def _stages(dockerfile: Path) -> dict[str, list[str]]:
+    """Stage name -> its instructions, continuation lines joined, comments dropped."""
+    stages: dict[str, list[str]] = {}
+    current, pending = None, ""
+    for raw in dockerfile.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending += line[:-1] + " " if line.endswith("\\") else line
+        if line.endswith("\\"):
+            continue
+        words, pending = pending.split(), ""
+        if words[0].upper() == "FROM":
+            current = words[3] if len(words) > 3 and words[2].upper() == "AS" else f"unnamed-{len(stages)}"
+            stages[current] = [" ".join(words)]
+        elif current is not None:
+            stages[current].append(" ".join(words))
+    return stages
+
+
+def test_dockerfile_targets_run_what_the_package_has():
+    stages = _stages(Path(__file__).resolve().parents[1] / "Dockerfile")
+    assert {"export", "pull", "model", "runtime", "lambda", "cuda"} <= set(stages)
+    # the runtime installs the package without extras (so no torch, no onnx); the CUDA image the GPU distribution
+    assert "RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ." in stages["runtime"]
+    assert any("pip install --no-cache-dir ./gpu" in line for line in stages["cuda"])
+    for name in ("runtime", "lambda", "cuda"):
+        users = [line.split()[1] for line in stages[name] if line.startswith("USER ")]
+        assert users[-1:] == ["bge"], f"the {name} image must end as the non-root user, not {users}"
+    for name in ("runtime", "cuda"):  # lambda is built FROM runtime
+        assert any(line.startswith("ENV ") and "HF_HUB_OFFLINE=1" in line for line in stages[name]), name
+    # the Lambda image's CMD names the handler: module.function, as awslambdaric resolves it
+    (cmd,) = [json.loads(line[4:]) for line in stages["lambda"] if line.startswith("CMD ")]
+    module, _, function = cmd[0].rpartition(".")
+    check = subprocess.run([sys.executable, "-c", f"import {module}; assert callable({module}.{function})"],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert check.returncode == 0, check.stderr
+    assert list(stages)[-1].startswith("unnamed") and stages[list(stages)[-1]] == ["FROM runtime"]  # the default
