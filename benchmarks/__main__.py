@@ -13,6 +13,7 @@ BENCHMARKS = {
     "quality": ("quality", "STS-B Spearman and SciFact nDCG@10 against the published MTEB scores, per precision"),
     "rerank": ("rerank", "reranker throughput and scores against sentence-transformers' CrossEncoder, CPU"),
     "optimized": ("optimized", "bge-onnx optimize's fp32/int8 folders against the official ONNX graph run as it is"),
+    "runtime-env": ("runtime_env", "the Dockerfile's runtime stage in a fresh venv: size, no torch, serverless cold start"),
     "parity": ("parity", "every architecture and the packaged real model against PyTorch, fp32"),
     "gpu": ("gpu", "CUDA: provider start, fp16/fp32 parity, throughput against sentence-transformers on the GPU"),
     "gpu-rerank": ("gpu_rerank", "CUDA: reranker parity and throughput against the CrossEncoder on the GPU"),

@@ -1,0 +1,84 @@
+# syntax=docker/dockerfile:1
+# bge-onnx images, one model baked in at /model. Targets (docker build --target T):
+#   runtime  CPU (the default): only the runtime (onnxruntime, tokenizers, numpy, huggingface-hub), no torch;
+#            ENTRYPOINT bge-onnx
+#   lambda   runtime + awslambdaric: an AWS Lambda container image running bge_onnx.serverless.handler
+#   cuda     bge-onnx-gpu (onnxruntime-gpu) with CUDA 13 and cuDNN 9 from pip, for hosts with an NVIDIA GPU
+# Where the model comes from (--build-arg MODEL_SOURCE=...):
+#   export   (default) MODEL is a Hugging Face checkpoint, converted in a stage that holds torch; no final image
+#            holds torch
+#   pull     MODEL is a hub repo holding an exported bge-onnx folder, fetched with `bge-onnx pull`: no torch at all
+# BuildKit (Docker's default builder since 23.0) builds only the stages the target needs. A private or gated repo:
+# `--secret id=HF_TOKEN,env=HF_TOKEN`.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+ARG MODEL_SOURCE=export
+ARG MODEL=BAAI/bge-small-en-v1.5
+
+# ---- export (optional): checkpoint -> ONNX folder at /model ----------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS export
+# What a user elsewhere installs: torch's CPU build from PyTorch's own index (from the public index, Linux torch is a
+# multi-GB CUDA build), pinned as the README's set-up does, then the export extra.
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ".[export]"
+ARG MODEL
+# int8 for CPUs; add fp16 for the cuda target: --build-arg EXPORT_PRECISIONS="fp32 int8 fp16"
+ARG EXPORT_PRECISIONS="fp32 int8"
+RUN --mount=type=secret,id=HF_TOKEN,env=HF_TOKEN \
+    bge-onnx export "$MODEL" --out /model --precision $EXPORT_PRECISIONS
+
+# ---- pull: an exported repo from the hub -> /model ----------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS pull
+RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir .
+ARG MODEL
+ARG REVISION=main
+# all: every graph the repo has; auto: what a CPU load picks (int8 when within its gate, else fp32); or fp32/int8/fp16
+ARG PULL_PRECISION=all
+# the cache's snapshot holds links into its blobs: -L copies the files themselves
+RUN --mount=type=secret,id=HF_TOKEN,env=HF_TOKEN \
+    folder="$(HF_HOME=/tmp/hf bge-onnx pull "$MODEL" --revision "$REVISION" --precision "$PULL_PRECISION" --device cpu)" \
+    && cp -rL "$folder" /model
+
+FROM ${MODEL_SOURCE} AS model
+
+# ---- runtime: the CPU image ---------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+# Only the runtime, no extras, from the build context (mounted, not copied: no source layer stays in the image).
+# benchmarks/runtime_env.py installs this very line in a fresh venv to measure the environment: edit it here only.
+RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir .
+RUN useradd --system --user-group --uid 10001 --create-home --home-dir /home/bge bge
+COPY --from=model /model /model
+# HF_HUB_OFFLINE: a repo id given at run time must come from the image's cache, never the network
+ENV BGE_ONNX_MODEL=/model HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+USER bge
+WORKDIR /home/bge
+ENTRYPOINT ["bge-onnx"]
+CMD ["info", "/model"]
+
+# ---- lambda: the runtime under AWS Lambda's runtime interface client ------------------------------------------------
+FROM runtime AS lambda
+USER root
+RUN pip install --no-cache-dir "awslambdaric>=3"
+# Lambda runs the image as its own user with a read-only filesystem (writable /tmp only); the handler needs neither
+# a writable HOME nor the network (tests/test_serverless.py)
+USER bge
+ENTRYPOINT ["python", "-m", "awslambdaric"]
+CMD ["bge_onnx.serverless.handler"]
+
+# ---- cuda: bge-onnx-gpu for NVIDIA GPUs (docker run --gpus all) ---------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS cuda
+# bge-onnx-gpu (gpu/: the same code, on onnxruntime-gpu instead of onnxruntime, which overwrite each other's files)
+# with CUDA and cuDNN from pip (the [cuda,cudnn] extras name the versions this onnxruntime-gpu was built for; the
+# runtime preloads them). The host needs an NVIDIA driver for CUDA 13 and the NVIDIA container toolkit.
+RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ./gpu "onnxruntime-gpu[cuda,cudnn]"
+RUN useradd --system --user-group --uid 10001 --create-home --home-dir /home/bge bge
+COPY --from=model /model /model
+ENV BGE_ONNX_MODEL=/model HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+USER bge
+WORKDIR /home/bge
+ENTRYPOINT ["bge-onnx"]
+CMD ["info", "/model"]
+
+# ---- the default target (no --target): the CPU runtime --------------------------------------------------------------
+FROM runtime
