@@ -7,6 +7,8 @@
 # Where the model comes from (--build-arg MODEL_SOURCE=...):
 #   export   (default) MODEL is a Hugging Face checkpoint, converted in a stage that holds torch; no final image
 #            holds torch
+#   optimize MODEL is a repo (or folder) with an ONNX export, e.g. an official BAAI repo's onnx/ folder, converted
+#            with `bge-onnx optimize` (onnx and onnxruntime only): no torch at all
 #   pull     MODEL is a hub repo holding an exported bge-onnx folder, fetched with `bge-onnx pull`: no torch at all
 # BuildKit (Docker's default builder since 23.0) builds only the stages the target needs. A private or gated repo:
 # `--secret id=HF_TOKEN,env=HF_TOKEN`.
@@ -26,6 +28,14 @@ ARG MODEL
 ARG EXPORT_PRECISIONS="fp32 int8"
 RUN --mount=type=secret,id=HF_TOKEN,env=HF_TOKEN \
     bge-onnx export "$MODEL" --out /model --precision $EXPORT_PRECISIONS
+
+# ---- optimize: an existing ONNX export (official onnx/ folder) -> /model, without torch ---------------------------
+FROM ${PYTHON_IMAGE} AS optimize
+RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ".[optimize]"
+ARG MODEL
+ARG EXPORT_PRECISIONS="fp32 int8"
+RUN --mount=type=secret,id=HF_TOKEN,env=HF_TOKEN \
+    HF_HOME=/tmp/hf bge-onnx optimize "$MODEL" --out /model --precision $EXPORT_PRECISIONS
 
 # ---- pull: an exported repo from the hub -> /model ----------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS pull
