@@ -300,6 +300,22 @@ def _runtime_options(parser: argparse.ArgumentParser) -> None:
                         help="stdin format: one text per line, or JSONL strings / objects with 'text' (default: lines)")
 
 
+def _conversion_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """What export and optimize share: the source, the folder to write, the settings, the precisions."""
+    parser.add_argument("src", metavar="SRC", help=f"{what} folder or hub repo id")
+    parser.add_argument("--out", required=True, metavar="DIR", help="model folder to create")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    parser.add_argument("--pooling", choices=["cls", "mean"], help=f"needed only when the {what} does not say")
+    parser.add_argument("--max-length", type=_positive_int, help=f"token limit (default: the {what}'s)")
+    parser.add_argument("--query-instruction", help="text put before queries by encode_queries / --queries")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "int8", "fp16"], default=["fp32"], metavar="P",
+                        help="graphs to write: fp32 (always), int8 (CPU), fp16 (CUDA) (default: fp32)")
+    parser.add_argument("--allow-below-gate", action="store_true",
+                        help="keep an int8/fp16 graph that fails its quality gate (runtime 'auto' will not pick it)")
+    parser.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bge-onnx",
@@ -310,19 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="convert a Hugging Face checkpoint to a bge-onnx model folder",
                                  description="Convert a checkpoint (local folder or hub id) to ONNX, with a parity check against PyTorch.")
-    export.add_argument("src", metavar="SRC", help="checkpoint folder or hub repo id")
-    export.add_argument("--out", required=True, metavar="DIR", help="model folder to create")
-    export.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    export.add_argument("--pooling", choices=["cls", "mean"], help="needed only when the checkpoint does not say")
-    export.add_argument("--max-length", type=_positive_int, help="token limit (default: the checkpoint's)")
-    export.add_argument("--query-instruction", help="text put before queries by encode_queries / --queries")
-    export.add_argument("--precision", nargs="+", choices=["fp32", "int8", "fp16"], default=["fp32"], metavar="P",
-                        help="graphs to write: fp32 (always), int8 (CPU), fp16 (CUDA) (default: fp32)")
+    _conversion_options(export, "checkpoint")
     export.add_argument("--no-parity", action="store_true", help="skip the comparison with PyTorch")
-    export.add_argument("--allow-below-gate", action="store_true",
-                        help="keep an int8/fp16 graph that fails its quality gate (runtime 'auto' will not pick it)")
-    export.add_argument("--force", action="store_true", help="replace DIR if it exists")
-    export.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     export.set_defaults(run=_cmd_export)
 
     optimize = commands.add_parser(
@@ -330,18 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an ONNX export (an official repo's onnx/ folder, an optimum or sentence-transformers "
                     "export; local folder or hub id) to a bge-onnx folder: fusions, pooling in the graph, the "
                     "first-token cut, gated int8/fp16, a manifest. Checked against the source graph itself.")
-    optimize.add_argument("src", metavar="SRC", help="export folder or hub repo id")
-    optimize.add_argument("--out", required=True, metavar="DIR", help="model folder to create")
-    optimize.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    optimize.add_argument("--pooling", choices=["cls", "mean"], help="needed only when the source does not say")
-    optimize.add_argument("--max-length", type=_positive_int, help="token limit (default: the source's)")
-    optimize.add_argument("--query-instruction", help="text put before queries by encode_queries / --queries")
-    optimize.add_argument("--precision", nargs="+", choices=["fp32", "int8", "fp16"], default=["fp32"],
-                          metavar="P", help="graphs to write: fp32 (always), int8 (CPU), fp16 (CUDA) (default: fp32)")
-    optimize.add_argument("--allow-below-gate", action="store_true",
-                          help="keep an int8/fp16 graph that fails its quality gate (runtime 'auto' will not pick it)")
-    optimize.add_argument("--force", action="store_true", help="replace DIR if it exists")
-    optimize.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _conversion_options(optimize, "source")
     optimize.set_defaults(run=_cmd_optimize)
 
     embed = commands.add_parser("embed", help="embed texts from stdin",

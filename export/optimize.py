@@ -16,7 +16,7 @@ import onnx
 
 import bge_onnx
 from bge_onnx import adopt, hub
-from bge_onnx.errors import ExportError, ModelFilesError, ParityError
+from bge_onnx.errors import ExportError, ModelFilesError
 from bge_onnx.folder import describe_export
 from bge_onnx.spec import (
     MANIFEST,
@@ -188,23 +188,12 @@ def _check(source: ModelSpec, folder: Path, staging: Path, log: Callable[[str], 
             texts = list(probes.PROBE_TEXTS)
             reference = bge_onnx.Embedder(reference_folder, device="cpu").encode(texts, normalize=False)
             ours = bge_onnx.Embedder(staging, device="cpu").encode(texts, normalize=False)
-            figures = parity.embedding_parity(reference, ours)
-            log(f"against the source graph: min cosine {figures['min_cosine']:.7f}, "
-                f"max abs diff {figures['max_abs_diff']:.2e}")
-            if figures["min_cosine"] < parity.MIN_COSINE:
-                raise ParityError(
-                    f"the optimised graph differs from the source graph: min cosine {figures['min_cosine']:.7f} < "
-                    f"{parity.MIN_COSINE} on probe text {figures['worst_index']}. Nothing was written."
-                )
+            figures = parity.gate_embeddings(reference, ours, texts, graph="optimised graph",
+                                             against="the source graph", log=log)
         else:
             pairs = list(probes.PROBE_PAIRS)
             reference = bge_onnx.Reranker(reference_folder, device="cpu").compute_score(pairs)
             ours = bge_onnx.Reranker(staging, device="cpu").compute_score(pairs)
-            figures = parity.score_parity(reference, ours)
-            log(f"against the source graph: max abs score diff {figures['max_abs_diff']:.2e}")
-            if figures["max_abs_diff"] > parity.MAX_SCORE_DIFF:
-                raise ParityError(
-                    f"the optimised graph differs from the source graph: score diff {figures['max_abs_diff']:.2e} > "
-                    f"{parity.MAX_SCORE_DIFF} on probe pair {figures['worst_index']}. Nothing was written."
-                )
+            figures = parity.gate_scores(reference, ours, graph="optimised graph", against="the source graph",
+                                         log=log)
     return figures

@@ -5,7 +5,7 @@ torch is imported by the functions that run it, so that the comparisons serve to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,6 +13,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+from bge_onnx.errors import ParityError
 from bge_onnx.pooling import normalize
 from bge_onnx.spec import Pooling
 
@@ -139,3 +140,31 @@ def score_parity(reference: np.ndarray, ours: np.ndarray) -> dict[str, Any]:
         "pairs": int(len(diff)),
         "same_order": bool((np.argsort(-reference, kind="stable") == np.argsort(-ours, kind="stable")).all()),
     }
+
+
+def gate_embeddings(reference: np.ndarray, ours: np.ndarray, texts: Sequence[str], *, graph: str, against: str,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """embedding_parity, logged, and a ParityError naming the worst probe text below MIN_COSINE."""
+    figures = embedding_parity(reference, ours)
+    log(f"against {against}: min cosine {figures['min_cosine']:.7f}, max abs diff {figures['max_abs_diff']:.2e}")
+    if figures["min_cosine"] < MIN_COSINE:
+        text = texts[figures["worst_index"]]
+        raise ParityError(
+            f"the {graph} differs from {against}: min cosine {figures['min_cosine']:.7f} < {MIN_COSINE} on probe "
+            f"text {figures['worst_index']} {text[:60]!r}. Nothing was written. Report this with the versions of "
+            "torch and onnxruntime."
+        )
+    return figures
+
+
+def gate_scores(reference: np.ndarray, ours: np.ndarray, *, graph: str, against: str,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """score_parity, logged, and a ParityError naming the worst probe pair above MAX_SCORE_DIFF."""
+    figures = score_parity(reference, ours)
+    log(f"against {against}: max abs score diff {figures['max_abs_diff']:.2e}")
+    if figures["max_abs_diff"] > MAX_SCORE_DIFF:
+        raise ParityError(
+            f"the {graph} differs from {against}: score diff {figures['max_abs_diff']:.2e} > {MAX_SCORE_DIFF} on "
+            f"probe pair {figures['worst_index']}. Nothing was written."
+        )
+    return figures

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import bge_onnx
-from bge_onnx.errors import ExportError, ParityError
+from bge_onnx.errors import ExportError
 from bge_onnx.spec import POOLED_OUTPUT, ModelSpec, Precision, Task, Variant, sha256_file, write_spec
 
 from . import parity, probes
@@ -61,27 +61,13 @@ def _compare(source: Source, folder: Path, model, tokenizer, log: Callable[[str]
             model, tokenizer, texts, pooling=source.pooling, max_length=source.max_length
         )
         ours = bge_onnx.Embedder(folder, device="cpu").encode(texts, normalize=False)
-        figures = parity.embedding_parity(reference, ours)
-        log(f"min cosine {figures['min_cosine']:.7f}, max abs diff {figures['max_abs_diff']:.2e}")
-        if figures["min_cosine"] < parity.MIN_COSINE:
-            text = texts[figures["worst_index"]]
-            raise ParityError(
-                f"the exported graph differs from PyTorch: min cosine {figures['min_cosine']:.7f} < "
-                f"{parity.MIN_COSINE} on probe text {figures['worst_index']} {text[:60]!r}. "
-                "Nothing was written. Report this with the versions of torch and onnxruntime."
-            )
+        figures = parity.gate_embeddings(reference, ours, texts, graph="exported graph", against="PyTorch", log=log)
     else:
         pairs = list(probes.PROBE_PAIRS)
         log(f"checking parity with PyTorch on {len(pairs)} probe pairs")
         reference = parity.torch_scores(model, tokenizer, pairs, max_length=source.max_length)
         ours = bge_onnx.Reranker(folder, device="cpu").compute_score(pairs)
-        figures = parity.score_parity(reference, ours)
-        log(f"max abs score diff {figures['max_abs_diff']:.2e}")
-        if figures["max_abs_diff"] > parity.MAX_SCORE_DIFF:
-            raise ParityError(
-                f"the exported graph differs from PyTorch: score diff {figures['max_abs_diff']:.2e} > "
-                f"{parity.MAX_SCORE_DIFF} on probe pair {figures['worst_index']}. Nothing was written."
-            )
+        figures = parity.gate_scores(reference, ours, graph="exported graph", against="PyTorch", log=log)
     return figures
 
 
