@@ -1,4 +1,4 @@
-"""The bge-onnx command line: export, embed, rerank, info (thin over the Python API)."""
+"""The bge-onnx command line: export, embed, rerank, info, serve (thin over the Python API)."""
 
 from __future__ import annotations
 
@@ -254,6 +254,106 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# bge-onnx serve. Every flag may come from a BGE_ONNX_* variable instead (a container sets those); a flag wins.
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise BgeOnnxError(f"${name} must be 1/true/yes or 0/false/no, got {value!r}")
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {value!r}")
+    return number
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    try:
+        import uvicorn
+
+        from .serve import ServeConfig, create_app
+    except ImportError as err:
+        raise BgeOnnxError(f"serve needs starlette, uvicorn and prometheus-client ({err}): {install_hint('serve')}") from err
+    config = ServeConfig(
+        args.model, reranker=args.reranker, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens,
+        max_client_batch_size=args.max_client_batch_size, max_concurrent_requests=args.max_concurrent_requests,
+        payload_limit=args.payload_limit, auto_truncate=args.auto_truncate or _env_flag("BGE_ONNX_AUTO_TRUNCATE"),
+        api_key=args.api_key or None, max_wait_ms=args.max_wait_ms,
+        isolate_batches=args.isolate_batches or _env_flag("BGE_ONNX_ISOLATE_BATCHES"), precision=args.precision,
+        revision=args.revision, device=args.device, threads=args.threads, max_length=args.max_length,
+    )
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        server.should_exit = True
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")  # as uvicorn's own lines
+    app = create_app(config, on_load_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, access_log=False,
+                                           log_level="info", lifespan="on"))
+    # uvicorn raises the signal it stopped for again once its graceful shutdown is over (in-flight requests
+    # answered); ignoring it then makes a SIGTERM'd server exit 0, as a container orchestrator expects.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    return 1 if app.state.service.error or not server.started else 0
+
+
+def _serve_parser(commands) -> None:
+    def env(name: str, default: str | None = None) -> str | None:
+        return os.environ.get(f"BGE_ONNX_{name}") or default
+
+    serve = commands.add_parser(
+        "serve", help="serve an embedding model (and a reranker) over HTTP: TEI's and OpenAI's APIs",
+        description="An HTTP server ([serve] extra): TEI's /embed, /rerank, /tokenize, /info, /health, /metrics; "
+                    "OpenAI's /v1/embeddings; a Cohere-style /v1/rerank. Concurrent requests are merged into the "
+                    "runtime's token-budget batches. Each flag can be set by the variable named in its help.")
+    serve.add_argument("model", nargs="?", default=env("MODEL"), metavar="MODEL",
+                       help="embedding model folder or hub id ($BGE_ONNX_MODEL); may be omitted with --reranker")
+    serve.add_argument("--reranker", default=env("RERANKER"), metavar="MODEL",
+                       help="also serve this reranker folder or hub id ($BGE_ONNX_RERANKER)")
+    serve.add_argument("--host", default=env("HOST", "127.0.0.1"),
+                       help="address to listen on ($BGE_ONNX_HOST; default 127.0.0.1; 0.0.0.0 in a container)")
+    serve.add_argument("--port", type=_positive_int, default=env("PORT", "8080"), help="($BGE_ONNX_PORT; default 8080)")
+    serve.add_argument("--max-batch-tokens", type=_positive_int, default=env("MAX_BATCH_TOKENS"),
+                       help="padded tokens per forward pass ($BGE_ONNX_MAX_BATCH_TOKENS; default 512 on CPU, 16384 on CUDA)")
+    serve.add_argument("--max-client-batch-size", type=_positive_int, default=env("MAX_CLIENT_BATCH_SIZE", "32"),
+                       help="most inputs in one request ($BGE_ONNX_MAX_CLIENT_BATCH_SIZE; default 32)")
+    serve.add_argument("--max-concurrent-requests", type=_positive_int, default=env("MAX_CONCURRENT_REQUESTS", "512"),
+                       help="requests in flight; more are answered 429 at once ($BGE_ONNX_MAX_CONCURRENT_REQUESTS; default 512)")
+    serve.add_argument("--payload-limit", type=_positive_int, default=env("PAYLOAD_LIMIT", "2000000"), metavar="BYTES",
+                       help="largest request body; larger is answered 413 ($BGE_ONNX_PAYLOAD_LIMIT; default 2000000)")
+    serve.add_argument("--auto-truncate", action="store_true",
+                       help="cut texts over the model's max length instead of refusing them ($BGE_ONNX_AUTO_TRUNCATE=1)")
+    serve.add_argument("--api-key", default=env("API_KEY"), metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on all but /health and /metrics ($BGE_ONNX_API_KEY)")
+    serve.add_argument("--max-wait-ms", type=_non_negative_float, default=env("MAX_WAIT_MS", "2"), metavar="MS",
+                       help="how long a request that finds the model idle waits for others to batch with "
+                            "($BGE_ONNX_MAX_WAIT_MS; default 2)")
+    serve.add_argument("--isolate-batches", action="store_true",
+                       help="never merge requests: each runs in batches of its own, so int8 vectors do not depend on "
+                            "other requests, at a cost in throughput ($BGE_ONNX_ISOLATE_BATCHES=1)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=env("DEVICE", "auto"),
+                       help="execution device ($BGE_ONNX_DEVICE; default auto)")
+    serve.add_argument("--precision", choices=["auto", "fp32", "int8", "fp16"], default=env("PRECISION", "auto"),
+                       help="graph to run ($BGE_ONNX_PRECISION; default auto = int8 on CPU / fp16 on CUDA when "
+                            "exported and within its gate, else fp32)")
+    serve.add_argument("--threads", type=_positive_int, help="CPU threads (default: $BGE_ONNX_THREADS or the usable CPUs)")
+    serve.add_argument("--max-length", type=_positive_int, default=env("MAX_LENGTH"),
+                       help="token limit per text ($BGE_ONNX_MAX_LENGTH; default the model's)")
+    serve.add_argument("--revision", default=env("REVISION"), help="hub revision when MODEL is a repo id ($BGE_ONNX_REVISION)")
+    serve.set_defaults(run=_cmd_serve)
+
+
 def _describe_parity(parity: dict) -> str:
     gate = parity.get("gate")
     if not gate:  # fp32: against PyTorch
@@ -395,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="The registry of known models, one per line, tab-separated: id, task, "
                                              "pooling, dimension, max length, query instruction, the official repo's ONNX files ('-' for none).")
     models.set_defaults(run=_cmd_models)
+    _serve_parser(commands)
     return parser
 
 

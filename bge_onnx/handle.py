@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -78,6 +79,11 @@ class ModelHandle:
         )
         warn_truncated(truncated, len(items), self.max_length, what)
         return out
+
+    @property
+    def folder(self) -> Path:
+        """The model folder in use (for a hub repo id, its cached snapshot)."""
+        return self._model.folder
 
     @property
     def spec(self) -> ModelSpec:

@@ -1,0 +1,217 @@
+"""bge-onnx serve under load: throughput and p50/p99 per concurrency against in-process encode, overload, peak RSS.
+
+The server runs as its own process on 127.0.0.1 (``python -m bge_onnx serve``); clients are threads of this
+process, each with one keep-alive connection, sending TEI /embed requests. Every level is bounded in requests and
+in seconds. In-process: the same requests' texts through Embedder.encode one request at a time, in this process.
+Overload: far more clients than --max-concurrent-requests at once; each answer must be the right vectors or a 429.
+Client and server share the machine's CPUs, so the server's figures are a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .harness import RESULTS, TRYOUTS, Report, log
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Client:
+    """One keep-alive HTTP connection per thread."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.local = port, threading.local()
+
+    def post(self, path: str, body: object) -> tuple[int, object]:
+        connection = getattr(self.local, "connection", None)
+        if connection is None:
+            connection = self.local.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        try:
+            connection.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        except (OSError, http.client.HTTPException):
+            self.local.connection = None
+            raise
+
+
+def start_server(args: argparse.Namespace, port: int, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "bge_onnx", "serve", str(args.model), "--port", str(port), "--precision",
+               args.precision, "--max-client-batch-size", str(max(args.texts_per_request, 1)), "--auto-truncate", *extra]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"serve_load: the server exited {process.returncode}: {' '.join(command)}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return process
+        except OSError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit("serve_load: the server was not healthy within 300 s")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_level(client: Client, requests: list[list[str]], concurrency: int, seconds: float) -> dict:
+    """Send ``requests`` from ``concurrency`` threads (stopping after ``seconds``); latency and throughput."""
+    latencies, texts, statuses, lock = [], [0], {}, threading.Lock()
+    deadline = time.monotonic() + seconds
+    queue = iter(requests)
+
+    def worker() -> None:
+        while time.monotonic() < deadline:
+            with lock:
+                batch = next(queue, None)
+            if batch is None:
+                return
+            start = time.perf_counter()
+            status, _ = client.post("/embed", {"inputs": batch})
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+                statuses[status] = statuses.get(status, 0) + 1
+                texts[0] += len(batch) if status == 200 else 0
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(concurrency):
+            pool.submit(worker)
+    wall = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "requests": len(latencies), "statuses": statuses, "wall_s": wall, "texts_per_s": texts[0] / wall,
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
+    }
+
+
+def in_process(embedder, requests: list[list[str]], seconds: float) -> float:
+    """Texts/s of Embedder.encode over the same requests, one request per call."""
+    warnings.filterwarnings("ignore", message=r"\d+ of \d+ texts exceeded max_length")  # the server truncates too
+    done, start = 0, time.perf_counter()
+    for batch in requests:
+        embedder.encode(batch)
+        done += len(batch)
+        if time.perf_counter() - start > seconds:
+            break
+    return done / (time.perf_counter() - start)
+
+
+def overload(client: Client, embedder, texts: list[str], clients: int) -> dict:
+    """``clients`` requests at once against a small --max-concurrent-requests: right vectors or 429, none lost."""
+    expected = {t: v for t, v in zip(texts, embedder.encode(texts))}
+    barrier = threading.Barrier(clients)
+
+    def one(text: str) -> str:
+        barrier.wait()
+        try:
+            status, body = client.post("/embed", {"inputs": [text]})
+        except (OSError, http.client.HTTPException) as err:
+            return f"lost ({type(err).__name__})"
+        if status == 429:
+            return "429"
+        if status != 200:
+            return f"status {status}"
+        return "right" if float(np.dot(np.asarray(body[0], np.float32), expected[text])) >= 0.99999 else "wrong"
+
+    with ThreadPoolExecutor(clients) as pool:
+        outcomes = list(pool.map(one, [texts[i % len(texts)] for i in range(clients)]))
+    return {k: outcomes.count(k) for k in sorted(set(outcomes))}
+
+
+def synthetic(n: int, words: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    vocabulary = ["the", "a", "panda", "bear", "eats", "bamboo", "in", "china", "mountains", "forest", "river", "city", "capital", "of", "france", "paris"]
+    return [" ".join(rng.choice(vocabulary, size=max(1, int(rng.integers(words // 2, words + 1))))) for _ in range(n)]
+
+
+def main(argv: list[str], *, name: str = "serve-load") -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks {name}", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="a bge-onnx model folder")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16", "auto"])
+    parser.add_argument("--concurrency", default="1,8,32,128", help="client counts (default 1,8,32,128)")
+    parser.add_argument("--requests", type=int, default=400, help="requests per level at most (default 400)")
+    parser.add_argument("--seconds", type=float, default=30, help="seconds per level at most (default 30)")
+    parser.add_argument("--texts-per-request", type=int, default=4, help="texts per request (default 4)")
+    parser.add_argument("--overload-clients", type=int, default=256, help="clients at once in the overload test")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="generated texts instead of the evaluation data (a try-out; results go to benchmarks/out)")
+    args = parser.parse_args(argv)
+    from bge_onnx import Embedder
+
+    if args.synthetic:
+        corpora = {"short queries": synthetic(2000, 12), "passages": synthetic(1000, 200)}
+    else:
+        from .corpora import corpora as load_corpora
+
+        picked = load_corpora(2000)
+        corpora = {"short queries": picked["short queries"], "passages": picked["passages"]}
+    levels = [int(c) for c in args.concurrency.split(",")]
+    report = Report(name, "bge-onnx serve under load: TEI /embed over HTTP on 127.0.0.1 against in-process encode",
+                    argv, models={"MODEL": args.model})
+    embedder = Embedder(args.model, precision=args.precision)
+    port = _free_port()
+    server = start_server(args, port)
+    client = Client(port)
+    rows, data = [], {}
+    try:
+        for corpus, texts in corpora.items():
+            k = args.texts_per_request
+            requests = [texts[i : i + k] for i in range(0, len(texts) - k + 1, k)][: args.requests]
+            base = in_process(embedder, requests, args.seconds)
+            for level in levels:
+                log(f"{corpus}: {level} clients")
+                result = load_level(client, requests, level, args.seconds)
+                result["in_process_texts_per_s"] = base
+                data[f"{corpus} @ {level}"] = result
+                rows.append([corpus, level, result["requests"], f"{result['texts_per_s']:.0f}", f"{base:.0f}",
+                             f"{result['texts_per_s'] / base:.2f}x", f"{result['p50_ms']:.1f}",
+                             f"{result['p99_ms']:.1f}", json.dumps(result["statuses"])])
+        data["peak_rss_mb_after_load"] = peak_rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(60)
+    report.table(["corpus", "clients", "requests", "server texts/s", "in-process texts/s", "server / in-process",
+                  "p50 ms", "p99 ms", "statuses"], rows)
+    limit = 8
+    server = start_server(args, port, "--max-concurrent-requests", str(limit))
+    try:
+        outcome = overload(Client(port), embedder, corpora["short queries"][:64],
+                           args.overload_clients)
+        data["overload"] = {"clients": args.overload_clients, "limit": limit, "outcomes": outcome,
+                            "peak_rss_mb": peak_rss_mb(server.pid)}
+    finally:
+        server.terminate()
+        server.wait(60)
+    report.text(f"Overload: {args.overload_clients} clients at once, --max-concurrent-requests {limit}: "
+                f"{json.dumps(outcome)}; server peak RSS {data['overload']['peak_rss_mb']:.0f} MB "
+                f"(after the load levels: {data['peak_rss_mb_after_load']:.0f} MB).")
+    report.data = data
+    report.write(TRYOUTS if args.synthetic else RESULTS)

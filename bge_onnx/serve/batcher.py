@@ -1,0 +1,139 @@
+"""The batching queue: concurrent requests' inputs merged into one call of the runtime, run off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .metrics import Metrics
+
+# Most inputs merged into one call: the runtime sorts and batches a call's inputs by its token budget in chunks of
+# 2048 (bge_onnx.batching.TOKENIZE_CHUNK), so a larger call would not batch better, only answer its first request
+# later.
+MAX_MERGED = 2048
+
+
+@dataclasses.dataclass
+class Timing:
+    """Where a request's time went, in seconds."""
+
+    queue: float = 0.0
+    inference: float = 0.0
+
+
+@dataclasses.dataclass
+class _Job:
+    items: Sequence
+    tokens: int
+    future: asyncio.Future
+    enqueued: float
+    timing: Timing = dataclasses.field(default_factory=Timing)
+
+
+class Batcher:
+    """Runs ``run(items) -> rows`` (one row per item) for many requests: whatever requests are waiting when the
+    model is free go into one call, and each gets its own rows back.
+
+    One call runs at a time, in a worker thread, so the event loop keeps answering other requests; onnxruntime
+    uses all the threads it was given within that call. A request that finds the model idle waits up to
+    ``max_wait`` seconds for company; requests that arrive during a call wait for it anyway and run together next.
+    With ``isolate``, each request gets calls of its own (int8: its vectors then do not depend on other requests).
+    If a merged call fails, each of its requests is run alone, so only the one that fails gets the error.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list], np.ndarray],
+        *,
+        name: str,
+        metrics: Metrics,
+        max_wait: float,
+        isolate: bool,
+    ) -> None:
+        self._run, self.name, self._metrics = run, name, metrics
+        self.max_wait, self.isolate = max_wait, isolate
+        self._pending: list[_Job] = []
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"bge-onnx-{name}")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"bge-onnx-{self.name}-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, items: Sequence, tokens: int) -> tuple[np.ndarray, Timing]:
+        """Queue ``items`` (``tokens`` long in all) and wait for their rows."""
+        job = _Job(items, tokens, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._pending.append(job)
+        self._metrics.queue_depth.labels(self.name).inc(len(items))
+        self._wakeup.set()
+        rows = await job.future
+        return rows, job.timing
+
+    async def _serve(self) -> None:
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if not self.isolate and self.max_wait > 0:
+                # only a request that found the model idle waits; one that waited through a call does not
+                wait = self.max_wait - (time.perf_counter() - self._pending[0].enqueued)
+                if wait > 0 and sum(len(j.items) for j in self._pending) < MAX_MERGED:
+                    await asyncio.sleep(wait)
+            jobs = self._take()
+            self._metrics.queue_depth.labels(self.name).dec(sum(len(j.items) for j in jobs))
+            jobs = [j for j in jobs if not j.future.done()]  # the client went away meanwhile
+            if jobs:
+                await self._call(jobs, split_on_error=len(jobs) > 1)
+
+    def _take(self) -> list[_Job]:
+        if self.isolate:
+            return [self._pending.pop(0)]
+        jobs, total = [], 0
+        while self._pending and (not jobs or total + len(self._pending[0].items) <= MAX_MERGED):
+            job = self._pending.pop(0)
+            jobs.append(job)
+            total += len(job.items)
+        return jobs
+
+    async def _call(self, jobs: list[_Job], *, split_on_error: bool) -> None:
+        items = [item for job in jobs for item in job.items]
+        start = time.perf_counter()
+        for job in jobs:
+            job.timing.queue = start - job.enqueued
+            self._metrics.queue_time.labels(self.name).observe(job.timing.queue)
+        try:
+            rows = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, items)
+        except Exception as err:  # noqa: BLE001  any failure of the runtime is answered, never lost
+            if split_on_error:
+                for job in jobs:
+                    await self._call([job], split_on_error=False)
+                return
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        elapsed = time.perf_counter() - start
+        self._metrics.inference_time.labels(self.name).observe(elapsed)
+        self._metrics.batch_texts.labels(self.name).observe(len(items))
+        self._metrics.batch_tokens.labels(self.name).observe(sum(job.tokens for job in jobs))
+        self._metrics.batch_requests.labels(self.name).observe(len(jobs))
+        at = 0
+        for job in jobs:
+            job.timing.inference = elapsed
+            if not job.future.done():
+                job.future.set_result(rows[at : at + len(job.items)])
+            at += len(job.items)

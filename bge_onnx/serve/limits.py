@@ -1,0 +1,170 @@
+"""What the server accepts: its settings, the refusal every API family renders, reading a body within the limit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+from starlette.requests import Request
+
+from ..checks import describe
+from ..errors import BgeOnnxError
+
+# The kinds of refusal; each API family maps them to its own status codes and error bodies (tei.py, openai.py).
+VALIDATION = "validation"  # a wrong type, a bad value, too many inputs, a text over the model's limit
+EMPTY = "empty"  # no input at all
+PAYLOAD = "payload"  # the body is larger than --payload-limit
+BAD_JSON = "bad_json"  # the body is not JSON
+AUTH = "auth"  # --api-key is set and the request lacks it
+OVERLOADED = "overloaded"  # --max-concurrent-requests requests are already in flight
+UNHEALTHY = "unhealthy"  # the models are still loading (or failed to load)
+BACKEND = "backend"  # inference failed
+NOT_FOUND = "not_found"  # the route needs a model this server does not have
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """The settings of one server process (``bge-onnx serve`` builds it from flags and BGE_ONNX_* variables).
+
+    Args:
+        model: the embedding model (folder or hub id); None serves only ``reranker``.
+        reranker: a reranker (folder or hub id) served beside it, or None.
+        max_batch_tokens: padded tokens per forward pass (the runtime's ``max_tokens``); None: its default.
+        max_client_batch_size: most inputs (texts, documents) in one request.
+        max_concurrent_requests: most requests in flight; one more is answered 429 at once.
+        payload_limit: most bytes in a request body; a larger one is answered 413.
+        auto_truncate: cut texts over the model's max length instead of refusing them (a request may say
+            otherwise with ``truncate``).
+        api_key: when set, every route but /health and /metrics needs ``Authorization: Bearer <api_key>``.
+        max_wait_ms: how long a request that finds the model idle waits for others to batch with.
+        isolate_batches: run each request in batches of its own, never merged with others' texts.
+    """
+
+    model: str | None
+    reranker: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_batch_tokens: int | None = None
+    max_client_batch_size: int = 32
+    max_concurrent_requests: int = 512
+    payload_limit: int = 2_000_000
+    auto_truncate: bool = False
+    api_key: str | None = None
+    max_wait_ms: float = 2.0
+    isolate_batches: bool = False
+    precision: str = "auto"
+    revision: str | None = None
+    device: str = "auto"
+    threads: int | None = None
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model is None and self.reranker is None:
+            raise BgeOnnxError("serve needs a MODEL to embed with, a --reranker, or both")
+        for name in ("max_client_batch_size", "max_concurrent_requests", "payload_limit"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BgeOnnxError(f"{name} must be a positive int, got {describe(value)}")
+        if self.max_wait_ms < 0:
+            raise BgeOnnxError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+        if self.api_key == "":
+            raise BgeOnnxError("api_key is empty: give a key, or leave it unset to serve without one")
+
+
+class Refusal(BgeOnnxError):
+    """A request the server answers with an error: its kind (see the constants above), message and field."""
+
+    def __init__(self, kind: str, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.param = kind, message, param
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """The request's JSON body, read at most ``limit`` bytes far (a larger body is refused before it is all read)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Refusal(PAYLOAD, f"the body has {int(declared)} bytes; the limit is {limit} (--payload-limit)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Refusal(PAYLOAD, f"the body has more than {limit} bytes; the limit is {limit} (--payload-limit)")
+    if not body.strip():
+        raise Refusal(BAD_JSON, "the body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except ValueError as err:  # also UnicodeDecodeError
+        raise Refusal(BAD_JSON, f"the body is not valid JSON: {err}") from err
+
+
+def fields(body: object, allowed: Sequence[str]) -> dict:
+    """``body`` as a dict (a JSON object), or a refusal; unknown keys are ignored, as TEI and OpenAI do."""
+    if not isinstance(body, dict):
+        raise Refusal(VALIDATION, f"the body must be a JSON object with {', '.join(allowed)}, got {type(body).__name__}")
+    return body
+
+
+def texts_field(value: object, name: str, *, limit: int, single_ok: bool = True) -> tuple[list[str], bool]:
+    """Texts from a field that holds a str or a list of str: (texts, whether it was one str). Refuses a missing,
+    empty or wrongly typed value, token-id arrays, and more than ``limit`` items, naming the field."""
+    if value is None:
+        raise Refusal(VALIDATION, f"{name} is required", param=name)
+    if isinstance(value, str) and single_ok:
+        return [value], True
+    if not isinstance(value, list):
+        kinds = "a string or a list of strings" if single_ok else "a list of strings"
+        raise Refusal(VALIDATION, f"{name} must be {kinds}, got {type(value).__name__} {describe(value)}", param=name)
+    if not value:
+        raise Refusal(EMPTY, f"{name} cannot be empty", param=name)
+    if len(value) > limit:
+        raise Refusal(
+            VALIDATION,
+            f"{name} has {len(value)} items; the limit is {limit} per request (--max-client-batch-size)",
+            param=name,
+        )
+    for i, item in enumerate(value):
+        if (isinstance(item, int) and not isinstance(item, bool)) or (
+            isinstance(item, list) and all(isinstance(x, int) for x in item)
+        ):
+            raise Refusal(VALIDATION, f"{name}[{i}] is a token-id array; this server takes text only", param=name)
+        if not isinstance(item, str):
+            raise Refusal(
+                VALIDATION, f"{name}[{i}] is {type(item).__name__} {describe(item)}, expected a string", param=name
+            )
+    return value, False
+
+
+def flag(body: dict, name: str, default: bool | None) -> bool | None:
+    """A boolean field, or ``default`` when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise Refusal(VALIDATION, f"{name} must be true or false, got {describe(value)}", param=name)
+    return value
+
+
+def check_lengths(counts: Sequence[int], max_length: int, *, name: str, truncate: bool) -> None:
+    """Refuse the first text over ``max_length`` tokens unless it may be truncated."""
+    if truncate:
+        return
+    for i, count in enumerate(counts):
+        if count > max_length:
+            raise Refusal(
+                VALIDATION,
+                f"{name}[{i}] has {count} tokens; the model's limit is {max_length}. Shorten it, send "
+                '"truncate": true, or start the server with --auto-truncate',
+                param=name,
+            )
+
+
+def check_direction(body: dict) -> None:
+    """TEI's truncation_direction: the runtime cuts the end of a text (right), never its start."""
+    value = body.get("truncation_direction")
+    if value is not None and value not in ("right", "Right"):
+        raise Refusal(
+            VALIDATION,
+            f"truncation_direction {describe(value)} is not supported; this server truncates on the right",
+            param="truncation_direction",
+        )

@@ -1,0 +1,195 @@
+"""The loaded models, their token counters and batching queues: what every API family's routes call."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from collections.abc import Callable
+
+import anyio
+import numpy as np
+
+from ..embedder import Embedder
+from ..pooling import normalize as l2_normalize
+from ..reranker import Reranker
+from ..session import CUDA
+from .batcher import Batcher, Timing
+from .limits import BACKEND, NOT_FOUND, UNHEALTHY, Refusal, ServeConfig, check_lengths
+from .metrics import Metrics
+from .tokens import TokenCounter
+
+log = logging.getLogger("bge_onnx.serve")
+
+
+class Service:
+    """The loaded models, their token counters and batching queues; what the routes call."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        metrics: Metrics,
+        *,
+        embedder: Embedder | None = None,
+        reranker: Reranker | None = None,
+    ) -> None:
+        self.config, self.metrics = config, metrics
+        self.embedder, self.reranker = embedder, reranker
+        self.embed_tokens: TokenCounter | None = None
+        self.rerank_tokens: TokenCounter | None = None
+        self._embed_queue: Batcher | None = None
+        self._rerank_queue: Batcher | None = None
+        self.ready = False
+        self.error: str | None = None
+
+    def load(self) -> None:
+        """Load the models (blocking: run it in a thread)."""
+        config = self.config
+        options = {"device": config.device, "threads": config.threads, "max_length": config.max_length,
+                   "precision": config.precision, "revision": config.revision}
+        if config.max_batch_tokens is not None:
+            options["max_tokens"] = config.max_batch_tokens
+        if self.embedder is None and config.model is not None:
+            self.embedder = Embedder(config.model, **options)
+        if self.reranker is None and config.reranker is not None:
+            self.reranker = Reranker(config.reranker, **options)
+        if self.embedder is not None:
+            self.embed_tokens = TokenCounter(self.embedder.folder)
+        if self.reranker is not None:
+            self.rerank_tokens = TokenCounter(self.reranker.folder)
+
+    async def start(self, on_failure: Callable[[], None] | None) -> None:
+        # The runtime warns once per call about truncated texts; the server checks lengths itself and a request
+        # asked for truncation (or the operator did, with --auto-truncate), so the warnings would only flood logs.
+        warnings.filterwarnings("ignore", message=r"\d+ of \d+ (texts|pairs) exceeded max_length", category=UserWarning)
+        try:
+            await anyio.to_thread.run_sync(self.load)
+        except Exception as err:  # noqa: BLE001  reported on /health and in the log; the CLI exits 1
+            self.error = f"{type(err).__name__}: {err}"
+            log.error("bge-onnx serve: the model failed to load: %s", self.error)
+            if on_failure is not None:
+                on_failure()
+            return
+        wait, isolate = self.config.max_wait_ms / 1000, self.config.isolate_batches
+        if self.embedder is not None:
+            embedder = self.embedder
+            self._embed_queue = Batcher(lambda texts: embedder.encode(texts, normalize=False), name="embed",
+                                        metrics=self.metrics, max_wait=wait, isolate=isolate)
+            self._embed_queue.start()
+        if self.reranker is not None:
+            reranker = self.reranker
+            self._rerank_queue = Batcher(lambda pairs: reranker.compute_score(pairs), name="rerank",
+                                         metrics=self.metrics, max_wait=wait, isolate=isolate)
+            self._rerank_queue.start()
+        self.ready = True
+        log.info("bge-onnx serve: ready")
+
+    async def stop(self) -> None:
+        for queue in (self._embed_queue, self._rerank_queue):
+            if queue is not None:
+                await queue.stop()
+
+    def require(self, what: str) -> Embedder | Reranker:
+        """The embedder ("embed") or reranker ("rerank"), or a refusal: still loading, or not served here."""
+        if not self.ready:
+            raise Refusal(UNHEALTHY, self.error and f"the model failed to load: {self.error}" or "the model is loading")
+        model = self.embedder if what == "embed" else self.reranker
+        if model is None:
+            hint = "start it with --reranker MODEL" if what == "rerank" else "start it with a MODEL to embed with"
+            raise Refusal(NOT_FOUND, f"this server has no {'reranker' if what == 'rerank' else 'embedding model'}; {hint}")
+        return model
+
+    async def count(self, what: str, texts: list[str], *, parts: bool = False) -> tuple[list[int], float]:
+        """Tokens per text, counted in a worker thread (tokenising a large request must not stall the event loop)."""
+        counter = self.embed_tokens if what == "embed" else self.rerank_tokens
+        start = time.perf_counter()
+        counts = await anyio.to_thread.run_sync(counter.count_parts if parts else counter.count, texts)
+        elapsed = time.perf_counter() - start
+        self.metrics.tokenize_time.labels(what).observe(elapsed)
+        return counts, elapsed
+
+    async def embed(self, texts: list[str], tokens: int) -> tuple[np.ndarray, Timing]:
+        """Raw pooled vectors (not normalised) for ``texts``, computed with whatever else is queued."""
+        return await self._submit(self._embed_queue, texts, tokens)
+
+    async def score(self, pairs: list[tuple[str, str]], tokens: int) -> tuple[np.ndarray, Timing]:
+        """Raw reranker logits for ``pairs``."""
+        return await self._submit(self._rerank_queue, pairs, tokens)
+
+    async def _submit(self, queue: Batcher, items: list, tokens: int) -> tuple[np.ndarray, Timing]:
+        try:
+            return await queue.submit(items, tokens)
+        except Exception as err:
+            log.exception("bge-onnx serve: inference failed")
+            raise Refusal(BACKEND, f"inference failed: {type(err).__name__}: {err}") from err
+
+
+
+@dataclasses.dataclass
+class Answer:
+    """What a route needs to respond: the rows (vectors or scores), tokens per input as computed, and headers."""
+
+    rows: np.ndarray
+    tokens: list[int]
+    headers: dict[str, str]
+
+
+async def embed_request(service: Service, texts: list[str], *, name: str, truncate: bool, normalize: bool) -> Answer:
+    """Check, queue and embed one request's texts (already prefixed with any instruction)."""
+    start = time.perf_counter()
+    embedder = service.require("embed")
+    counts, tokenize = await service.count("embed", texts)
+    check_lengths(counts, embedder.max_length, name=name, truncate=truncate)
+    used = [min(c, embedder.max_length) for c in counts]
+    rows, timing = await service.embed(texts, sum(used))
+    if normalize:
+        rows = l2_normalize(rows)
+    headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=sum(map(len, texts)),
+                             device=_device(embedder))
+    return Answer(rows, used, headers)
+
+
+async def rerank_request(service: Service, query: str, texts: list[str], *, name: str, truncate: bool) -> Answer:
+    """Check, queue and score (query, text) pairs: raw logits, in input order."""
+    start = time.perf_counter()
+    reranker = service.require("rerank")
+    counts, tokenize = await service.count("rerank", [query, *texts], parts=True)
+    query_tokens, specials = counts[0], service.rerank_tokens.pair_specials
+    pairs = [query_tokens + c + specials for c in counts[1:]]
+    if not truncate:
+        if query_tokens > reranker.query_max_length:
+            raise Refusal("validation", f"query has {query_tokens} tokens; the reranker's query limit is "
+                          f"{reranker.query_max_length}. Shorten it, send \"truncate\": true, or start the server "
+                          "with --auto-truncate", param="query")
+        check_lengths(pairs, reranker.max_length, name=name, truncate=False)
+    used = [min(c, reranker.max_length) for c in pairs]
+    scores, timing = await service.score([(query, text) for text in texts], sum(used))
+    headers = timing_headers(start, tokenize, timing, tokens=sum(used),
+                             characters=sum(map(len, texts)) + len(query) * len(texts), device=_device(reranker))
+    return Answer(scores, used, headers)
+
+
+def sigmoid(scores: np.ndarray) -> np.ndarray:
+    """Scores in (0, 1), as Reranker.compute_score(normalize=True) gives them."""
+    return (1.0 / (1.0 + np.exp(-scores.astype(np.float64)))).astype(np.float32)
+
+
+def _device(model: Embedder | Reranker) -> str:
+    return "gpu" if CUDA in model.providers else "cpu"
+
+
+def timing_headers(start: float, tokenize: float, timing: Timing, *, tokens: int, characters: int,
+                   device: str) -> dict[str, str]:
+    """TEI's response headers: where the request's time went (whole milliseconds) and what it computed."""
+    total = str(int((time.perf_counter() - start) * 1000))
+    return {
+        "x-compute-type": device,
+        "x-compute-time": total,
+        "x-total-time": total,
+        "x-tokenization-time": str(int(tokenize * 1000)),
+        "x-queue-time": str(int(timing.queue * 1000)),
+        "x-inference-time": str(int(timing.inference * 1000)),
+        "x-compute-tokens": str(tokens),
+        "x-compute-characters": str(characters),
+    }

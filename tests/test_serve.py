@@ -1,0 +1,453 @@
+"""bge-onnx serve: real server processes on 127.0.0.1, real HTTP clients (urllib, the official openai client), answers
+compared with in-process Embedder / Reranker on the same folders; limits, overload, auth, shutdown, batching."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bge_onnx import Embedder, Reranker
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+
+LONG = " ".join(["panda"] * 400)  # over the tiny models' 128 tokens
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(base: str, method: str, path: str, body: object = None, *, raw: bytes | None = None,
+         headers: dict | None = None, timeout: float = 60) -> tuple[int, object, dict]:
+    """(status, parsed JSON body or text, headers) of one request; error statuses are returned, not raised."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, payload, head = response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as err:
+        status, payload, head = err.code, err.read(), dict(err.headers)
+    try:
+        return status, json.loads(payload), head
+    except ValueError:
+        return status, payload.decode(), head
+
+
+class Server:
+    """``python -m bge_onnx serve ...`` on a free port, up once /health answers 200."""
+
+    def __init__(self, *args: str, env: dict | None = None, log: Path) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bge_onnx", "serve", *args, "--port", str(self.port)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited {self.process.returncode}: {log.read_text()}")
+            with contextlib.suppress(OSError):
+                if call(self.base, "GET", "/health", timeout=2)[0] == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not healthy in time: {log.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(exported, tmp_path_factory):
+    """fp32 embedder + reranker; small limits; 20 ms for company, so concurrent requests merge."""
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    srv = Server(str(exported["bert-cls"]), "--reranker", str(exported["bert-rerank"]), "--precision", "fp32",
+                 "--max-client-batch-size", "8", "--payload-limit", "20000", "--max-wait-ms", "20", log=log)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def embedder(exported):
+    return Embedder(exported["bert-cls"], device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def reranker(exported):
+    return Reranker(exported["bert-rerank"], device="cpu", precision="fp32")
+
+
+def assert_same_vectors(got, expected) -> None:
+    got = np.asarray(got, dtype=np.float32)
+    assert got.shape == expected.shape
+    cosines = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosines.min() >= 0.99999, cosines
+
+
+def test_import_bge_onnx_does_not_import_the_server():
+    script = ("import sys, bge_onnx, bge_onnx.cli; bad = [m for m in ('starlette', 'uvicorn', 'prometheus_client', "
+              "'anyio', 'bge_onnx.serve') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_serve_without_the_extra_says_what_to_install(exported):
+    script = ("import sys; sys.modules['uvicorn'] = None; from bge_onnx.cli import main; "
+              f"sys.exit(main(['serve', {str(exported['bert-cls'])!r}]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert "serve needs starlette, uvicorn and prometheus-client" in result.stderr
+    assert 'pip install "bge-onnx[serve]"' in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tei_embed_matches_in_process(server, embedder):
+    texts = ["The giant panda is a bear.", "", "Paris is the capital of France."]
+    status, body, headers = call(server.base, "POST", "/embed", {"inputs": texts})
+    assert status == 200, body
+    assert_same_vectors(body, embedder.encode(texts))
+    for name in ("x-compute-time", "x-queue-time", "x-inference-time", "x-tokenization-time", "x-compute-tokens"):
+        assert int(headers[name]) >= 0
+    status, body, _ = call(server.base, "POST", "/embed", {"inputs": "one text"})
+    assert status == 200 and len(body) == 1  # always a 2-D list
+    assert_same_vectors(body, embedder.encode(["one text"]))
+    status, body, _ = call(server.base, "POST", "/embed", {"inputs": texts, "normalize": False})
+    np.testing.assert_allclose(np.array(body, np.float32), embedder.encode(texts, normalize=False), rtol=1e-5, atol=1e-6)
+    status, body, _ = call(server.base, "POST", "/embed", {"inputs": ["what is a panda?"], "prompt_name": "query"})
+    assert status == 200
+    assert_same_vectors(body, embedder.encode_queries(["what is a panda?"]))
+    status, body, _ = call(server.base, "POST", "/embed", {"inputs": [LONG], "truncate": True})
+    assert status == 200
+    with pytest.warns(UserWarning, match="truncated"):
+        assert_same_vectors(body, embedder.encode([LONG]))
+
+
+def test_openai_client_base64_and_float(server, embedder):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+    texts = ["first text", "a second, longer text about pandas"]
+    expected = embedder.encode(texts)
+    answer = client.embeddings.create(model="bge-small", input=texts)  # the client asks for base64 here
+    assert [d.index for d in answer.data] == [0, 1] and answer.model == "bge-small"
+    assert_same_vectors([d.embedding for d in answer.data], expected)
+    assert answer.usage.prompt_tokens == answer.usage.total_tokens == sum(embedder_tokens(embedder, texts))
+    answer = client.embeddings.create(model="bge-small", input="first text", encoding_format="float")
+    assert_same_vectors([answer.data[0].embedding], expected[:1])
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="bge-small", input=texts, dimensions=8)
+    assert "not trained for truncated" in str(caught.value)
+
+
+def plain_tokenizer(embedder: Embedder):
+    """The model's tokenizer.json without the padding and truncation some files have built in."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(embedder.folder / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def embedder_tokens(embedder: Embedder, texts: list[str]) -> list[int]:
+    return [len(e) for e in plain_tokenizer(embedder).encode_batch(texts)]
+
+
+def test_openai_wire_format_and_errors(server, embedder):
+    status, body, _ = call(server.base, "POST", "/v1/embeddings", {"input": ["a b"], "encoding_format": "base64"})
+    assert status == 200 and body["object"] == "list" and body["data"][0]["object"] == "embedding"
+    vector = np.frombuffer(base64.b64decode(body["data"][0]["embedding"]), dtype="<f4")
+    assert_same_vectors([vector], embedder.encode(["a b"]))
+    status, body, _ = call(server.base, "POST", "/embeddings", {"input": "a b"})
+    assert status == 200 and isinstance(body["data"][0]["embedding"], list)
+    cases = [
+        ({"input": []}, "input cannot be empty", "input"),
+        ({"model": "x"}, "input is required", "input"),
+        ({"input": [1, 2, 3]}, "input[0] is a token-id array", "input"),
+        ({"input": ["ok", 7.5]}, "input[1] is float 7.5, expected a string", "input"),
+        ({"input": ["x"] * 9}, "input has 9 items; the limit is 8 per request (--max-client-batch-size)", "input"),
+        ({"input": ["ok", LONG]}, "input[1] has 402 tokens; the model's limit is 128", "input"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format must be 'float' or 'base64'", "encoding_format"),
+        ({"input": "x", "dimensions": 8}, "dimensions=8 is not supported", "dimensions"),
+    ]
+    for request, message, param in cases:
+        status, body, _ = call(server.base, "POST", "/v1/embeddings", request)
+        assert status == 400, (request, body)
+        assert message in body["error"]["message"] and body["error"]["param"] == param
+        assert body["error"]["type"] == "invalid_request_error" and body["error"]["code"]
+    status, body, _ = call(server.base, "POST", "/v1/embeddings", raw=b"{not json")
+    assert status == 400 and "the body is not valid JSON" in body["error"]["message"]
+    status, body, _ = call(server.base, "POST", "/v1/embeddings", raw=b'{"input": "' + b"x" * 30000 + b'"}')
+    assert status == 413 and "the limit is 20000 (--payload-limit)" in body["error"]["message"]
+
+
+def test_tei_errors(server):
+    cases = [
+        ("/embed", {"inputs": []}, 400, "Empty", "inputs cannot be empty"),
+        ("/embed", {"inputs": 5}, 422, "Validation", "inputs must be a string or a list of strings, got int 5"),
+        ("/embed", {"inputs": ["x"] * 9}, 422, "Validation", "inputs has 9 items; the limit is 8"),
+        ("/embed", {"inputs": [LONG]}, 422, "Validation", "inputs[0] has 402 tokens; the model's limit is 128"),
+        ("/embed", {"inputs": "x", "normalize": "yes"}, 422, "Validation", "normalize must be true or false"),
+        ("/embed", {"inputs": "x", "prompt_name": "doc"}, 422, "Validation", "prompt_name 'doc' is not one of"),
+        ("/embed", {"inputs": "x", "truncation_direction": "left"}, 422, "Validation", "truncates on the right"),
+        ("/embed", ["x"], 422, "Validation", "the body must be a JSON object"),
+        ("/rerank", {"query": "q", "texts": []}, 400, "Empty", "texts cannot be empty"),
+        ("/rerank", {"query": 1, "texts": ["a"]}, 422, "Validation", "query must be a string"),
+        ("/rerank", {"query": "q", "texts": "a"}, 422, "Validation", "texts must be a list of strings"),
+        ("/rerank", {"query": "q", "texts": [LONG]}, 422, "Validation", "texts[0] has 404 tokens"),
+    ]
+    for path, request, status_code, error_type, message in cases:
+        status, body, _ = call(server.base, "POST", path, request)
+        assert (status, body["error_type"]) == (status_code, error_type), (request, body)
+        assert message in body["error"], body
+    status, body, _ = call(server.base, "POST", "/embed", raw=b'{"inputs": ')
+    assert status == 422 and "the body is not valid JSON" in body["error"]
+    status, body, _ = call(server.base, "POST", "/embed", raw=b'{"inputs": "' + b"x" * 30000 + b'"}')
+    assert status == 413 and "--payload-limit" in body["error"]
+    status, body, _ = call(server.base, "GET", "/embed")
+    assert status == 405
+
+
+def test_rerank_tei_and_cohere_match_in_process(server, reranker):
+    query, texts = "what is a panda?", ["hi", "The giant panda is a bear.", "Paris is in France."]
+    expected = reranker.rerank(query, texts, normalize=True)
+    status, body, _ = call(server.base, "POST", "/rerank", {"query": query, "texts": texts, "return_text": True})
+    assert status == 200
+    assert [r["index"] for r in body] == [e.index for e in expected]
+    assert [r["score"] for r in body] == pytest.approx([e.score for e in expected], abs=1e-6)
+    assert [r["text"] for r in body] == [e.text for e in expected]
+    raw = reranker.compute_score([(query, t) for t in texts])
+    status, body, _ = call(server.base, "POST", "/rerank", {"query": query, "texts": texts, "raw_scores": True})
+    assert sorted((r["index"], r["score"]) for r in body) == pytest.approx(sorted(enumerate(raw.tolist())), abs=1e-5)
+    assert "text" not in body[0]
+    request = {"query": query, "documents": [texts[0], {"text": texts[1]}, texts[2]], "top_n": 2,
+               "return_documents": True, "model": "my-reranker"}
+    status, body, _ = call(server.base, "POST", "/v1/rerank", request)
+    assert status == 200 and body["model"] == "my-reranker" and body["usage"]["total_tokens"] > 0
+    assert [r["index"] for r in body["results"]] == [e.index for e in expected[:2]]
+    assert [r["relevance_score"] for r in body["results"]] == pytest.approx([e.score for e in expected[:2]], abs=1e-6)
+    assert body["results"][0]["document"] == {"text": expected[0].text}
+    status, body, _ = call(server.base, "POST", "/v1/rerank", {"query": query, "documents": texts, "top_n": 0})
+    assert status == 400 and body["error"]["param"] == "top_n"
+
+
+def test_tokenize_info_health_metrics(server, embedder):
+    status, body, _ = call(server.base, "POST", "/tokenize", {"inputs": ["hello world"]})
+    assert status == 200 and len(body) == 1
+    assert body[0][0]["special"] and not body[0][1]["special"]
+    assert "".join(t["text"] for t in body[0] if not t["special"]).replace("##", "") in ("helloworld", "hello world")
+    assert [t["id"] for t in body[0]] == embedder_ids(embedder, "hello world")
+    status, info, _ = call(server.base, "GET", "/info")
+    assert status == 200 and info["model_dtype"] == "float32" and info["model_type"] == {"embedding": {"pooling": "cls"}}
+    assert info["max_input_length"] == 128 and info["max_client_batch_size"] == 8 and info["payload_limit"] == 20000
+    assert info["batching"]["mode"] == "merged" and info["reranker"]["model_dtype"] == "float32"
+    assert info["dimensions"] == 32 and info["version"]
+    assert call(server.base, "GET", "/health")[0] == 200
+    status, text, headers = call(server.base, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for name in ("bge_onnx_requests_total{", "bge_onnx_request_duration_seconds_bucket", "bge_onnx_queue_depth",
+                 "bge_onnx_batch_texts_bucket", "bge_onnx_batch_tokens_bucket", "bge_onnx_queue_seconds_bucket",
+                 "bge_onnx_inference_seconds_bucket", "bge_onnx_tokenize_seconds_bucket", "bge_onnx_requests_in_flight"):
+        assert name in text, name
+    assert 'route="/embed",status="422"' in text
+
+
+def embedder_ids(embedder: Embedder, text: str) -> list[int]:
+    return plain_tokenizer(embedder).encode(text).ids
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_concurrent_clients_each_get_their_own_vectors(server, embedder, sentences):
+    # different lengths and counts per request, sent at once: merged into shared batches, split back
+    requests = [sentences[i * 5 : i * 5 + 1 + i % 5] + [LONG[: 20 * (i + 1)]] for i in range(16)]
+    _, before, _ = call(server.base, "GET", "/metrics")
+
+    def send(texts):
+        return call(server.base, "POST", "/embed", {"inputs": texts})
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, requests))
+    for texts, (status, body, _) in zip(requests, answers):
+        assert status == 200, body
+        assert_same_vectors(body, embedder.encode(texts))
+    _, after, _ = call(server.base, "GET", "/metrics")
+    calls = _metric(after, 'bge_onnx_batch_requests_count{model="embed"}') - _metric(before, 'bge_onnx_batch_requests_count{model="embed"}')
+    merged = _metric(after, 'bge_onnx_batch_requests_sum{model="embed"}') - _metric(before, 'bge_onnx_batch_requests_sum{model="embed"}')
+    assert merged == 16 and calls < 16  # some requests shared a call of the model
+
+
+@pytest.fixture(scope="module")
+def guarded(exported, tmp_path_factory):
+    """Settings from environment variables: an API key, at most 2 requests in flight, 400 ms for company."""
+    log = tmp_path_factory.mktemp("serve-guarded") / "server.log"
+    env = {"BGE_ONNX_API_KEY": "sekret", "BGE_ONNX_MAX_CONCURRENT_REQUESTS": "2", "BGE_ONNX_MAX_WAIT_MS": "400",
+           "BGE_ONNX_PRECISION": "fp32"}
+    srv = Server(str(exported["bert-cls"]), env=env, log=log)
+    yield srv
+    srv.stop()
+
+
+def test_api_key(guarded):
+    status, body, _ = call(guarded.base, "POST", "/embed", {"inputs": "x"})
+    assert status == 401 and "Authorization: Bearer <key>" in body["error"]
+    status, body, _ = call(guarded.base, "POST", "/v1/embeddings", {"input": "x"}, headers={"authorization": "Bearer no"})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert call(guarded.base, "GET", "/info")[0] == 401
+    assert call(guarded.base, "GET", "/health")[0] == 200 and call(guarded.base, "GET", "/metrics")[0] == 200
+    status, body, _ = call(guarded.base, "POST", "/embed", {"inputs": "x"}, headers={"authorization": "Bearer sekret"})
+    assert status == 200 and len(body) == 1
+
+
+def test_burst_over_the_limit_gets_429_while_others_succeed(guarded, embedder):
+    auth = {"authorization": "Bearer sekret"}
+    texts = [f"request number {i}" for i in range(12)]
+    start = threading.Barrier(12)
+
+    def send(text):
+        start.wait()
+        return call(guarded.base, "POST", "/embed", {"inputs": [text]}, headers=auth)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(send, texts))
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
+    assert statuses.count(200) <= 2 * 2  # at most the limit in flight at once (two rounds at the very most)
+    for text, (status, body, _) in zip(texts, answers):
+        if status == 200:
+            assert_same_vectors(body, embedder.encode([text]))
+        else:
+            assert body["error_type"] == "Overloaded" and "the limit is 2" in body["error"]
+    assert call(guarded.base, "POST", "/embed", {"inputs": "after"}, headers=auth)[0] == 200
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(exported, embedder, tmp_path):
+    srv = Server(str(exported["bert-cls"]), "--precision", "fp32", "--max-wait-ms", "1500", log=tmp_path / "log")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(call, srv.base, "POST", "/embed", {"inputs": ["still answered"]})
+            time.sleep(0.5)  # the request waits in the queue for company
+            srv.process.send_signal(signal.SIGTERM)
+            status, body, _ = pending.result(timeout=60)
+        assert status == 200
+        assert_same_vectors(body, embedder.encode(["still answered"]))
+        assert srv.process.wait(30) == 0, (tmp_path / "log").read_text()
+    finally:
+        srv.stop()
+
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_exit_1(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bge_onnx", "serve", str(tmp_path / "nowhere"), "--port",
+                             str(_free_port())], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert "the model failed to load: ModelFilesError: model folder" in result.stderr
+
+# In-process: the app with models handed to it, through Starlette's TestClient.
+
+def _client(app):
+    from starlette.testclient import TestClient
+
+    return TestClient(app)
+
+
+def test_health_is_503_while_the_model_loads(exported):
+    from bge_onnx.serve import ServeConfig, create_app
+
+    app = create_app(ServeConfig(str(exported["bert-cls"]), precision="fp32"))
+    service, release = app.state.service, threading.Event()
+    load = service.load
+    service.load = lambda: (release.wait(30), load())
+    with _client(app) as client:
+        response = client.get("/health")
+        assert response.status_code == 503
+        assert response.json() == {"error": "the model is loading", "error_type": "Unhealthy"}
+        assert client.post("/embed", json={"inputs": "x"}).status_code == 503
+        assert client.post("/v1/embeddings", json={"input": "x"}).json()["error"]["code"] == "model_not_ready"
+        release.set()
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.post("/embed", json={"inputs": "x"}).status_code == 200
+
+
+def test_inference_error_answers_that_request_with_500_and_the_server_goes_on(exported):
+    from bge_onnx.serve import ServeConfig, create_app
+
+    class Flaky(Embedder):
+        def encode(self, texts, **options):
+            if "boom" in texts:
+                raise RuntimeError("the runtime failed")
+            return super().encode(texts, **options)
+
+    flaky = Flaky(exported["bert-cls"], device="cpu", precision="fp32")
+    app = create_app(ServeConfig(str(exported["bert-cls"]), max_wait_ms=200), embedder=flaky)
+    with _client(app) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        with ThreadPoolExecutor(2) as pool:  # sent together: merged into one call, which fails
+            bad = pool.submit(client.post, "/embed", json={"inputs": ["boom"]})
+            time.sleep(0.05)
+            good = pool.submit(client.post, "/embed", json={"inputs": ["fine"]})
+            bad, good = bad.result(), good.result()
+        assert bad.status_code == 500
+        assert bad.json() == {"error": "inference failed: RuntimeError: the runtime failed", "error_type": "Backend"}
+        assert good.status_code == 200
+        assert_same_vectors(good.json(), flaky.encode(["fine"]))
+        response = client.post("/v1/embeddings", json={"input": "boom"})
+        assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+        assert client.post("/embed", json={"inputs": "again"}).status_code == 200
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_batcher_merges_or_isolates_requests(isolate):
+    from bge_onnx.serve.batcher import Batcher
+    from bge_onnx.serve.metrics import Metrics
+
+    calls = []
+
+    def run(items):
+        calls.append(list(items))
+        return np.array([[float(item)] for item in items], dtype=np.float32)
+
+    async def main():
+        batcher = Batcher(run, name="embed", metrics=Metrics(), max_wait=0.05, isolate=isolate)
+        batcher.start()
+        requests = [list(range(i * 10, i * 10 + 1 + i)) for i in range(5)]
+        answers = await asyncio.gather(*(batcher.submit(items, len(items)) for items in requests))
+        await batcher.stop()
+        return requests, answers
+
+    requests, answers = asyncio.run(main())
+    for items, (rows, timing) in zip(requests, answers):
+        assert rows[:, 0].tolist() == items and timing.queue >= 0 and timing.inference >= 0
+    if isolate:
+        assert calls == requests  # each request alone: int8's per-batch scales see only its own texts
+    else:
+        assert calls == [[item for items in requests for item in items]]  # one call for all five
