@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # bge-onnx images, one model baked in at /model. Targets (docker build --target T):
-#   runtime  CPU (the default): only the runtime (onnxruntime, tokenizers, numpy, huggingface-hub), no torch;
-#            ENTRYPOINT bge-onnx
+#   runtime  CPU (the default): the runtime and its server (onnxruntime, tokenizers, numpy, huggingface-hub;
+#            starlette, uvicorn, prometheus-client), no torch; ENTRYPOINT bge-onnx, CMD serve (port 8080)
 #   lambda   runtime + awslambdaric: an AWS Lambda container image running bge_onnx.serverless.handler
 #   cuda     bge-onnx-gpu (onnxruntime-gpu) with CUDA 13 and cuDNN 9 from pip, for hosts with an NVIDIA GPU
 # Where the model comes from (--build-arg MODEL_SOURCE=...):
@@ -55,15 +55,20 @@ FROM ${MODEL_SOURCE} AS model
 FROM ${PYTHON_IMAGE} AS runtime
 # Only the runtime, no extras, from the build context (mounted, not copied: no source layer stays in the image).
 # benchmarks/runtime_env.py installs this very line in a fresh venv to measure the environment: edit it here only.
-RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir .
+RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ".[serve]"
 RUN useradd --system --user-group --uid 10001 --create-home --home-dir /home/bge bge
 COPY --from=model /model /model
-# HF_HUB_OFFLINE: a repo id given at run time must come from the image's cache, never the network
-ENV BGE_ONNX_MODEL=/model HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# HF_HUB_OFFLINE: a repo id given at run time must come from the image's cache, never the network. The server's
+# settings come from BGE_ONNX_* variables (docker run -e BGE_ONNX_API_KEY=..., BGE_ONNX_MAX_BATCH_TOKENS=...).
+ENV BGE_ONNX_MODEL=/model HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 BGE_ONNX_HOST=0.0.0.0 BGE_ONNX_PORT=8080
 USER bge
 WORKDIR /home/bge
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['BGE_ONNX_PORT'] + '/health', timeout=2)"]
 ENTRYPOINT ["bge-onnx"]
-CMD ["info", "/model"]
+# a TEI- and OpenAI-compatible server of /model; any other command runs instead: docker run IMAGE embed /model
+CMD ["serve"]
 
 # ---- lambda: the runtime under AWS Lambda's runtime interface client ------------------------------------------------
 FROM runtime AS lambda
@@ -80,15 +85,16 @@ FROM ${PYTHON_IMAGE} AS cuda
 # bge-onnx-gpu (gpu/: the same code, on onnxruntime-gpu instead of onnxruntime, which overwrite each other's files)
 # with CUDA and cuDNN from pip (the [cuda,cudnn] extras name the versions this onnxruntime-gpu was built for; the
 # runtime preloads them). The host needs an NVIDIA driver for CUDA 13 and the NVIDIA container toolkit.
-RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ./gpu "onnxruntime-gpu[cuda,cudnn]"
+RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir "./gpu[serve]" "onnxruntime-gpu[cuda,cudnn]"
 RUN useradd --system --user-group --uid 10001 --create-home --home-dir /home/bge bge
 COPY --from=model /model /model
 ENV BGE_ONNX_MODEL=/model HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility BGE_ONNX_HOST=0.0.0.0 BGE_ONNX_PORT=8080
 USER bge
 WORKDIR /home/bge
+EXPOSE 8080
 ENTRYPOINT ["bge-onnx"]
-CMD ["info", "/model"]
+CMD ["serve"]
 
 # ---- the default target (no --target): the CPU runtime --------------------------------------------------------------
 FROM runtime

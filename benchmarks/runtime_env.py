@@ -23,12 +23,14 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from .harness import RESULTS, ROOT, TRYOUTS, Report, interleave, log
@@ -214,6 +216,12 @@ def installed(python: Path) -> dict:
 REPO_ID = "bench/model"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def fill_hub_cache(model: Path, home: Path, repo_id: str, precision: str) -> dict[str, str]:
     """Put the manifest, tokenizer and one variant of ``model`` into a hub cache at ``home`` as huggingface_hub
     lays it out (blobs named by sha256, snapshot links, refs/main); returns the environment that reads it."""
@@ -314,6 +322,31 @@ def main(argv: list[str], *, name: str = "runtime-env") -> None:
                 raise SystemExit(f"benchmarks: the venv imported bge_onnx from {record['bge_onnx']}, not the venv")
             runs[precision].append(record)
 
+        def serve_once(precision: str) -> float:
+            """Seconds from starting `bge-onnx serve` (the image's CMD) to its first 200 on /health."""
+            port = free_port()
+            start = time.perf_counter()
+            server = subprocess.Popen([str(venv_python(venv).parent / "bge-onnx"), "serve"], cwd=scratch,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      env=_clean_env(BGE_ONNX_MODEL=str(args.model), BGE_ONNX_PRECISION=precision,
+                                                     HF_HUB_OFFLINE="1", BGE_ONNX_PORT=str(port)))
+            try:
+                while time.perf_counter() - start < 120:
+                    if server.poll() is not None:
+                        raise SystemExit(f"benchmarks: bge-onnx serve exited:\n{server.stderr.read()[-3000:]}")
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
+                            if answer.status == 200:
+                                return time.perf_counter() - start
+                    except OSError:
+                        time.sleep(0.01)
+                raise SystemExit("benchmarks: bge-onnx serve was not healthy within 120 s")
+            finally:
+                server.terminate()
+                server.wait(30)
+
+        healthy = interleave({p: (lambda p=p: serve_once(p)) for p in precisions}, rounds=args.rounds, warm=False)
+
         log(f"{args.rounds} rounds of {len(precisions)} fresh processes, {args.warm_calls} warm calls each")
         wall = interleave({p: (lambda p=p: start_one(p)) for p in settings}, rounds=args.rounds, warm=False)
 
@@ -379,6 +412,13 @@ def main(argv: list[str], *, name: str = "runtime-env") -> None:
     report.table(["precision", "import", "load", "first call", "cold start", "process wall", "warm median",
                   "warm p90", "peak RSS MB", "torch & co. imported"], rows)
 
+    report.text("## The image's command: `bge-onnx serve`, from process start to a healthy /health")
+    report.text(f"`bge-onnx serve` (the runtime image's CMD) started from the venv with BGE_ONNX_MODEL set, polled every "
+                f"10 ms until GET /health answers 200; precisions alternating, medians of {args.rounds}.")
+    report.table(["precision", "start to healthy (median)", "min", "max"],
+                 [[p, f"**{statistics.median(t):.2f} s**", f"{min(t):.2f} s", f"{max(t):.2f} s"]
+                  for p, t in healthy.items()])
+
     report.text("## Image size to expect (runtime target)")
     report.text(
         f"Unpacked, as `docker images` reports it: python:3.11-slim at **{args.base_image_mb:.0f} MB (assumed**, not "
@@ -402,7 +442,7 @@ def main(argv: list[str], *, name: str = "runtime-env") -> None:
         "site_packages_bytes": {"before": before, "after": after, "added": added_bytes},
         "added_distributions_bytes": added, "versions": env_record["versions"], "absent": absent,
         "install_gzip_bytes": install_gz, "base_image_mb_assumed": args.base_image_mb, "image": image_data,
-        "medians": med, "runs": runs,
+        "medians": med, "runs": runs, "serve_start_to_healthy_seconds": healthy,
     }
     report.write(TRYOUTS if args.try_out else RESULTS)
 

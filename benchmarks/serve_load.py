@@ -171,7 +171,7 @@ def main(argv: list[str], *, name: str = "serve-load") -> None:
     else:
         from .corpora import corpora as load_corpora
 
-        picked = load_corpora(2000)
+        picked = load_corpora(1000)  # SciFact has 1,109 queries
         corpora = {"short queries": picked["short queries"], "passages": picked["passages"]}
     levels = [int(c) for c in args.concurrency.split(",")]
     report = Report(name, "bge-onnx serve under load: TEI /embed over HTTP on 127.0.0.1 against in-process encode",

@@ -404,9 +404,13 @@ def _stages(dockerfile: Path) -> dict[str, list[str]]:
 def test_dockerfile_targets_run_what_the_package_has():
     stages = _stages(Path(__file__).resolve().parents[1] / "Dockerfile")
     assert {"export", "pull", "model", "runtime", "lambda", "cuda"} <= set(stages)
-    # the runtime installs the package without extras (so no torch, no onnx); the CUDA image the GPU distribution
-    assert "RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ." in stages["runtime"]
-    assert any("pip install --no-cache-dir ./gpu" in line for line in stages["cuda"])
+    # the runtime installs the package with its server only (so no torch, no onnx); the CUDA image the GPU distribution
+    assert 'RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ".[serve]"' in stages["runtime"]
+    assert any('pip install --no-cache-dir "./gpu[serve]"' in line for line in stages["cuda"])
+    # both serve by default, on all interfaces: a TEI-compatible service from `docker run`
+    for name in ("runtime", "cuda"):
+        assert [json.loads(line[4:]) for line in stages[name] if line.startswith("CMD ")][-1] == ["serve"]
+        assert any(line.startswith("ENV ") and "BGE_ONNX_HOST=0.0.0.0" in line for line in stages[name]), name
     for name in ("runtime", "lambda", "cuda"):
         users = [line.split()[1] for line in stages[name] if line.startswith("USER ")]
         assert users[-1:] == ["bge"], f"the {name} image must end as the non-root user, not {users}"
