@@ -54,7 +54,8 @@ class Client:
 
 def start_server(args: argparse.Namespace, port: int, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "bge_onnx", "serve", str(args.model), "--port", str(port), "--precision",
-               args.precision, "--max-client-batch-size", str(max(args.texts_per_request, 1)), "--auto-truncate", *extra]
+               args.precision, "--max-client-batch-size", str(max(args.texts_per_request, 1)), "--auto-truncate",
+               *(["--isolate-batches"] if args.isolate_batches else []), *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -72,32 +73,61 @@ def start_server(args: argparse.Namespace, port: int, *extra: str) -> subprocess
     raise SystemExit("serve_load: the server was not healthy within 300 s")
 
 
-def peak_rss_mb(pid: int) -> float:
+def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """The process's peak RSS (VmHWM), or its RSS now (VmRSS), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def load_level(client: Client, requests: list[list[str]], concurrency: int, seconds: float) -> dict:
-    """Send ``requests`` from ``concurrency`` threads (stopping after ``seconds``); latency and throughput."""
-    latencies, texts, statuses, lock = [], [0], {}, threading.Lock()
+def soak(client: Client, pid: int, requests: list[list[str]], seconds: float, clients: int = 8) -> dict:
+    """``clients`` threads sending ``requests`` (mixed lengths) round and round for ``seconds``; the server's RSS
+    every few seconds, from the first sample (after a warm-up pass) to the last."""
+    stop = time.monotonic() + seconds
+    samples, statuses, lock = [], {}, threading.Lock()
+
+    def worker(offset: int) -> None:
+        i = offset
+        while time.monotonic() < stop:
+            status, _ = client.post("/embed", {"inputs": requests[i % len(requests)]})
+            with lock:
+                statuses[status] = statuses.get(status, 0) + 1
+            i += clients
+
+    with ThreadPoolExecutor(clients) as pool:
+        for k in range(clients):
+            pool.submit(worker, k)
+        while time.monotonic() < stop:
+            samples.append((round(seconds - (stop - time.monotonic()), 1), peak_rss_mb(pid, "VmRSS")))
+            time.sleep(min(5.0, max(stop - time.monotonic(), 0)))
+    samples.append((seconds, peak_rss_mb(pid, "VmRSS")))
+    return {"seconds": seconds, "clients": clients, "statuses": statuses, "rss_mb": samples}
+
+
+def load_level(client: Client, requests: list[list[str]], concurrency: int, seconds: float,
+               expected: list[np.ndarray]) -> dict:
+    """Send ``requests`` from ``concurrency`` threads (stopping after ``seconds``); latency, throughput, and each
+    answer's cosine to ``expected`` (the request encoded alone, in-process)."""
+    latencies, texts, statuses, cosines, lock = [], [0], {}, [], threading.Lock()
     deadline = time.monotonic() + seconds
-    queue = iter(requests)
+    queue = iter(enumerate(requests))
 
     def worker() -> None:
         while time.monotonic() < deadline:
             with lock:
-                batch = next(queue, None)
+                index, batch = next(queue, (None, None))
             if batch is None:
                 return
             start = time.perf_counter()
-            status, _ = client.post("/embed", {"inputs": batch})
+            status, body = client.post("/embed", {"inputs": batch})
             elapsed = time.perf_counter() - start
             with lock:
                 latencies.append(elapsed)
                 statuses[status] = statuses.get(status, 0) + 1
                 texts[0] += len(batch) if status == 200 else 0
+                if status == 200:
+                    cosines.extend((np.asarray(body, np.float32) * expected[index]).sum(axis=1).tolist())
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -109,6 +139,7 @@ def load_level(client: Client, requests: list[list[str]], concurrency: int, seco
         "requests": len(latencies), "statuses": statuses, "wall_s": wall, "texts_per_s": texts[0] / wall,
         "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
+        "min_cosine": min(cosines) if cosines else None, "mean_cosine": statistics.fmean(cosines) if cosines else None,
     }
 
 
@@ -124,9 +155,10 @@ def in_process(embedder, requests: list[list[str]], seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def overload(client: Client, embedder, texts: list[str], clients: int) -> dict:
-    """``clients`` requests at once against a small --max-concurrent-requests: right vectors or 429, none lost."""
-    expected = {t: v for t, v in zip(texts, embedder.encode(texts))}
+def overload(client: Client, embedder, texts: list[str], clients: int, right: float) -> dict:
+    """``clients`` requests at once against a small --max-concurrent-requests: right vectors (cosine to the text
+    encoded alone at least ``right``) or 429, none lost."""
+    expected = {t: embedder.encode([t])[0] for t in texts}  # each alone, as each request is sent
     barrier = threading.Barrier(clients)
 
     def one(text: str) -> str:
@@ -139,7 +171,7 @@ def overload(client: Client, embedder, texts: list[str], clients: int) -> dict:
             return "429"
         if status != 200:
             return f"status {status}"
-        return "right" if float(np.dot(np.asarray(body[0], np.float32), expected[text])) >= 0.99999 else "wrong"
+        return "right" if float(np.dot(np.asarray(body[0], np.float32), expected[text])) >= right else "wrong"
 
     with ThreadPoolExecutor(clients) as pool:
         outcomes = list(pool.map(one, [texts[i % len(texts)] for i in range(clients)]))
@@ -160,6 +192,10 @@ def main(argv: list[str], *, name: str = "serve-load") -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per level at most (default 400)")
     parser.add_argument("--seconds", type=float, default=30, help="seconds per level at most (default 30)")
     parser.add_argument("--texts-per-request", type=int, default=4, help="texts per request (default 4)")
+    parser.add_argument("--soak", type=float, default=0, metavar="SECONDS",
+                        help="after the levels: mixed lengths from 8 clients for this long, the server's RSS sampled")
+    parser.add_argument("--isolate-batches", action="store_true", help="serve with --isolate-batches")
+    parser.add_argument("--stem", default="", help="results file name (default: the benchmark's name)")
     parser.add_argument("--overload-clients", type=int, default=256, help="clients at once in the overload test")
     parser.add_argument("--synthetic", action="store_true",
                         help="generated texts instead of the evaluation data (a try-out; results go to benchmarks/out)")
@@ -175,7 +211,7 @@ def main(argv: list[str], *, name: str = "serve-load") -> None:
         corpora = {"short queries": picked["short queries"], "passages": picked["passages"]}
     levels = [int(c) for c in args.concurrency.split(",")]
     report = Report(name, "bge-onnx serve under load: TEI /embed over HTTP on 127.0.0.1 against in-process encode",
-                    argv, models={"MODEL": args.model})
+                    argv, models={"MODEL": args.model}, stem=args.stem)
     embedder = Embedder(args.model, precision=args.precision)
     port = _free_port()
     server = start_server(args, port)
@@ -186,31 +222,55 @@ def main(argv: list[str], *, name: str = "serve-load") -> None:
             k = args.texts_per_request
             requests = [texts[i : i + k] for i in range(0, len(texts) - k + 1, k)][: args.requests]
             base = in_process(embedder, requests, args.seconds)
+            expected = [embedder.encode(batch) for batch in requests]
             for level in levels:
                 log(f"{corpus}: {level} clients")
-                result = load_level(client, requests, level, args.seconds)
+                result = load_level(client, requests, level, args.seconds, expected)
                 result["in_process_texts_per_s"] = base
                 data[f"{corpus} @ {level}"] = result
                 rows.append([corpus, level, result["requests"], f"{result['texts_per_s']:.0f}", f"{base:.0f}",
                              f"{result['texts_per_s'] / base:.2f}x", f"{result['p50_ms']:.1f}",
-                             f"{result['p99_ms']:.1f}", json.dumps(result["statuses"])])
+                             f"{result['p99_ms']:.1f}", f"{result['min_cosine']:.5f} / {result['mean_cosine']:.6f}",
+                             json.dumps(result["statuses"])])
         data["peak_rss_mb_after_load"] = peak_rss_mb(server.pid)
+        if args.soak:
+            mixed = [r for pair in zip(*(
+                [texts[i : i + args.texts_per_request] for i in range(0, len(texts) - args.texts_per_request + 1,
+                                                                      args.texts_per_request)]
+                for texts in corpora.values())) for r in pair]
+            log(f"soak: {args.soak:.0f} s")
+            data["soak"] = soak(client, server.pid, mixed, args.soak)
     finally:
         server.terminate()
         server.wait(60)
+    report.text(
+        f"Precision {args.precision}; batching {'isolated per request (--isolate-batches)' if args.isolate_batches else 'merged across requests'}; "
+        f"{args.texts_per_request} texts per request; each level bounded by {args.requests} requests and {args.seconds:.0f} s. "
+        "Client threads run in this process on the same CPUs as the server. In-process: the same requests through "
+        "Embedder.encode one request per call, measured once per corpus before the levels (not interleaved). Cosines: "
+        "each answered text against that request encoded alone in-process."
+    )
     report.table(["corpus", "clients", "requests", "server texts/s", "in-process texts/s", "server / in-process",
-                  "p50 ms", "p99 ms", "statuses"], rows)
+                  "p50 ms", "p99 ms", "min / mean cosine to the request encoded alone", "statuses"], rows)
     limit = 8
     server = start_server(args, port, "--max-concurrent-requests", str(limit))
     try:
-        outcome = overload(Client(port), embedder, corpora["short queries"][:64],
-                           args.overload_clients)
+        # int8 in merged batches moves a text's vector a little with its neighbours (the cosines above): "right"
+        # is then the int8 gate's floor, not fp32's
+        right = 0.99999 if embedder.precision.value != "int8" or args.isolate_batches else 0.985
+        outcome = overload(Client(port), embedder, corpora["short queries"][:64], args.overload_clients, right)
         data["overload"] = {"clients": args.overload_clients, "limit": limit, "outcomes": outcome,
                             "peak_rss_mb": peak_rss_mb(server.pid)}
     finally:
         server.terminate()
         server.wait(60)
-    report.text(f"Overload: {args.overload_clients} clients at once, --max-concurrent-requests {limit}: "
+    if "soak" in data:
+        rss = data["soak"]["rss_mb"]
+        report.text(f"Soak: {args.soak:.0f} s of short queries and passages alternating, from 8 clients after the levels "
+                    f"above: {json.dumps(data['soak']['statuses'])}; server RSS {rss[0][1]:.0f} MB at the start, "
+                    f"{rss[-1][1]:.0f} MB at the end (max {max(r for _, r in rss):.0f} MB; samples every 5 s in the JSON).")
+    report.text(f"Overload ('right': cosine to the text encoded alone >= {right}): "
+                f"{args.overload_clients} clients at once, --max-concurrent-requests {limit}: "
                 f"{json.dumps(outcome)}; server peak RSS {data['overload']['peak_rss_mb']:.0f} MB "
                 f"(after the load levels: {data['peak_rss_mb_after_load']:.0f} MB).")
     report.data = data
