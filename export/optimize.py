@@ -23,7 +23,6 @@ from bge_onnx.spec import (
     POOLED_OUTPUT,
     ModelSpec,
     Pooling,
-    Precision,
     Task,
     Variant,
     sha256_file,
@@ -34,7 +33,16 @@ from bge_onnx.tokenize import TOKENIZER_FILE
 from . import parity, probes
 from .precision import add_variant
 from .rewrite import fuse
-from .staging import EXTERNAL_DATA_BYTES, MODEL_FILE, place, stderr, versions
+from .staging import (
+    EXTERNAL_DATA_BYTES,
+    MODEL_FILE,
+    check_out,
+    extra_precisions,
+    make_staging,
+    place,
+    stderr,
+    versions,
+)
 
 
 def optimize_model(
@@ -71,13 +79,9 @@ def optimize_model(
     >>> optimize_model("BAAI/bge-small-en-v1.5", "bge-small-onnx", precisions=["fp32", "int8"])  # doctest: +SKIP
     """
     log = log or (lambda message: None)
-    try:
-        extra = sorted({Precision(p) for p in precisions} - {Precision.FP32}, key=list(Precision).index)
-    except ValueError:
-        raise ExportError(f"precisions must be among 'fp32', 'int8', 'fp16', got {list(precisions)!r}") from None
+    extra = extra_precisions(precisions)
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} already exists and is not empty; pass overwrite=True (--force) to replace it")
+    check_out(out, overwrite)
     name = os.fspath(src)
     folder = hub.resolve(name, revision=revision)
     if (folder / MANIFEST).is_file():
@@ -96,11 +100,7 @@ def optimize_model(
     config = adopt.read_json(folder / adopt.CONFIG_FILE)
     log(f"optimising {name} ({source.architecture}, {source.task.value}; graph {found[0]})")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
+    staging = make_staging(out)
     try:
         with tempfile.TemporaryDirectory(prefix=".source.", dir=staging.parent) as work:
             graph = _only_output(folder / found[0], Path(work) / "source.onnx", source.output)

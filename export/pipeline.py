@@ -5,19 +5,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import bge_onnx
 from bge_onnx.errors import ExportError
-from bge_onnx.spec import POOLED_OUTPUT, ModelSpec, Precision, Task, Variant, sha256_file, write_spec
+from bge_onnx.spec import POOLED_OUTPUT, ModelSpec, Task, Variant, sha256_file, write_spec
 
 from . import parity, probes
 from .trace import export_graph, input_names
 from .precision import add_variant
-from .staging import MODEL_FILE, place, stderr, versions
+from .staging import MODEL_FILE, check_out, extra_precisions, make_staging, place, stderr, versions
 from .source import Source, describe_source
 
 def _load_torch(source: Source):
@@ -110,23 +109,15 @@ def export_model(
     >>> export_model("BAAI/bge-small-en-v1.5", "bge-small-onnx")  # doctest: +SKIP
     """
     log = log or (lambda message: None)
-    try:
-        extra = sorted({Precision(p) for p in precisions} - {Precision.FP32}, key=list(Precision).index)
-    except ValueError:
-        raise ExportError(f"precisions must be among 'fp32', 'int8', 'fp16', got {list(precisions)!r}") from None
+    extra = extra_precisions(precisions)
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} already exists and is not empty; pass overwrite=True (--force) to replace it")
+    check_out(out, overwrite)
     source = describe_source(
         os.fspath(src), revision=revision, pooling=pooling, max_length=max_length, query_instruction=query_instruction
     )
     log(f"loading {source.source_id} ({source.architecture}, {source.task.value}) from {source.folder}")
     model, tokenizer = _load_torch(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
+    staging = make_staging(out)
     try:
         log("exporting the ONNX graph")
         graph_files, fused, first_token = export_graph(

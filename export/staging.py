@@ -8,10 +8,13 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import bge_onnx
 from bge_onnx.errors import ExportError
+from bge_onnx.spec import Precision
 
 MODEL_FILE = "model.onnx"
 
@@ -44,3 +47,27 @@ def place(staging: Path, out: Path, overwrite: bool) -> None:
 
 # Above this many bytes of weights the graph is saved with its weights in a side file (protobuf's 2 GB cap).
 EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+def extra_precisions(precisions: Sequence[str]) -> list[Precision]:
+    """The variants to add beside fp32, in Precision's order."""
+    try:
+        return sorted({Precision(p) for p in precisions} - {Precision.FP32}, key=list(Precision).index)
+    except ValueError:
+        raise ExportError(f"precisions must be among 'fp32', 'int8', 'fp16', got {list(precisions)!r}") from None
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write over a non-empty ``out`` unless ``overwrite``, before any work is done."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not empty; pass overwrite=True (--force) to replace it")
+
+
+def make_staging(out: Path) -> Path:
+    """A new folder beside ``out`` to write into, moved into place by ``place`` when complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
+    return staging
