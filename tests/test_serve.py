@@ -241,7 +241,9 @@ def test_rerank_tei_and_cohere_match_in_process(server, reranker):
     assert [r["text"] for r in body] == [e.text for e in expected]
     raw = reranker.compute_score([(query, t) for t in texts])
     status, body, _ = call(server.base, "POST", "/rerank", {"query": query, "texts": texts, "raw_scores": True})
-    assert sorted((r["index"], r["score"]) for r in body) == pytest.approx(sorted(enumerate(raw.tolist())), abs=1e-5)
+    by_index = sorted((r["index"], r["score"]) for r in body)
+    assert [i for i, _ in by_index] == list(range(len(raw)))
+    assert [score for _, score in by_index] == pytest.approx(raw.tolist(), abs=1e-5)
     assert "text" not in body[0]
     request = {"query": query, "documents": [texts[0], {"text": texts[1]}, texts[2]], "top_n": 2,
                "return_documents": True, "model": "my-reranker"}
