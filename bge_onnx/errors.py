@@ -11,6 +11,7 @@ Each subclass also inherits the builtin it refines, so ``except FileNotFoundErro
     │   └── InputTypeError   (InputError, TypeError)  an input of the wrong type
     ├── ProviderError        (RuntimeError)       the requested execution provider cannot be used
     ├── PushError            (OSError)            the hub refused an upload or cannot be reached
+    ├── MissingExtraError    (ImportError)        an adapter's package is not installed (the message: the pip line)
     └── ExportError          (RuntimeError)       export failed (bge_onnx_export only)
         └── ParityError                            the exported graph does not match PyTorch
 """
@@ -50,6 +51,10 @@ class ProviderError(BgeOnnxError, RuntimeError):
 
 class PushError(BgeOnnxError, OSError):
     """Uploading a model folder to the hub failed: no token, no write access, or the hub unreachable."""
+
+
+class MissingExtraError(BgeOnnxError, ImportError):
+    """An optional package (an extra's, e.g. langchain-core for bge_onnx.langchain) is not installed."""
 
 
 class ExportError(BgeOnnxError, RuntimeError):
