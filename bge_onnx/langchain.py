@@ -1,0 +1,167 @@
+"""LangChain adapters: BgeOnnxEmbeddings (an Embeddings) and BgeOnnxRerank (a document compressor), thin over the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+
+from .checks import describe
+from .cli import install_hint
+from .embedder import Embedder
+from .errors import InputError, InputTypeError, MissingExtraError
+from .reranker import Reranker
+
+try:
+    from langchain_core.callbacks import Callbacks
+    from langchain_core.documents import BaseDocumentCompressor, Document
+    from langchain_core.embeddings import Embeddings
+    from pydantic import ConfigDict, Field, PrivateAttr
+except ImportError as err:
+    raise MissingExtraError(f"bge_onnx.langchain needs langchain-core ({err}): {install_hint('langchain')}") from err
+
+__all__ = ["BgeOnnxEmbeddings", "BgeOnnxRerank"]
+
+
+def _one_of(model: object, built: object, name: str) -> None:
+    if (model is None) == (built is None):
+        raise InputError(f"give either model= (a folder or repo id) or {name}= (an already built one), not both or none")
+
+
+class BgeOnnxEmbeddings(Embeddings):
+    """A LangChain ``Embeddings`` over :class:`bge_onnx.Embedder`: documents as passages, queries with the
+    model's query instruction.
+
+    Args:
+        model: an exported model folder or hub repo id (as for ``Embedder``); or give ``embedder=`` instead.
+        embedder: an already built ``Embedder`` to share (then the other options must be left out).
+        device, precision, threads, max_length, batch_size, max_tokens, revision, local_files_only: as for
+            :class:`bge_onnx.Embedder`.
+
+    Raises:
+        InputError: neither or both of ``model`` and ``embedder``; InputTypeError: a text that is not a str.
+
+    >>> BgeOnnxEmbeddings(model="bge-small-onnx").embed_query("what is a panda?")[:2]  # doctest: +SKIP
+    [0.012, -0.034]
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        embedder: Embedder | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+        max_length: int | None = None,
+        batch_size: int = 256,
+        max_tokens: int | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+    ) -> None:
+        _one_of(model, embedder, "embedder")
+        if embedder is None:
+            embedder = Embedder(
+                model,
+                device=device,
+                precision=precision,
+                threads=threads,
+                max_length=max_length,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                revision=revision,
+                local_files_only=local_files_only,
+            )
+        self.embedder = embedder
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        """Embed passages to search in (:meth:`Embedder.encode_corpus`, no instruction)."""
+        return self.embedder.encode_corpus(texts).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        """Embed a search query with the model's instruction (:meth:`Embedder.encode_queries`)."""
+        if not isinstance(text, str):
+            raise InputTypeError(f"query is {type(text).__name__} {describe(text)}, expected str")
+        return self.embedder.encode_queries(text).tolist()
+
+    # onnxruntime releases the GIL while it runs, so a worker thread keeps the event loop free.
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        return await asyncio.to_thread(self.embed_documents, texts)
+
+    async def aembed_query(self, text: str) -> list[float]:
+        return await asyncio.to_thread(self.embed_query, text)
+
+
+class BgeOnnxRerank(BaseDocumentCompressor):
+    """A LangChain document compressor over :class:`bge_onnx.Reranker`: keeps the ``top_n`` documents most
+    relevant to the query, best first, each with its score in ``metadata["relevance_score"]``.
+
+    Args:
+        model: an exported reranker folder or hub repo id; or give ``reranker=`` instead.
+        reranker: an already built ``Reranker`` to share.
+        top_n: how many documents to keep.
+        normalize: scores as sigmoid(logit) in (0, 1) instead of raw logits.
+        device, precision, threads, max_length, batch_size, max_tokens, revision, local_files_only: as for
+            :class:`bge_onnx.Reranker`.
+
+    >>> BgeOnnxRerank(model="bge-reranker-onnx", top_n=2).compress_documents(docs, "what is a panda?")  # doctest: +SKIP
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    top_n: int = Field(default=3, gt=0)
+    normalize: bool = False
+    _reranker: Reranker = PrivateAttr()
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        reranker: Reranker | None = None,
+        top_n: int = 3,
+        normalize: bool = False,
+        device: str = "auto",
+        precision: str = "auto",
+        threads: int | None = None,
+        max_length: int | None = None,
+        batch_size: int = 256,
+        max_tokens: int | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+    ) -> None:
+        super().__init__(top_n=top_n, normalize=normalize)
+        _one_of(model, reranker, "reranker")
+        if reranker is None:
+            reranker = Reranker(
+                model,
+                device=device,
+                precision=precision,
+                threads=threads,
+                max_length=max_length,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                revision=revision,
+                local_files_only=local_files_only,
+            )
+        self._reranker = reranker
+
+    @property
+    def reranker(self) -> Reranker:
+        return self._reranker
+
+    def compress_documents(
+        self, documents: Sequence[Document], query: str, callbacks: Callbacks | None = None
+    ) -> Sequence[Document]:
+        """The ``top_n`` documents, best first (:meth:`Reranker.rerank`), as copies with ``relevance_score`` added."""
+        documents = list(documents)
+        ranked = self._reranker.rerank(
+            query, [doc.page_content for doc in documents], top_k=self.top_n, normalize=self.normalize
+        )
+        return [
+            Document(
+                page_content=documents[r.index].page_content,
+                metadata={**documents[r.index].metadata, "relevance_score": r.score},
+                id=documents[r.index].id,
+            )
+            for r in ranked
+        ]
