@@ -164,7 +164,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     )
     if args.output or args.rejects:
         resumed = f" ({summary.resumed} of them by an earlier run)" if summary.resumed else ""
-        rejected = f"; {summary.rejected} rows rejected, see {args.rejects}" if args.rejects else ""
+        rejected = f"; {summary.rejected} bad rows rejected to {args.rejects}" if args.rejects else ""
         _say(f"bge-onnx: wrote {summary.written} vectors to {args.output or 'stdout'}{resumed}{rejected}")
     return 0
 

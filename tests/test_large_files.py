@@ -129,7 +129,7 @@ def test_rejects_file(model, encoder, tmp_path):
     src.write_bytes(b'"one"\n{"text": null}\n"\\udc80"\n\xff\xfe\n{broken\n"two"\n{"title": "x"}\n')
     result = cli("embed", model, "--input", str(src), "-o", str(out), "--rejects", str(rejects))
     assert result.returncode == 0, result.stderr
-    assert b"wrote 2 vectors to" in result.stderr and f"; 5 rows rejected, see {rejects}".encode() in result.stderr
+    assert b"wrote 2 vectors to" in result.stderr and f"; 5 bad rows rejected to {rejects}".encode() in result.stderr
     ids, vectors = read_output(out)
     assert ids == [1, 6]
     np.testing.assert_allclose(vectors, encoder.encode(["one", "two"]), atol=1e-6)
