@@ -10,8 +10,6 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from .checks import positive_int
 from .errors import BgeOnnxError, InputError
 from .spec import MANIFEST, read_spec
@@ -143,35 +141,31 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    from . import files
     from .embedder import Embedder
 
-    if args.format == "npy" and args.output is None and sys.stdout.isatty():
+    stdin_format = args.input in (None, "-", "lines", "jsonl")  # lines|jsonl: today's stdin formats
+    path = None if stdin_format else args.input
+    fmt = args.input_format or ({"lines": "txt", "jsonl": "jsonl"}.get(args.input) if stdin_format else None)
+    source = files.Source(path, "txt" if fmt == "lines" else fmt, text_field=args.text_field, id_field=args.id_field)
+    out_format = files.output_format(args.output, args.format)
+    if out_format == "npy" and args.output is None and sys.stdout.isatty():
         raise InputError("refusing to write binary .npy to a terminal; redirect stdout or use -o FILE")
+    if args.resume and args.output is None:
+        raise InputError("--resume continues a file: pass -o FILE")
     model = args.model or default_model()
     embedder = Embedder(model, **_runtime_kwargs(args))
-    texts = _read_inputs(sys.stdin.buffer, args.input, "text")
-    if args.queries:
-        texts = (embedder.query_instruction + text for text in texts)
-    # Streamed: a chunk of texts is embedded and written before the next is read.
-    chunks = embedder.encode_iter(
-        texts, batch_size=args.batch_size, normalize=not args.no_normalize, show_progress=sys.stderr.isatty()
+    # ids go out with the vectors when the rows have any: read from a file, or --id-field named
+    writer = files.WRITERS[out_format](args.output, embedder.dim, with_ids=path is not None or bool(args.id_field))
+    summary = files.embed_rows(
+        embedder, source, writer, resume=args.resume, rejects=args.rejects,
+        prefix=embedder.query_instruction if args.queries else "", batch_size=args.batch_size,
+        normalize=not args.no_normalize, progress=sys.stderr.isatty(),
     )
-    if args.format == "npy":
-        vectors = np.concatenate([np.zeros((0, embedder.dim), np.float32), *chunks])
-        if args.output:
-            np.save(args.output, vectors)
-        else:
-            np.save(sys.stdout.buffer, vectors)
-            sys.stdout.buffer.flush()
-        return 0
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for chunk in chunks:
-            out.writelines(json.dumps(vector.tolist()) + "\n" for vector in chunk)
-            out.flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    if args.output or args.rejects:
+        resumed = f" ({summary.resumed} of them by an earlier run)" if summary.resumed else ""
+        rejected = f"; {summary.rejected} bad rows rejected to {args.rejects}" if args.rejects else ""
+        _say(f"bge-onnx: wrote {summary.written} vectors to {args.output or 'stdout'}{resumed}{rejected}")
     return 0
 
 
@@ -387,7 +381,7 @@ def _runtime_kwargs(args: argparse.Namespace) -> dict:
     return options
 
 
-def _runtime_options(parser: argparse.ArgumentParser) -> None:
+def _runtime_options(parser: argparse.ArgumentParser, *, files: bool = False) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="execution device (default: auto)")
     parser.add_argument("--precision", choices=["auto", "fp32", "int8", "fp16"], default="auto",
                         help="graph to run (default: auto = int8 on CPU / fp16 on CUDA when exported and within its gate, else fp32)")
@@ -396,6 +390,10 @@ def _runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=_positive_int, help="at most this many padded tokens per forward pass (default: 512 on CPU, 16384 on CUDA)")
     parser.add_argument("--max-length", type=_positive_int, help="token limit (default: the model's)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) when MODEL is a repo id")
+    if files:
+        parser.add_argument("--input", metavar="FILE", help="read this .txt, .jsonl or .parquet file instead of stdin "
+                            "('lines' or 'jsonl': stdin in that format, as --input-format)")
+        return
     parser.add_argument("--input", choices=["lines", "jsonl"], default="lines",
                         help="stdin format: one text per line, or JSONL strings / objects with 'text' (default: lines)")
 
@@ -438,15 +436,32 @@ def build_parser() -> argparse.ArgumentParser:
     _conversion_options(optimize, "source")
     optimize.set_defaults(run=_cmd_optimize)
 
-    embed = commands.add_parser("embed", help="embed texts from stdin",
-                                description="Embed texts read from stdin; vectors go to stdout in input order.")
+    embed = commands.add_parser(
+        "embed", help="embed texts from stdin or a file",
+        description="Embed texts read from stdin or --input FILE; vectors go to stdout or -o FILE in input order. "
+                    "A file is streamed in constant memory and written to FILE.partial, renamed to FILE when "
+                    "complete; --resume continues an interrupted run. A bad row (invalid UTF-8, a lone surrogate, "
+                    "not a string, no text field) stops the run naming its line, unless --rejects is given.")
     embed.add_argument("model", nargs="?", metavar="MODEL",
                        help=f"model folder or hub id (default: {DEFAULT_MODEL_NAME}, exported to the cache on first use)")
     embed.add_argument("--queries", action="store_true", help="texts are search queries: prepend the model's instruction")
-    embed.add_argument("--format", choices=["jsonl", "npy"], default="jsonl", help="output: a JSON array per line, or one .npy (default: jsonl)")
-    embed.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    embed.add_argument("--input-format", choices=["txt", "lines", "jsonl", "parquet"],
+                       help="input format (default: from the --input file's extension, else lines)")
+    embed.add_argument("--text-field", default="text", metavar="NAME",
+                       help="the text's field in JSONL objects or column in Parquet (default: text)")
+    embed.add_argument("--id-field", metavar="NAME",
+                       help="the id's field or column, kept with each vector (default: id when present, else the "
+                            "1-based line or row number)")
+    embed.add_argument("--format", choices=["jsonl", "npy", "parquet"],
+                       help="output: a JSON array (or {id, embedding} object) per line, one .npy, or Parquet with id "
+                            "and embedding columns (default: from -o FILE's extension, else jsonl)")
+    embed.add_argument("-o", "--output", metavar="FILE", help="write here (.npy, .jsonl or .parquet) instead of stdout")
+    embed.add_argument("--resume", action="store_true",
+                       help="continue from the rows in FILE.partial left by an interrupted run with the same input")
+    embed.add_argument("--rejects", metavar="FILE",
+                       help="write bad rows here (JSONL: line, reason, row) and go on instead of stopping")
     embed.add_argument("--no-normalize", action="store_true", help="keep raw pooled vectors")
-    _runtime_options(embed)
+    _runtime_options(embed, files=True)
     embed.set_defaults(run=_cmd_embed)
 
     rerank = commands.add_parser("rerank", help="rank passages from stdin against a query",
