@@ -14,6 +14,7 @@ from .folder import open_model
 from .pooling import reducer
 from .session import CUDA
 from .spec import ModelSpec, Precision, Task
+from .workers import WorkerPool
 
 
 class ModelHandle:
@@ -53,6 +54,7 @@ class ModelHandle:
         self.max_tokens = max_tokens
         self._tokenize_ahead = on_cuda
         self._reduce = reducer(self._model.spec)
+        self._workers: WorkerPool | None = None
 
     def _run_chunks(
         self,
@@ -84,6 +86,28 @@ class ModelHandle:
     def folder(self) -> Path:
         """The model folder in use (for a hub repo id, its cached snapshot)."""
         return self._model.folder
+
+    def _pool(self, workers: int | None, items: int) -> WorkerPool | None:
+        """The worker processes for ``workers`` > 1 (started on first use, kept until close()), or None to run here:
+        for workers=None or 1, and for inputs too small to share (fewer than 2 items per worker)."""
+        if workers is None or positive_int("workers", workers) == 1 or items < 2 * workers:
+            return None
+        if self._workers is None or self._workers.processes != workers:
+            self.close()
+            settings = {"precision": self.precision.value, "threads": max(1, self._model.session.threads // workers),
+                        "max_length": self.max_length, "batch_size": self.batch_size, "max_tokens": self.max_tokens,
+                        **self._worker_settings()}
+            self._workers = WorkerPool(self._model.folder, task=self.task.value, processes=workers, settings=settings)
+        return self._workers
+
+    def _worker_settings(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        """Stop the worker processes, if any were started (they also stop when the object is collected or at exit)."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     @property
     def spec(self) -> ModelSpec:

@@ -11,6 +11,8 @@ from .errors import InputError, InputTypeError
 from .batching import Progress
 from .checks import check_pairs, check_texts, describe, positive_int
 from .handle import ModelHandle
+from .tokenize import check_encodable
+from .workers import join, split
 from .spec import Task
 
 
@@ -78,6 +80,9 @@ class Reranker(ModelHandle):
             )
         self.query_max_length = query_max_length
 
+    def _worker_settings(self) -> dict:
+        return {"query_max_length": self.query_max_length}
+
     def compute_score(
         self,
         pairs: tuple[str, str] | list[tuple[str, str]],
@@ -85,11 +90,13 @@ class Reranker(ModelHandle):
         normalize: bool = False,
         batch_size: int | None = None,
         show_progress: bool = False,
+        workers: int | None = None,
     ) -> float | np.ndarray:
         """Score pairs: raw logits, or sigmoid(logit) in (0, 1) when ``normalize``.
 
         Args:
             pairs: one (query, passage) pair, or a list of them.
+            workers: split the pairs over this many processes, as :meth:`Embedder.encode` does.
 
         Returns:
             a float for one pair, else float32 ``(n,)`` (``(0,)`` for an empty list).
@@ -107,6 +114,11 @@ class Reranker(ModelHandle):
         batch_size = self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
         if not items:
             return np.zeros((0,), dtype=np.float32)
+        pool = self._pool(workers, len(items))
+        if pool is not None:
+            check_encodable([text for pair in items for text in pair], name="pair texts")
+            parts = pool.map("compute_score", split(items, pool.processes), {"normalize": normalize, "batch_size": batch_size})
+            return join(parts, pool.processes, len(items))
         progress = Progress(len(items), label="scored", enabled=show_progress)
 
         def tokenize(chunk: list[tuple[str, str]], at: int) -> tuple[list, int]:

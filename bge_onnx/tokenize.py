@@ -28,6 +28,14 @@ def _raise_unencodable(texts: Sequence[str], name: str, err: Exception, start: i
     raise err
 
 
+def check_encodable(texts: Sequence[str], *, name: str = "texts", start: int = 0) -> None:
+    """Raise InputError naming the first text that cannot be encoded as UTF-8 (a lone surrogate)."""
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError as err:
+        _raise_unencodable(texts, name, err, start)
+
+
 class TextTokenizer:
     """A model's tokenizer.json with our own truncation and padding (the file's settings are ignored).
 

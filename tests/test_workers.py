@@ -1,0 +1,66 @@
+"""workers=N: a large input split over worker processes gives what one process gives, in input order."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from bge_onnx import Embedder, Reranker
+from bge_onnx.errors import InputError
+from tiny_models import VARIED_TEXTS
+
+
+def test_workers_give_the_same_vectors_in_input_order(exported, sentences):
+    embedder = Embedder(exported["bert-cls"], device="cpu")
+    texts = sentences[:150] + VARIED_TEXTS
+    try:
+        with pytest.warns(UserWarning, match="truncated"):  # a worker's warning comes back to the caller
+            shared = embedder.encode(texts, workers=2)
+        with pytest.warns(UserWarning, match="truncated"):
+            np.testing.assert_allclose(shared, embedder.encode(texts), atol=1e-6)
+        pool = embedder._workers
+        assert pool is not None and pool.processes == 2
+        children = [child.pid for child in pool._children]
+        np.testing.assert_allclose(embedder.encode_queries(texts[:40], workers=2), embedder.encode_queries(texts[:40]),
+                                   atol=1e-6)
+        chunks = list(embedder.encode_iter(texts[:100], chunk_size=30, workers=2, normalize=False))
+        np.testing.assert_allclose(np.concatenate(chunks), embedder.encode(texts[:100], normalize=False), atol=1e-6)
+        assert [child.pid for child in embedder._workers._children] == children  # started once, kept
+        assert embedder.encode(texts[:3], workers=2).shape == (3, embedder.dim)  # too few to share: runs here
+        with pytest.raises(InputError, match=r"texts\[7\] cannot be encoded as UTF-8"):
+            embedder.encode(texts[:7] + ["bad \ud800"] + texts[:7], workers=2)
+        with pytest.raises(InputError, match="workers must be a positive int"):
+            embedder.encode(texts, workers=0)
+    finally:
+        embedder.close()
+    assert all(child.poll() is not None for child in pool._children)  # close() stopped them
+
+
+def test_reranker_workers(exported):
+    reranker = Reranker(exported["bert-rerank"], device="cpu")
+    pairs = [(q, p) for q in VARIED_TEXTS[:4] for p in VARIED_TEXTS]
+    try:
+        with pytest.warns(UserWarning, match="truncated"):
+            shared = reranker.compute_score(pairs, workers=2)
+        with pytest.warns(UserWarning, match="truncated"):
+            np.testing.assert_allclose(shared, reranker.compute_score(pairs), atol=1e-5)
+    finally:
+        reranker.close()
+
+
+def test_workers_from_a_script_without_a_main_guard(exported, tmp_path):
+    script = tmp_path / "embed.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np, bge_onnx
+        embedder = bge_onnx.Embedder({str(exported["bert-mean"])!r}, device="cpu")
+        texts = ["text number %d" % i for i in range(64)]
+        assert np.allclose(embedder.encode(texts, workers=2), embedder.encode(texts), atol=1e-6)
+        print("ok")
+    """))
+    # no `if __name__ == "__main__"`, no close(): the workers must not re-run the script, and must stop at exit
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
