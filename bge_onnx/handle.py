@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
 
 from .batching import MAX_TOKENS_CPU, MAX_TOKENS_CUDA, Progress, Tokenize, run_chunks, warn_truncated
 from .checks import positive_int
+from .errors import InputError
 from .folder import open_model
 from .pooling import reducer
 from .session import CUDA
@@ -128,3 +130,31 @@ class ModelHandle:
     def providers(self) -> list[str]:
         """The onnxruntime execution providers in use, e.g. ['CPUExecutionProvider']."""
         return list(self._model.session.providers)
+
+
+Handle = TypeVar("Handle", bound=ModelHandle)
+
+
+def given_or_opened(
+    cls: type[Handle],
+    model: str | os.PathLike[str] | None,
+    given: Handle | None,
+    *,
+    name: str,
+    device: str,
+    precision: str,
+    threads: int | None,
+    max_length: int | None,
+    batch_size: int,
+    max_tokens: int | None,
+    revision: str | None,
+    local_files_only: bool,
+) -> Handle:
+    """What an adapter (LangChain, LlamaIndex) runs on: the ``given`` Embedder/Reranker to share, or ``cls`` opened
+    from ``model`` with these options; exactly one of ``model`` and ``given`` (named ``name``) must be given."""
+    if (model is None) == (given is None):
+        raise InputError(f"give either model= (a folder or repo id) or {name}= (an already built one), not both or none")
+    if given is not None:
+        return given
+    return cls(model, device=device, precision=precision, threads=threads, max_length=max_length,
+               batch_size=batch_size, max_tokens=max_tokens, revision=revision, local_files_only=local_files_only)

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from .checks import describe
 from .cli import install_hint
 from .embedder import Embedder
-from .errors import InputError, InputTypeError, MissingExtraError
+from .handle import given_or_opened
+from .errors import InputTypeError, MissingExtraError
 from .reranker import Reranker
 
 try:
@@ -21,11 +22,6 @@ except ImportError as err:
     raise MissingExtraError(f"bge_onnx.langchain needs langchain-core ({err}): {install_hint('langchain')}") from err
 
 __all__ = ["BgeOnnxEmbeddings", "BgeOnnxRerank"]
-
-
-def _one_of(model: object, built: object, name: str) -> None:
-    if (model is None) == (built is None):
-        raise InputError(f"give either model= (a folder or repo id) or {name}= (an already built one), not both or none")
 
 
 class BgeOnnxEmbeddings(Embeddings):
@@ -59,19 +55,11 @@ class BgeOnnxEmbeddings(Embeddings):
         revision: str | None = None,
         local_files_only: bool = False,
     ) -> None:
-        _one_of(model, embedder, "embedder")
-        if embedder is None:
-            embedder = Embedder(
-                model,
-                device=device,
-                precision=precision,
-                threads=threads,
-                max_length=max_length,
-                batch_size=batch_size,
-                max_tokens=max_tokens,
-                revision=revision,
-                local_files_only=local_files_only,
-            )
+        embedder = given_or_opened(
+            Embedder, model, embedder, name="embedder", device=device, precision=precision, threads=threads,
+            max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
+            local_files_only=local_files_only,
+        )
         self.embedder = embedder
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
@@ -130,19 +118,11 @@ class BgeOnnxRerank(BaseDocumentCompressor):
         local_files_only: bool = False,
     ) -> None:
         super().__init__(top_n=top_n, normalize=normalize)
-        _one_of(model, reranker, "reranker")
-        if reranker is None:
-            reranker = Reranker(
-                model,
-                device=device,
-                precision=precision,
-                threads=threads,
-                max_length=max_length,
-                batch_size=batch_size,
-                max_tokens=max_tokens,
-                revision=revision,
-                local_files_only=local_files_only,
-            )
+        reranker = given_or_opened(
+            Reranker, model, reranker, name="reranker", device=device, precision=precision, threads=threads,
+            max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
+            local_files_only=local_files_only,
+        )
         self._reranker = reranker
 
     @property

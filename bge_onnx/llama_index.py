@@ -9,6 +9,7 @@ from typing import Any
 from .checks import check_texts, describe
 from .cli import install_hint
 from .embedder import Embedder
+from .handle import given_or_opened
 from .errors import InputError, InputTypeError, MissingExtraError
 from .reranker import Reranker
 
@@ -22,10 +23,6 @@ except ImportError as err:
 
 __all__ = ["BgeOnnxEmbedding", "BgeOnnxRerank"]
 
-
-def _one_of(model: object, built: object, name: str) -> None:
-    if (model is None) == (built is None):
-        raise InputError(f"give either model= (a folder or repo id) or {name}= (an already built one), not both or none")
 
 
 def _text(value: object, name: str) -> str:
@@ -67,19 +64,11 @@ class BgeOnnxEmbedding(BaseEmbedding):
         revision: str | None = None,
         local_files_only: bool = False,
     ) -> None:
-        _one_of(model, embedder, "embedder")
-        if embedder is None:
-            embedder = Embedder(
-                model,
-                device=device,
-                precision=precision,
-                threads=threads,
-                max_length=max_length,
-                batch_size=batch_size,
-                max_tokens=max_tokens,
-                revision=revision,
-                local_files_only=local_files_only,
-            )
+        embedder = given_or_opened(
+            Embedder, model, embedder, name="embedder", device=device, precision=precision, threads=threads,
+            max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
+            local_files_only=local_files_only,
+        )
         super().__init__(
             model_name=str(model) if model is not None else "bge-onnx",
             embed_batch_size=embed_batch_size or embedder.batch_size,
@@ -164,19 +153,11 @@ class BgeOnnxRerank(BaseNodePostprocessor):
         local_files_only: bool = False,
     ) -> None:
         super().__init__(top_n=top_n, normalize=normalize)
-        _one_of(model, reranker, "reranker")
-        if reranker is None:
-            reranker = Reranker(
-                model,
-                device=device,
-                precision=precision,
-                threads=threads,
-                max_length=max_length,
-                batch_size=batch_size,
-                max_tokens=max_tokens,
-                revision=revision,
-                local_files_only=local_files_only,
-            )
+        reranker = given_or_opened(
+            Reranker, model, reranker, name="reranker", device=device, precision=precision, threads=threads,
+            max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
+            local_files_only=local_files_only,
+        )
         self._reranker = reranker
 
     @classmethod
