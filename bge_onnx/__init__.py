@@ -13,6 +13,7 @@ from .errors import (
     ProviderError,
     WrongTaskError,
 )
+from .m3 import M3Embedder
 from .reranker import Reranker, RerankResult
 from .spec import ModelSpec, Pooling, Precision, Task, read_spec
 
@@ -24,6 +25,7 @@ __all__ = [
     "ExportError",
     "InputError",
     "InputTypeError",
+    "M3Embedder",
     "MissingExtraError",
     "ModelFilesError",
     "ModelIntegrityError",

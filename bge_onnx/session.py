@@ -197,3 +197,7 @@ class Session:
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Run the graph and return its output (pooled vectors, token states or logits)."""
         return self._session.run([self.output], feeds)[0]
+
+    def run_outputs(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the graph for the named outputs (bge-m3: dense, lexical and ColBERT from one pass)."""
+        return self._session.run(names, feeds)

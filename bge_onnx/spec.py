@@ -90,6 +90,10 @@ class ModelSpec:
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # bge-m3's extra outputs, when the graph has them: {"lexical": output name (batch, seq) of per-token weights,
+    # "colbert": output name (batch, seq - 1, colbert_dim) of normalised token vectors, "colbert_dim": int,
+    # "skip_ids": token ids that get no lexical weight (cls, eos, pad, unk)}. Absent from other manifests.
+    heads: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", Task(self.task))
@@ -116,6 +120,8 @@ class ModelSpec:
         data["task"] = self.task.value
         data["pooling"] = self.pooling.value if self.pooling else None
         data["inputs"] = list(self.inputs)
+        if not self.heads:
+            del data["heads"]
         return data
 
     @classmethod

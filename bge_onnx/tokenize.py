@@ -76,6 +76,10 @@ class TextTokenizer:
         cut = sum(1 for e in encodings if e.overflowing)
         return encodings, cut
 
+    def decode_id(self, token_id: int) -> str:
+        """One token id as text, special tokens included (as transformers' decode([id]))."""
+        return self._truncating.decode([token_id], skip_special_tokens=False)
+
     def encode_pairs(
         self, pairs: list[tuple[str, str]], *, query_max_length: int, start: int = 0
     ) -> tuple[list[Encoding], int]:

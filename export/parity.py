@@ -52,6 +52,60 @@ def _torch_embeddings(model, tokenizer, texts, *, pooling, max_length, batch_siz
     return torch.cat(rows).float().numpy()
 
 
+def torch_m3(model, heads, tokenizer, texts: Sequence[str], *, pooling: Pooling, max_length: int,
+             skip_ids: Sequence[int], batch_size: int = 16) -> tuple[np.ndarray, list[dict[str, float]], list[np.ndarray]]:
+    """bge-m3's outputs from the PyTorch encoder and heads, written after FlagEmbedding's BGEM3 model: pooled (not
+    normalised) vectors; per text {token id: largest relu(sparse_linear(h)) > 0} without skip_ids; per text the
+    L2-normalised colbert_linear(h) of its tokens after the first."""
+    import torch
+
+    colbert_linear, sparse_linear = heads
+    dense = torch_embeddings(model, tokenizer, texts, pooling=pooling, max_length=max_length, batch_size=batch_size)
+    lexical, multi = [], []
+    with torch.no_grad():
+        for text in texts:  # one at a time: no padding to mask
+            batch = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state[0]
+            weights = torch.relu(sparse_linear(hidden))[:, 0].tolist()
+            best: dict[str, float] = {}
+            for token, weight in zip(batch["input_ids"][0].tolist(), weights):
+                if token not in skip_ids and weight > 0:
+                    best[str(token)] = max(weight, best.get(str(token), 0.0))
+            lexical.append(best)
+            multi.append(torch.nn.functional.normalize(colbert_linear(hidden[1:]), dim=-1).numpy())
+    return dense, lexical, multi
+
+
+MAX_LEXICAL_DIFF = 1e-4
+
+
+def gate_m3(reference: tuple, ours: dict[str, Any], texts: Sequence[str], *, graph: str, against: str,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """gate_embeddings on the dense vectors, and the lexical weights (each text's, over the union of its token ids;
+    within MAX_LEXICAL_DIFF) and ColBERT vectors (same rows, cosine >= MIN_COSINE) of every probe text."""
+    dense, lexical, multi = reference
+    figures = gate_embeddings(dense, ours["dense_vecs"], texts, graph=graph, against=against, log=log)
+    lexical_diff, worst_lexical, colbert_min, worst_colbert = 0.0, 0, 1.0, 0
+    for i, (a, b, p, q) in enumerate(zip(lexical, ours["lexical_weights"], multi, ours["colbert_vecs"])):
+        diff = max((abs(a.get(t, 0.0) - b.get(t, 0.0)) for t in {*a, *b}), default=0.0)
+        if diff > lexical_diff:
+            lexical_diff, worst_lexical = diff, i
+        cosine = float((p * q).sum(axis=1).min()) if p.shape == q.shape else -1.0
+        if cosine < colbert_min:
+            colbert_min, worst_colbert = cosine, i
+    log(f"against {against}: lexical weights max abs diff {lexical_diff:.2e}, ColBERT vectors min cosine "
+        f"{colbert_min:.7f}")
+    if lexical_diff > MAX_LEXICAL_DIFF or colbert_min < MIN_COSINE:
+        which, i = (("lexical weights", worst_lexical) if lexical_diff > MAX_LEXICAL_DIFF
+                    else ("ColBERT vectors", worst_colbert))
+        raise ParityError(
+            f"the {graph}'s {which} differ from {against} (lexical max abs diff {lexical_diff:.2e} > "
+            f"{MAX_LEXICAL_DIFF} or ColBERT min cosine {colbert_min:.7f} < {MIN_COSINE}) on probe text {i} "
+            f"{texts[i][:60]!r}. Nothing was written."
+        )
+    return {**figures, "lexical_max_abs_diff": lexical_diff, "colbert_min_cosine": colbert_min}
+
+
 def flag_pair(tokenizer: Any, model_type: str, query: str, passage: str, *, max_length: int, query_max_length: int) -> tuple[list[int], list[int]]:
     """Token ids and type ids of one pair, by FlagReranker's rules as they read on transformers 4.
 

@@ -14,6 +14,7 @@ from bge_onnx.errors import ExportError
 from bge_onnx.spec import POOLED_OUTPUT, ModelSpec, Task, Variant, sha256_file, write_spec
 
 from . import parity, probes
+from .heads import COLBERT_OUTPUT, LEXICAL_OUTPUT, load_heads
 from .trace import export_graph, input_names
 from .precision import add_variant
 from .staging import MODEL_FILE, check_out, extra_precisions, make_staging, place, stderr, versions
@@ -45,14 +46,28 @@ def _load_torch(source: Source):
     return model.eval(), tokenizer
 
 
-def _check_parity(source: Source, folder: Path, model, tokenizer, log: Callable[[str], None]) -> dict:
+def skip_ids(tokenizer) -> list[int]:
+    """The token ids FlagEmbedding gives no lexical weight: the cls, eos, pad and unk tokens."""
+    ids = {getattr(tokenizer, f"{name}_token_id", None) for name in ("cls", "eos", "pad", "unk")}
+    return sorted(i for i in ids if i is not None)
+
+
+def _check_parity(source: Source, folder: Path, model, tokenizer, log: Callable[[str], None], heads=None) -> dict:
     """Run the probe set through PyTorch and through the bge_onnx runtime on the new folder; gate the result."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the probe set truncates long texts on purpose
-        return _compare(source, folder, model, tokenizer, log)
+        return _compare(source, folder, model, tokenizer, log, heads)
 
 
-def _compare(source: Source, folder: Path, model, tokenizer, log: Callable[[str], None]) -> dict:
+def _compare(source: Source, folder: Path, model, tokenizer, log: Callable[[str], None], heads) -> dict:
+    if heads is not None:
+        texts = list(probes.PROBE_TEXTS)
+        log(f"checking dense, lexical and ColBERT parity with PyTorch on {len(texts)} probe texts")
+        reference = parity.torch_m3(model, heads, tokenizer, texts, pooling=source.pooling,
+                                    max_length=source.max_length, skip_ids=skip_ids(tokenizer))
+        m3 = bge_onnx.M3Embedder(folder, device="cpu", max_length=source.max_length)
+        ours = m3.encode(texts, return_sparse=True, return_colbert_vecs=True)
+        return parity.gate_m3(reference, ours, texts, graph="exported graph", against="PyTorch", log=log)
     if source.task is Task.EMBED:
         texts = list(probes.PROBE_TEXTS)
         log(f"checking parity with PyTorch on {len(texts)} probe texts")
@@ -117,6 +132,10 @@ def export_model(
     )
     log(f"loading {source.source_id} ({source.architecture}, {source.task.value}) from {source.folder}")
     model, tokenizer = _load_torch(source)
+    heads = load_heads(source.folder, model.config.hidden_size) if source.heads else None
+    if heads is not None:
+        log(f"with bge-m3's heads: lexical weights and ColBERT vectors ({heads[0].out_features} dims) in the graph")
+    with_token_types = source.with_token_types and heads is None
     staging = make_staging(out)
     try:
         log("exporting the ONNX graph")
@@ -124,9 +143,10 @@ def export_model(
             model,
             staging / MODEL_FILE,
             task=source.task,
-            with_token_types=source.with_token_types,
+            with_token_types=with_token_types,
             pooling=source.pooling,
             external_data=external_data,
+            heads=heads,
         )
         log("fused " + (", ".join(f"{count} {op}" for op, count in fused.items()) or "nothing")
             + ("; the last layer computes only the first token after its attention" if first_token else ""))
@@ -142,7 +162,7 @@ def export_model(
             max_length=source.max_length,
             max_positions=source.max_positions,
             pad_token_id=tokenizer.pad_token_id,
-            inputs=tuple(input_names(source.with_token_types)),
+            inputs=tuple(input_names(with_token_types)),
             output=POOLED_OUTPUT if source.task is Task.EMBED else "logits",
             variants={"fp32": Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity=graph)},
             pooling=source.pooling,
@@ -151,10 +171,12 @@ def export_model(
             files={p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
             source={"id": source.source_id, "revision": source.revision, "path": str(source.folder)},
             versions=versions(),
+            heads={} if heads is None else {"lexical": LEXICAL_OUTPUT, "colbert": COLBERT_OUTPUT,
+                                            "colbert_dim": heads[0].out_features, "skip_ids": skip_ids(tokenizer)},
         )
         write_spec(staging, spec)
         if check_parity:
-            figures = _check_parity(source, staging, model, tokenizer, log)
+            figures = _check_parity(source, staging, model, tokenizer, log, heads)
             fp32 = Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity={**figures, **graph})
             spec = dataclasses.replace(spec, variants={"fp32": fp32})
             write_spec(staging, spec)

@@ -14,6 +14,20 @@ from bge_onnx.hub import looks_like_repo_id
 from bge_onnx.spec import Pooling, Task
 
 SUPPORTED_TYPES = ("bert", "xlm-roberta", "roberta")
+# bge-m3's heads, beside the encoder in its repo (FlagEmbedding's file names)
+COLBERT_FILE = "colbert_linear.pt"
+SPARSE_FILE = "sparse_linear.pt"
+
+
+def has_heads(folder: Path) -> bool:
+    """Whether the checkpoint carries bge-m3's heads; one without the other is an error (FlagEmbedding would then
+    silently use random heads for both)."""
+    present = [name for name in (COLBERT_FILE, SPARSE_FILE) if (folder / name).is_file()]
+    if len(present) == 1:
+        missing = SPARSE_FILE if present == [COLBERT_FILE] else COLBERT_FILE
+        raise ModelFilesError(f"{folder} has {present[0]} but not {missing}: bge-m3's lexical and ColBERT outputs "
+                              "need both heads")
+    return bool(present)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +47,7 @@ class Source:
     max_positions: int
     dim: int
     with_token_types: bool
+    heads: bool = False  # bge-m3's colbert_linear.pt and sparse_linear.pt are beside the encoder
 
 
 def _read_json(path: Path) -> Any:
@@ -156,4 +171,5 @@ def describe_source(
         max_positions=max_positions,
         dim=dim,
         with_token_types=config.get("type_vocab_size", 1) > 1,
+        heads=task is Task.EMBED and has_heads(folder),
     )

@@ -12,9 +12,9 @@ import torch
 
 from bge_onnx.spec import Pooling, Task
 
+from .heads import OUTPUT_AXES, OUTPUTS, M3Body
 from .rewrite import fuse
 from .staging import EXTERNAL_DATA_BYTES
-
 
 
 class _Encoder(torch.nn.Module):
@@ -52,11 +52,13 @@ def export_graph(
     with_token_types: bool,
     pooling: Pooling | None = None,
     external_data: bool | None = None,
+    heads: tuple[torch.nn.Module, torch.nn.Module] | None = None,
 ) -> tuple[list[str], dict[str, int], bool]:
     """Write ``model`` as ONNX to ``path`` with onnxruntime's transformer fusions applied; an embedding graph
     ends in its pooling (output ``sentence_embedding``), a reranker's in its logits. Where only the first token
     of the last layer is read (CLS pooling, rerankers' heads), the last layer computes only that token after its
-    attention (rewrite.keep_first_token).
+    attention (rewrite.keep_first_token). With bge-m3's ``heads`` (colbert_linear, sparse_linear) the graph has
+    their outputs too (heads.M3Body), and every token of the last layer is kept.
 
     Returns the file names written (graph, and weights if separate), the count of each fused op, and whether the
     last layer was cut to the first token.
@@ -65,14 +67,14 @@ def export_graph(
         external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory(prefix=".trace.", dir=path.parent) as work:
         traced = Path(work) / "traced.onnx"
-        trace_model(model, traced, task=task, with_token_types=with_token_types)
+        trace_model(model, traced, task=task, with_token_types=with_token_types, heads=heads, pooling=pooling)
         fused, first_token = fuse(
             traced,
             path,
             num_heads=model.config.num_attention_heads,
             hidden_size=model.config.hidden_size,
             external_data=external_data,
-            pooling=pooling if task is Task.EMBED else None,
+            pooling=pooling if task is Task.EMBED and heads is None else None,  # M3Body pools itself
         )
     written = [path.name]
     if external_data:
@@ -80,14 +82,22 @@ def export_graph(
     return written, fused, first_token
 
 
-def trace_model(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: bool) -> None:
-    """Write the plain graph (token states or logits out, unfused), as optimum and the official repos publish it."""
+def trace_model(model: torch.nn.Module, path: Path, *, task: Task, with_token_types: bool,
+                heads: tuple[torch.nn.Module, torch.nn.Module] | None = None, pooling: Pooling | None = None) -> None:
+    """Write the plain graph (token states or logits out, unfused), as optimum and the official repos publish it;
+    with bge-m3's ``heads``, the pooled state, per-token lexical weights and ColBERT vectors out."""
     # torch's TorchScript exporter, not dynamo: onnxruntime's optimiser recognises attention only in the graph the
     # TorchScript exporter writes (all-MiniLM-L6-v2 on CPU, fp32: fused 1.07-1.10x the unfused graph, 1.08-1.17x
     # the dynamo exporter's; docs/decisions.md).
-    wrapper = (_WithTokenTypes if with_token_types else _WithoutTokenTypes)(model, task).eval()
     names = input_names(with_token_types)
-    output = "last_hidden_state" if task is Task.EMBED else "logits"
+    if heads is not None:
+        wrapper, outputs = M3Body(model, heads, pooling).eval(), list(OUTPUTS)
+        names = input_names(False)  # XLM-RoBERTa: no token types
+        axes = {name: {0: "batch", 1: "sequence"} for name in names} | OUTPUT_AXES
+    else:
+        wrapper = (_WithTokenTypes if with_token_types else _WithoutTokenTypes)(model, task).eval()
+        outputs = ["last_hidden_state" if task is Task.EMBED else "logits"]
+        axes = {name: {0: "batch", 1: "sequence"} for name in [*names, *outputs]}
     # Example batch: 2 rows of 16 tokens, the second padded, so no axis is specialised to 1 or to a mask of ones.
     vocab = model.config.vocab_size
     ids = torch.randint(5, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -102,7 +112,7 @@ def trace_model(model: torch.nn.Module, path: Path, *, task: Task, with_token_ty
             str(path),
             dynamo=False,
             input_names=names,
-            output_names=[output],
-            dynamic_axes={name: {0: "batch", 1: "sequence"} for name in [*names, output]},
+            output_names=outputs,
+            dynamic_axes=axes,
             opset_version=17,
         )

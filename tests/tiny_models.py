@@ -160,3 +160,45 @@ def build_official(checkpoint: Path, folder: Path, *, external_data: bool = Fals
         onnx.save(onnx.load(graph), graph, save_as_external_data=True, location="model.onnx_data",
                   size_threshold=0)
     return folder
+
+
+def build_m3(folder: Path) -> Path:
+    """A tiny bge-m3: an XLM-RoBERTa encoder (514 positions, so FlagEmbedding's default 512 tokens fit) with
+    colbert_linear.pt and sparse_linear.pt beside it, seeded. The sparse head is calibrated on the probe texts so
+    that about half of the tokens get a positive weight (a random head gives all or none of a text's)."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from bge_onnx_export.probes import PROBE_TEXTS
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(SEED)
+    vocab = _unigram_tokenizer(folder)
+    config = XLMRobertaConfig(vocab_size=vocab, max_position_embeddings=514, pad_token_id=1, bos_token_id=0,
+                              eos_token_id=2, type_vocab_size=1, layer_norm_eps=1e-5, **TINY)
+    model = XLMRobertaModel(config, add_pooling_layer=False).eval()
+    model.save_pretrained(folder)
+    # a class both transformers 4 (FlagEmbedding's) and 5 load, and BGEM3FlagModel's own default length
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=512)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    hidden = TINY["hidden_size"]
+    colbert, sparse = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, 1)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        batch = tokenizer(list(PROBE_TEXTS) + VARIED_TEXTS, padding=True, truncation=True, max_length=512,
+                          return_tensors="pt")
+        mask = batch["attention_mask"].bool()
+        states = model(**batch).last_hidden_state
+        # the weight: the direction in which tokens vary most within their text (the top principal axis of the
+        # states less their text's mean), so that weights vary within a text and the head amplifies no rounding
+        centred = torch.cat([h[m] - h[m].mean(0) for h, m in zip(states, mask)])
+        weight = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        tokens = states[mask]
+        sparse.weight[0] = weight * 0.2 / (tokens @ weight).std()
+        sparse.bias.fill_(-float((tokens @ sparse.weight[0]).median()))
+    torch.save(colbert.state_dict(), folder / "colbert_linear.pt")
+    torch.save(sparse.state_dict(), folder / "sparse_linear.pt")
+    return folder

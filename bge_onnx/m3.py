@@ -1,0 +1,280 @@
+"""M3Embedder: bge-m3's dense, lexical (sparse) and ColBERT outputs from one pass, as FlagEmbedding's BGEM3FlagModel
+gives them, without torch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .batching import Progress, token_batches, warn_truncated
+from .checks import check_pairs, check_texts, describe, positive_int
+from .errors import InputError, InputTypeError, ModelFilesError
+from .handle import ModelHandle
+from .pooling import normalize as l2_normalize
+from .spec import Task
+from .tokenize import TextTokenizer, pad_batch
+
+# BGEM3FlagModel's default token limit for queries and passages (bge-m3 itself takes 8192: pass max_length=8192)
+FLAG_MAX_LENGTH = 512
+
+Lexical = dict[str, float]
+
+
+class M3Embedder(ModelHandle):
+    """bge-m3 without torch: a drop-in for FlagEmbedding's ``BGEM3FlagModel`` (same method names, arguments and
+    results), on a folder exported with its heads (``bge-onnx export BAAI/bge-m3 --out DIR``).
+
+    Args:
+        model: an exported folder or hub repo id. A dense-only export (the official ``BAAI/bge-m3`` repo's onnx/)
+            gives dense vectors; asking it for lexical weights or ColBERT vectors is an error that says so.
+        max_length: default token limit of encode and compute_score; default 512, as BGEM3FlagModel's (bge-m3 takes
+            up to 8192; memory and time grow with it: see the README's bge-m3 section).
+        batch_size, max_tokens: at most this many texts, and padded tokens, per forward pass (texts are sorted by
+            length: long texts go alone). Other arguments as :class:`bge_onnx.Embedder`.
+
+    >>> m3 = M3Embedder("bge-m3-onnx")  # doctest: +SKIP
+    >>> out = m3.encode(["What is BGE M3?"], return_sparse=True, return_colbert_vecs=True)  # doctest: +SKIP
+    >>> sorted(out)  # doctest: +SKIP
+    ['colbert_vecs', 'dense_vecs', 'lexical_weights']
+    """
+
+    task = Task.EMBED
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        max_length: int | None = None,
+        batch_size: int = 256,
+        max_tokens: int | None = None,
+        precision: str = "auto",
+        revision: str | None = None,
+        local_files_only: bool = False,
+    ) -> None:
+        super().__init__(model, device=device, threads=threads, max_length=max_length, batch_size=batch_size,
+                         max_tokens=max_tokens, precision=precision, revision=revision,
+                         local_files_only=local_files_only)
+        tokenizer = self._model.tokenizer
+        self._tokenizers = {tokenizer.max_length: tokenizer}
+        self._max_length = tokenizer.max_length if max_length is not None else min(FLAG_MAX_LENGTH, tokenizer.max_length)
+        self._heads = dict(self._model.spec.heads)
+        self._skip = np.array(sorted(self._heads.get("skip_ids", ())), dtype=np.int64)
+
+    @property
+    def max_length(self) -> int:
+        """The default token limit of encode and compute_score."""
+        return self._max_length
+
+    @property
+    def dim(self) -> int:
+        return self._model.spec.dim
+
+    def _tokenizer(self, max_length: int | None) -> TextTokenizer:
+        length = self._max_length if max_length is None else positive_int("max_length", max_length)
+        if length > self._model.spec.max_positions:
+            raise InputError(f"max_length={length} exceeds what the model can take "
+                             f"({self._model.spec.max_positions} tokens)")
+        if length not in self._tokenizers:
+            self._tokenizers[length] = TextTokenizer(self._model.folder, max_length=length)
+        return self._tokenizers[length]
+
+    def _outputs(self, dense: bool, sparse: bool, colbert: bool) -> list[str]:
+        names = [self._model.spec.output] if dense else []
+        for wanted, key, what in ((sparse, "lexical", "lexical weights"), (colbert, "colbert", "ColBERT vectors")):
+            if wanted and key not in self._heads:
+                raise ModelFilesError(
+                    f"{self._model.folder} has no {what}: it is a dense-only export (as the official BAAI/bge-m3 "
+                    "repo's onnx/). Export the checkpoint with its colbert_linear.pt and sparse_linear.pt: "
+                    "`bge-onnx export BAAI/bge-m3 --out DIR`"
+                )
+            if wanted:
+                names.append(self._heads[key])
+        return names
+
+    def encode(
+        self,
+        sentences: str | list[str],
+        *,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        show_progress: bool = False,
+    ) -> dict[str, Any]:
+        """Dense vectors, lexical weights and/or ColBERT vectors of texts, from one pass.
+
+        Returns:
+            ``{"dense_vecs": float32 (n, dim) L2-normalised, "lexical_weights": [{token id as str: weight}],
+            "colbert_vecs": [float32 (tokens_i - 1, colbert_dim), L2-normalised rows]}``; an output not asked
+            for is None, as in BGEM3FlagModel. For one str: one vector, one dict, one array. Lexical weights keep
+            each token id's largest weight, only those > 0, never for the cls, eos, pad and unk ids; ColBERT rows
+            are every token after the first (the end token included).
+
+        Raises:
+            InputTypeError, InputError (a text that is not UTF-8-encodable), ModelFilesError (lexical or ColBERT
+            asked of a dense-only export).
+        """
+        for name, value in (("return_dense", return_dense), ("return_sparse", return_sparse),
+                            ("return_colbert_vecs", return_colbert_vecs)):
+            if not isinstance(value, bool):
+                raise InputTypeError(f"{name} must be a bool, got {type(value).__name__} {describe(value)}")
+        single = isinstance(sentences, str)
+        items = check_texts([sentences] if single else sentences, name="sentences")
+        out = self._encode(items, batch_size, max_length, return_dense, return_sparse, return_colbert_vecs,
+                           show_progress)
+        if single:
+            out = {key: None if value is None else value[0] for key, value in out.items()}
+        return out
+
+    def encode_queries(self, queries: str | list[str], **options: Any) -> dict[str, Any]:
+        """:meth:`encode` for search queries, with the model's query instruction if it has one (bge-m3 has none)."""
+        return self._with_instruction(queries, "queries", options)
+
+    def encode_corpus(self, corpus: str | list[str], **options: Any) -> dict[str, Any]:
+        """:meth:`encode` for passages to search in (never an instruction)."""
+        return self.encode(corpus, **options)
+
+    def _with_instruction(self, queries: object, name: str, options: dict[str, Any]) -> dict[str, Any]:
+        instruction = self._model.spec.query_instruction
+        if not instruction:
+            return self.encode(queries, **options)  # type: ignore[arg-type]
+        single = isinstance(queries, str)
+        items = check_texts([queries] if single else queries, name=name)
+        out = self.encode([instruction + q for q in items], **options)
+        return {key: None if value is None else value[0] for key, value in out.items()} if single else out
+
+    def _encode(self, items: list[str], batch_size: int | None, max_length: int | None, dense: bool, sparse: bool,
+                colbert: bool, show_progress: bool) -> dict[str, Any]:
+        names = self._outputs(dense, sparse, colbert)
+        batch_size = self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
+        tokenizer = self._tokenizer(max_length)
+        encodings, cut = tokenizer.encode_texts(items, name="sentences")
+        warn_truncated(cut, len(items), tokenizer.max_length, "sentences")
+        vectors = np.zeros((len(items), self.dim), dtype=np.float32)
+        lexical: list[Lexical] = [{} for _ in items]
+        multi: list[np.ndarray] = [np.zeros((0, self._heads.get("colbert_dim", 0)), np.float32) for _ in items]
+        progress = Progress(len(items), label="embedded", enabled=show_progress)
+        order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
+        session, pad_id = self._model.session, self._model.spec.pad_token_id
+        for rows in token_batches([len(encodings[i]) for i in order], batch_size=batch_size, max_tokens=self.max_tokens):
+            rows = [order[i] for i in rows]
+            feeds = pad_batch([encodings[i] for i in rows], pad_id=pad_id, input_names=session.input_names)
+            outputs = iter(session.run_outputs(names, feeds))
+            pooled = self._reduce(next(outputs), feeds) if dense else None  # official graphs: pooled here
+            weights = next(outputs) if sparse else None
+            tokens = next(outputs) if colbert else None
+            for k, i in enumerate(rows):
+                n = len(encodings[i])
+                if pooled is not None:
+                    vectors[i] = pooled[k]
+                if weights is not None:
+                    lexical[i] = self._lexical(feeds["input_ids"][k, :n], weights[k, :n])
+                if tokens is not None:
+                    multi[i] = np.array(tokens[k, : n - 1], dtype=np.float32)
+            progress.advance(len(rows))
+        return {
+            "dense_vecs": l2_normalize(vectors) if dense else None,
+            "lexical_weights": lexical if sparse else None,
+            "colbert_vecs": multi if colbert else None,
+        }
+
+    def _lexical(self, ids: np.ndarray, weights: np.ndarray) -> Lexical:
+        """Token id (str) -> its largest weight in the text, for weights > 0 and ids not skipped; in the order the
+        ids first occur (as BGEM3FlagModel's dicts, which convert_id_to_token's collisions depend on)."""
+        keep = (weights > 0) & ~np.isin(ids, self._skip)
+        unique, first, where = np.unique(ids[keep], return_index=True, return_inverse=True)
+        best = np.zeros(len(unique), dtype=np.float32)
+        np.maximum.at(best, where, weights[keep].astype(np.float32))
+        order = np.argsort(first)
+        return dict(zip(map(str, unique[order].tolist()), best[order].tolist()))
+
+    def compute_lexical_matching_score(self, lexical_weights_1: Lexical | list[Lexical],
+                                       lexical_weights_2: Lexical | list[Lexical]) -> float | np.ndarray:
+        """Sum over the token ids two texts share of the product of their weights; for two lists, the (n1, n2)
+        matrix of every pair."""
+        if isinstance(lexical_weights_1, dict) and isinstance(lexical_weights_2, dict):
+            return lexical_score(lexical_weights_1, lexical_weights_2)
+        if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
+            return np.array([[lexical_score(a, b) for b in lexical_weights_2] for a in lexical_weights_1],
+                            dtype=np.float32)
+        raise InputTypeError("give two lexical weight dicts, or two lists of them; got "
+                             f"{type(lexical_weights_1).__name__} and {type(lexical_weights_2).__name__}")
+
+    def colbert_score(self, q_reps: np.ndarray, p_reps: np.ndarray) -> float:
+        """ColBERT late interaction: the mean over query vectors of their largest dot product with a passage vector."""
+        return colbert_score(q_reps, p_reps)
+
+    def convert_id_to_token(self, lexical_weights: Lexical | list[Lexical]) -> Lexical | list[Lexical]:
+        """Lexical weights keyed by the token's text instead of its id (ids that decode alike: the last one wins,
+        as in BGEM3FlagModel); a dict for a dict, a list for a list."""
+        decode = self._model.tokenizer.decode_id
+        if isinstance(lexical_weights, dict):
+            return {decode(int(i)): w for i, w in lexical_weights.items()}
+        return [{decode(int(i)): w for i, w in weights.items()} for weights in lexical_weights]
+
+    def compute_score(
+        self,
+        sentence_pairs: tuple[str, str] | list[tuple[str, str]],
+        *,
+        batch_size: int | None = None,
+        max_query_length: int | None = None,
+        max_passage_length: int | None = None,
+        weights_for_different_modes: Sequence[float] | None = None,
+    ) -> dict[str, list[float] | float]:
+        """Dense, lexical ("sparse") and ColBERT scores of (query, passage) pairs, and their weighted sums, as
+        BGEM3FlagModel.compute_score: ``weights_for_different_modes`` = [dense, sparse, colbert] (default 1, 1, 1);
+        "sparse+dense" = (w1 sparse + w0 dense) / (w0 + w1), "colbert+sparse+dense" = (w2 colbert + w1 sparse +
+        w0 dense) / (w0 + w1 + w2).
+
+        Returns:
+            ``{"colbert": [...], "sparse": [...], "dense": [...], "sparse+dense": [...],
+            "colbert+sparse+dense": [...]}``, one float per pair (a float for a single pair).
+        """
+        single = isinstance(sentence_pairs, tuple) and len(sentence_pairs) == 2 and all(
+            isinstance(part, str) for part in sentence_pairs)
+        pairs = check_pairs([sentence_pairs] if single else sentence_pairs)
+        weights = [1.0, 1.0, 1.0] if weights_for_different_modes is None else list(weights_for_different_modes)
+        if len(weights) != 3 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise InputError("weights_for_different_modes must be 3 numbers [dense, sparse, colbert], got "
+                             f"{describe(weights_for_different_modes)}")
+        if sum(weights) <= 0 or weights[0] + weights[1] <= 0:
+            raise InputError(f"weights_for_different_modes must have positive sums, got {weights}")
+        modes = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True, "batch_size": batch_size}
+        queries = self.encode([q for q, _ in pairs], max_length=max_query_length, **modes)
+        passages = self.encode([p for _, p in pairs], max_length=max_passage_length, **modes)
+        dense = np.sum(queries["dense_vecs"] * passages["dense_vecs"], axis=1).tolist() if pairs else []
+        sparse = [lexical_score(q, p) for q, p in zip(queries["lexical_weights"], passages["lexical_weights"])]
+        multi = [colbert_score(q, p) for q, p in zip(queries["colbert_vecs"], passages["colbert_vecs"])]
+        w0, w1, w2 = weights
+        scores = {
+            "colbert": multi,
+            "sparse": sparse,
+            "dense": dense,
+            "sparse+dense": [(s * w1 + d * w0) / (w0 + w1) for s, d in zip(sparse, dense)],
+            "colbert+sparse+dense": [(c * w2 + s * w1 + d * w0) / (w0 + w1 + w2)
+                                     for c, s, d in zip(multi, sparse, dense)],
+        }
+        return {key: value[0] for key, value in scores.items()} if single else scores
+
+
+def lexical_score(a: Lexical, b: Lexical) -> float:
+    """Sum over shared token ids of the product of their weights (0.0 when none are shared)."""
+    if len(b) < len(a):
+        a, b = b, a
+    return float(sum(w * b[t] for t, w in a.items() if t in b))
+
+
+def colbert_score(q_reps: np.ndarray, p_reps: np.ndarray) -> float:
+    """Mean over the query's vectors of the largest dot product with any passage vector."""
+    q, p = np.asarray(q_reps, dtype=np.float32), np.asarray(p_reps, dtype=np.float32)
+    if q.ndim != 2 or p.ndim != 2 or q.shape[1] != p.shape[1]:
+        raise InputError(f"colbert_score needs two 2-D arrays of the same width, got shapes {q.shape} and {p.shape}")
+    if not len(q) or not len(p):
+        return 0.0
+    return float((q @ p.T).max(axis=1).sum() / len(q))

@@ -1,0 +1,220 @@
+"""bge-m3 without torch: M3Embedder against FlagEmbedding's BGEM3FlagModel, run in the same test run in its own
+environment (FlagEmbedding 1.4.2 needs transformers < 5), on a tiny seeded bge-m3 with random heads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bge_onnx import Embedder, M3Embedder
+from bge_onnx.errors import ExportError, InputError, InputTypeError, ModelFilesError
+from bge_onnx_export import export_model
+from bge_onnx_export.probes import PROBE_TEXTS
+from tiny_models import VARIED_TEXTS, build_m3
+
+HERE = Path(__file__).parent
+# FlagEmbedding's environment: beside this run's packages (torch among them), with its own transformers < 5
+FLAG_REQUIREMENTS = ["FlagEmbedding==1.4.2", "transformers<5", "sentence-transformers<6", "datasets<4.5", "peft<0.18"]
+
+LONG = "The history of natural language processing started in the 1950s. " * 60  # past 512 tokens: truncated
+TEXTS = [*VARIED_TEXTS, *PROBE_TEXTS[:20], LONG, "BM25 is a bag-of-words retrieval function; ColBERT is late interaction."]
+PAIRS = [(TEXTS[i], TEXTS[j]) for i, j in [(3, 4), (4, 3), (5, 6), (0, 1), (1, 0), (9, 10), (11, 12), (30, 31),
+                                           (31, 30), (2, 2), (13, 27)]]
+WEIGHTS = [0.4, 0.2, 0.4]
+
+
+def _flag_python() -> Path:
+    """A venv (cached by its requirements) with --system-site-packages, so that it reuses this run's torch."""
+    key = hashlib.sha256(json.dumps([sys.version, *FLAG_REQUIREMENTS]).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("BGE_ONNX_TEST_ENVS", Path.home() / ".cache" / "bge-onnx-tests"))
+    venv = root / f"flagembedding-{key}"
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        building = root / f".building-{key}-{os.getpid()}"
+        shutil.rmtree(building, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(building)], check=True)
+        import torch
+
+        subprocess.run([str(building / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        f"torch=={torch.__version__.split('+')[0]}", *FLAG_REQUIREMENTS], check=True)
+        building.rename(venv)
+    return python
+
+
+@pytest.fixture(scope="module")
+def m3(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("m3")
+    checkpoint = build_m3(root / "bge-m3")
+    export_model(checkpoint, root / "export", log=None)
+    return {"checkpoint": checkpoint, "export": root / "export"}
+
+
+@pytest.fixture(scope="module")
+def flag(m3, tmp_path_factory) -> dict:
+    """BGEM3FlagModel's outputs for TEXTS and PAIRS (tests/flag_reference.py in FlagEmbedding's environment)."""
+    out = tmp_path_factory.mktemp("flag") / "reference.npz"
+    request = json.dumps({"texts": TEXTS, "pairs": PAIRS, "weights": WEIGHTS})
+    subprocess.run([str(_flag_python()), str(HERE / "flag_reference.py"), str(m3["checkpoint"]), str(out)],
+                   input=request.encode(), check=True, capture_output=True)
+    arrays = np.load(out)
+    return {**json.loads(str(arrays["json"])), **{name: arrays[name] for name in arrays.files if name != "json"}}
+
+
+@pytest.fixture(scope="module")
+def ours(m3) -> tuple[M3Embedder, dict]:
+    model = M3Embedder(m3["export"], device="cpu")
+    with pytest.warns(UserWarning, match="2 of 36 sentences exceeded max_length=512"):
+        return model, model.encode(TEXTS, return_sparse=True, return_colbert_vecs=True)
+
+
+def test_dense_vectors(flag, ours):
+    dense = ours[1]["dense_vecs"]
+    assert dense.dtype == np.float32 and dense.shape == flag["dense"].shape
+    assert np.sum(dense * flag["dense"], axis=1).min() >= 0.99999
+
+
+def _clear(weights: dict) -> dict:
+    """Without the weights within rounding of 0, which float32 may put on either side of it (relu(x) for x ~ 1e-7)."""
+    return {k: w for k, w in weights.items() if w > NEAR_ZERO}
+
+
+NEAR_ZERO = 1e-5
+
+
+def test_lexical_weights(flag, ours):
+    positive, distinct, near_zero = 0, 0, 0
+    for i, (expected, got) in enumerate(zip(flag["lexical_weights"], ours[1]["lexical_weights"])):
+        assert list(_clear(got)) == list(_clear(expected)), f"text {i}: token ids or their order differ"
+        np.testing.assert_allclose(list(_clear(got).values()), list(_clear(expected).values()), atol=1e-4,
+                                   err_msg=f"text {i}")
+        assert all(isinstance(w, float) and w > 0 for w in got.values())
+        near_zero += len(set(got) ^ set(expected))
+        positive += len(got)
+    for encoding in ours[0]._tokenizer(None).encode_texts(TEXTS)[0]:
+        distinct += len(set(encoding.ids) - {0, 1, 2, 3})
+    assert 0.2 < positive / distinct < 0.8  # the head weighs some of each text's tokens, not all or none
+    assert near_zero <= positive // 100  # keys only one side has: rare, and each within rounding of 0
+
+
+def test_colbert_vectors(flag, ours):
+    for i, got in enumerate(ours[1]["colbert_vecs"]):
+        expected = flag[f"colbert_{i}"]
+        assert got.dtype == np.float32 and got.shape == expected.shape, f"text {i}"
+        assert np.sum(got * expected, axis=1).min() >= 0.99999, f"text {i}"
+
+
+def test_scores_between_texts(flag, ours):
+    model, out = ours
+    lexical = model.compute_lexical_matching_score(out["lexical_weights"], out["lexical_weights"])
+    np.testing.assert_allclose(lexical, flag["lexical_scores"], atol=1e-4)
+    colbert = [[model.colbert_score(q, p) for p in out["colbert_vecs"]] for q in out["colbert_vecs"]]
+    np.testing.assert_allclose(colbert, flag["colbert_scores"], atol=1e-5)
+    assert model.compute_lexical_matching_score(out["lexical_weights"][3], out["lexical_weights"][3]) == \
+        pytest.approx(flag["lexical_scores"][3][3], abs=1e-4)
+
+
+def test_convert_id_to_token(flag, ours):
+    model, out = ours
+    assert model.convert_id_to_token(out["lexical_weights"])[0].keys() == flag["lexical_tokens"][0].keys()
+    for i, (expected, got) in enumerate(zip(flag["lexical_tokens"], model.convert_id_to_token(out["lexical_weights"]))):
+        got, expected = _clear(got), _clear(expected)
+        assert got.keys() == expected.keys(), f"text {i}"
+        np.testing.assert_allclose(list(got.values()), [expected[k] for k in got], atol=1e-4)
+
+
+def test_compute_score(flag, ours):
+    model = ours[0]
+    with pytest.warns(UserWarning, match="truncated"):
+        scores = model.compute_score(PAIRS)
+        weighted = model.compute_score(PAIRS, weights_for_different_modes=WEIGHTS)
+    assert list(scores) == list(flag["scores"])
+    for mode in ("dense", "sparse", "sparse+dense"):
+        np.testing.assert_allclose(scores[mode], flag["scores"][mode], atol=1e-4, err_msg=mode)
+        np.testing.assert_allclose(weighted[mode], flag["weighted_scores"][mode], atol=1e-4, err_msg=mode)
+    # ColBERT: compute_score takes, per pair, what colbert_score gives for the two texts' vectors
+    index = {text: i for i, text in enumerate(TEXTS)}
+    expected = [flag["colbert_scores"][index[q]][index[p]] for q, p in PAIRS]
+    np.testing.assert_allclose(scores["colbert"], expected, atol=1e-5)
+    # BGEM3FlagModel.compute_score pads passages in its batch with zero vectors that count in the max: a query
+    # token whose best real match is negative scores 0 there. Where that did not happen, the two agree.
+    same = np.isclose(flag["scores"]["colbert"], expected, atol=1e-5)
+    assert same.sum() >= len(PAIRS) // 2
+    np.testing.assert_allclose(np.array(scores["colbert+sparse+dense"])[same],
+                               np.array(flag["scores"]["colbert+sparse+dense"])[same], atol=1e-4)
+    np.testing.assert_allclose(np.array(weighted["colbert+sparse+dense"])[same],
+                               np.array(flag["weighted_scores"]["colbert+sparse+dense"])[same], atol=1e-4)
+    one = model.compute_score(PAIRS[0])
+    assert one["dense"] == pytest.approx(scores["dense"][0], abs=1e-6) and isinstance(one["colbert"], float)
+
+
+def test_same_dense_as_embedder_and_one_text(m3, ours):
+    model, out = ours
+    np.testing.assert_allclose(Embedder(m3["export"], device="cpu", max_length=512).encode(TEXTS[:30]),
+                               out["dense_vecs"][:30], atol=1e-6)
+    single = model.encode(TEXTS[3], return_sparse=True, return_colbert_vecs=True)
+    assert single["dense_vecs"].shape == (32,) and isinstance(single["lexical_weights"], dict)
+    np.testing.assert_allclose(single["colbert_vecs"], out["colbert_vecs"][3], atol=1e-6)
+    assert model.encode(TEXTS[:3]) == {"dense_vecs": pytest.approx(out["dense_vecs"][:3], abs=1e-6),
+                                       "lexical_weights": None, "colbert_vecs": None}
+
+
+def test_bad_input(ours, official):
+    model = ours[0]
+    empty = model.encode([], return_sparse=True, return_colbert_vecs=True)
+    assert empty["dense_vecs"].shape == (0, 32) and empty["lexical_weights"] == [] and empty["colbert_vecs"] == []
+    with pytest.raises(InputTypeError, match=r"sentences\[1\] is int 3, expected str"):
+        model.encode(["a", 3])
+    with pytest.raises(InputTypeError, match="return_sparse must be a bool, got str 'yes'"):
+        model.encode(["a"], return_sparse="yes")
+    with pytest.raises(InputError, match="max_length=9000 exceeds what the model can take"):
+        model.encode(["a"], max_length=9000)
+    with pytest.raises(InputError, match=r"weights_for_different_modes must be 3 numbers \[dense, sparse, colbert\]"):
+        model.compute_score([("a", "b")], weights_for_different_modes=[1, 1])
+    with pytest.raises(InputError, match=r"same width, got shapes \(2, 32\) and \(3, 16\)"):
+        model.colbert_score(np.zeros((2, 32)), np.zeros((3, 16)))
+    # the official repo's dense-only onnx/ gives dense vectors, and says what lexical and ColBERT need
+    dense_only = M3Embedder(official["xlmr-cls"], device="cpu")
+    assert dense_only.encode(["a text"])["dense_vecs"].shape == (1, 32)
+    with pytest.raises(ModelFilesError, match="no lexical weights: it is a dense-only export .* colbert_linear.pt"):
+        dense_only.encode(["a text"], return_sparse=True)
+
+
+def test_export_heads_safely(m3, tmp_path):
+    exported = {p.name for p in m3["export"].iterdir()}
+    assert not any(name.endswith(".pt") for name in exported)  # the runtime never loads a pickle
+    spec = json.loads((m3["export"] / "bge_onnx.json").read_text())
+    assert spec["heads"]["skip_ids"] == [0, 1, 2, 3] and spec["variants"]["fp32"]["parity"]["colbert_min_cosine"] > 0.99999
+
+    def damaged(name: str, content: object) -> Path:
+        folder = Path(shutil.copytree(m3["checkpoint"], tmp_path / name / "bge-m3"))
+        if content is None:
+            (folder / "sparse_linear.pt").unlink()
+        else:
+            (folder / "sparse_linear.pt").write_bytes(content if isinstance(content, bytes) else pickle.dumps(content))
+        return folder
+
+    with pytest.raises(ModelFilesError, match="has colbert_linear.pt but not sparse_linear.pt"):
+        export_model(damaged("one-head", None), tmp_path / "out1", log=None)
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    with pytest.raises(ExportError, match="sparse_linear.pt could not be read as a weights-only state dict"):
+        export_model(damaged("code", RunsCode()), tmp_path / "out2", log=None)
+    assert not (tmp_path / "ran").exists()
+    import torch
+
+    folder = damaged("shape", {})
+    torch.save({"weight": torch.zeros(1, 16), "bias": torch.zeros(1)}, folder / "sparse_linear.pt")
+    with pytest.raises(ExportError, match=r"holds weight \(1, 16\) .* hidden size is 32, so a weight \(1, 32\)"):
+        export_model(folder, tmp_path / "out3", log=None)
