@@ -15,6 +15,7 @@ BENCHMARKS = {
     "optimized": ("optimized", "bge-onnx optimize's fp32/int8 folders against the official ONNX graph run as it is"),
     "runtime-env": ("runtime_env", "the Dockerfile's runtime stage in a fresh venv: size, no torch, serverless cold start"),
     "workers": ("workers", "all cores: N worker processes against one process with N threads, CPU"),
+    "m3-long": ("m3_long", "bge-m3's shape (random weights): peak RSS and time per text at 512, 2048, 8192 tokens"),
     "parity": ("parity", "every architecture and the packaged real model against PyTorch, fp32"),
     "serve-load": ("serve_load", "bge-onnx serve over HTTP: throughput, p50/p99 per concurrency vs in-process, overload, RSS"),
     "gpu": ("gpu", "CUDA: provider start, fp16/fp32 parity, throughput against sentence-transformers on the GPU"),

@@ -199,6 +199,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         lines.append(f"pooling:           {spec.pooling.value}, normalise {'yes' if spec.normalize else 'no'}")
         lines.append(f"dimension:         {spec.dim}")
         lines.append(f"query instruction: {spec.query_instruction!r}" if spec.query_instruction else "query instruction: none")
+    if spec.heads:
+        lines.append(f"bge-m3 outputs:    dense, lexical weights, ColBERT vectors ({spec.heads.get('colbert_dim')} dims): "
+                     "bge_onnx.M3Embedder")
     lines.append(f"max length:        {spec.max_length} tokens (the model takes up to {spec.max_positions})")
     lines.append(f"source:            {spec.source.get('id')} @ {spec.source.get('revision') or 'local files'}")
     for name, variant in spec.variants.items():

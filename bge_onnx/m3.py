@@ -59,11 +59,25 @@ class M3Embedder(ModelHandle):
         super().__init__(model, device=device, threads=threads, max_length=max_length, batch_size=batch_size,
                          max_tokens=max_tokens, precision=precision, revision=revision,
                          local_files_only=local_files_only)
+        length = self._model.tokenizer.max_length
+        self._setup(length if max_length is not None else min(FLAG_MAX_LENGTH, length))
+
+    def _setup(self, max_length: int) -> None:
         tokenizer = self._model.tokenizer
         self._tokenizers = {tokenizer.max_length: tokenizer}
-        self._max_length = tokenizer.max_length if max_length is not None else min(FLAG_MAX_LENGTH, tokenizer.max_length)
+        self._max_length = max_length
         self._heads = dict(self._model.spec.heads)
         self._skip = np.array(sorted(self._heads.get("skip_ids", ())), dtype=np.int64)
+
+    @classmethod
+    def sharing(cls, embedder: ModelHandle) -> M3Embedder:
+        """An M3Embedder over an Embedder's loaded model (one session, one copy of the weights), with its max
+        length (the server serves both from one load)."""
+        m3 = cls.__new__(cls)
+        m3.__dict__.update({k: v for k, v in embedder.__dict__.items() if k != "_workers"})
+        m3._workers = None
+        m3._setup(embedder.max_length)
+        return m3
 
     @property
     def max_length(self) -> int:

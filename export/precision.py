@@ -31,6 +31,13 @@ GATES: dict[tuple[Task, Precision], dict[str, float]] = {
     (Task.RERANK, Precision.FP16): {"score_spearman": 0.999},
 }
 
+# bge-m3 with its heads, besides the dense gate: Spearman of the lexical and of the ColBERT scores of every pair of
+# gate texts against fp32's
+M3_GATES: dict[Precision, dict[str, float]] = {
+    Precision.INT8: {"lexical_spearman": 0.98, "colbert_spearman": 0.98},
+    Precision.FP16: {"lexical_spearman": 0.999, "colbert_spearman": 0.999},
+}
+
 FILES = {Precision.INT8: "model_int8.onnx", Precision.FP16: "model_fp16.onnx"}
 
 # int8 recipes, fastest first; the export keeps the first that passes the gate. All quantise weights per output
@@ -145,12 +152,19 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def _outputs(folder: Path, task: Task, precision: Precision) -> tuple[np.ndarray, str]:
-    """The variant's outputs on the gate set, and where they ran: fp16 on CUDA when onnxruntime offers it."""
+def _outputs(folder: Path, task: Task, precision: Precision, heads: bool = False) -> tuple[Any, str]:
+    """The variant's outputs on the gate set, and where they ran: fp16 on CUDA when onnxruntime offers it. With
+    bge-m3's heads: its dense vectors and the lexical and ColBERT scores of every pair of gate texts."""
     device = "auto" if precision is Precision.FP16 else "cpu"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # long gate texts are truncated on purpose; fp16 may run on CPU here
-        if task is Task.EMBED:
+        if heads:
+            model = bge_onnx.M3Embedder(folder, device=device, precision=precision.value)
+            out = model.encode(list(probes.GATE_TEXTS), return_sparse=True, return_colbert_vecs=True)
+            lexical = model.compute_lexical_matching_score(out["lexical_weights"], out["lexical_weights"])
+            colbert = np.array([[model.colbert_score(q, p) for p in out["colbert_vecs"]] for q in out["colbert_vecs"]])
+            outputs = {"dense": out["dense_vecs"], "lexical": lexical, "colbert": colbert}
+        elif task is Task.EMBED:
             model = bge_onnx.Embedder(folder, device=device, precision=precision.value)
             outputs = model.encode(list(probes.GATE_TEXTS))
         else:
@@ -159,8 +173,13 @@ def _outputs(folder: Path, task: Task, precision: Precision) -> tuple[np.ndarray
     return outputs, "cuda" if "CUDAExecutionProvider" in model.providers else "cpu"
 
 
-def compare(task: Task, reference: np.ndarray, ours: np.ndarray) -> dict[str, float]:
+def compare(task: Task, reference: Any, ours: Any) -> dict[str, float]:
     """The gate's figures for a variant's outputs against fp32's on the gate set."""
+    if isinstance(reference, dict):  # bge-m3 with its heads
+        off = ~np.eye(len(reference["lexical"]), dtype=bool)
+        return {**compare(task, reference["dense"], ours["dense"]),
+                "lexical_spearman": _spearman(reference["lexical"][off], ours["lexical"][off]),
+                "colbert_spearman": _spearman(reference["colbert"][off], ours["colbert"][off])}
     if task is Task.EMBED:
         cosines = (reference * ours).sum(axis=1)
         upper = np.triu_indices(len(reference), k=1)
@@ -195,9 +214,10 @@ def add_variant(
     spec = read_spec(folder)
     if precision is Precision.FP32:
         raise ExportError("fp32 is the exported graph itself, not a variant to add")
-    gate = dict(GATES[(spec.task, precision)] if gate is None else gate)
+    heads = bool(spec.heads)
+    gate = dict(GATES[(spec.task, precision)] | (M3_GATES[precision] if heads else {}) if gate is None else gate)
     fp32 = spec.variants["fp32"]
-    reference, _ = _outputs(folder, spec.task, Precision.FP32)
+    reference, _ = _outputs(folder, spec.task, Precision.FP32, heads)
     target = folder / FILES[precision]
     recipes = INT8_RECIPES if precision is Precision.INT8 else (("fp16", frozenset()),)
     best = None
@@ -208,12 +228,13 @@ def add_variant(
         data_files = tuple(p.name for p in [target.with_name(target.name + ".data")] if p.is_file())
         trial = {"reference": "fp32", "recipe": recipe, **made, "gate": gate, "passed": False}
         spec = record_variant(folder, spec, precision, Variant(target.name, data_files, trial))
-        outputs, device = _outputs(folder, spec.task, precision)
+        outputs, device = _outputs(folder, spec.task, precision, heads)
         figures = compare(spec.task, reference, outputs)
         missed = failures(figures, gate)
         log(f"{precision.value} {recipe} (on {device}): " + ", ".join(f"{k} {v:.5f}" for k, v in figures.items() if k in gate)
             + (f" — below the gate ({'; '.join(missed)})" if missed else " — within the gate"))
-        trial = {**trial, **figures, "passed": not missed, "texts": len(reference), "device": device}
+        trial = {**trial, **figures, "passed": not missed, "texts": len(probes.GATE_TEXTS if heads else reference),
+                 "device": device}
         if device == "cpu":
             trial["cpu"] = cpu_description()
         if precision is Precision.FP16 and device == "cpu":

@@ -193,6 +193,10 @@ def test_export_heads_safely(m3, tmp_path):
     assert not any(name.endswith(".pt") for name in exported)  # the runtime never loads a pickle
     spec = json.loads((m3["export"] / "bge_onnx.json").read_text())
     assert spec["heads"]["skip_ids"] == [0, 1, 2, 3] and spec["variants"]["fp32"]["parity"]["colbert_min_cosine"] > 0.99999
+    info = subprocess.run([sys.executable, "-m", "bge_onnx", "info", str(m3["export"])], capture_output=True,
+                          text=True, check=True).stdout
+    assert "bge-m3 outputs:    dense, lexical weights, ColBERT vectors (32 dims)" in info
+    assert "lexical_max_abs_diff" in info
 
     def damaged(name: str, content: object) -> Path:
         folder = Path(shutil.copytree(m3["checkpoint"], tmp_path / name / "bge-m3"))
@@ -218,3 +222,22 @@ def test_export_heads_safely(m3, tmp_path):
     torch.save({"weight": torch.zeros(1, 16), "bias": torch.zeros(1)}, folder / "sparse_linear.pt")
     with pytest.raises(ExportError, match=r"holds weight \(1, 16\) .* hidden size is 32, so a weight \(1, 32\)"):
         export_model(folder, tmp_path / "out3", log=None)
+
+
+def test_int8_variant_gated_on_all_three_outputs(m3, tmp_path):
+    """int8 for bge-m3: the gate also measures the lexical and ColBERT scores against fp32's (a random tiny model
+    need not pass it, so the variant is kept below its gate and the figures are checked to be there)."""
+    from bge_onnx_export.precision import add_variant
+    from bge_onnx.spec import Precision, read_spec
+
+    folder = Path(shutil.copytree(m3["export"], tmp_path / "m3"))
+    add_variant(folder, Precision.INT8, allow_below_gate=True)
+    figures = read_spec(folder).variants["int8"].parity
+    assert {"min_cosine", "lexical_spearman", "colbert_spearman"} <= set(figures["gate"]) <= set(figures)
+    assert 0.5 < figures["lexical_spearman"] <= 1 and 0.5 < figures["colbert_spearman"] <= 1
+    model = M3Embedder(folder, device="cpu", precision="int8")
+    out = model.encode(TEXTS[:6], return_sparse=True, return_colbert_vecs=True)
+    fp32 = M3Embedder(folder, device="cpu", precision="fp32").encode(TEXTS[:6], return_sparse=True,
+                                                                       return_colbert_vecs=True)
+    assert [c.shape for c in out["colbert_vecs"]] == [c.shape for c in fp32["colbert_vecs"]]
+    assert np.sum(out["dense_vecs"] * fp32["dense_vecs"], axis=1).min() > 0.9
