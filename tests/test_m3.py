@@ -25,6 +25,7 @@ HERE = Path(__file__).parent
 # FlagEmbedding's environment: beside this run's packages (torch among them), with its own transformers < 5
 FLAG_REQUIREMENTS = ["FlagEmbedding==1.4.2", "transformers<5", "sentence-transformers<6", "datasets<4.5", "peft<0.18"]
 
+SHORT_LIMIT = 64  # the server's --max-length in test_server_sparse_and_colbert
 LONG = "The history of natural language processing started in the 1950s. " * 60  # past 512 tokens: truncated
 TEXTS = [*VARIED_TEXTS, *PROBE_TEXTS[:20], LONG, "BM25 is a bag-of-words retrieval function; ColBERT is late interaction."]
 PAIRS = [(TEXTS[i], TEXTS[j]) for i, j in [(3, 4), (4, 3), (5, 6), (0, 1), (1, 0), (9, 10), (11, 12), (30, 31),
@@ -241,3 +242,32 @@ def test_int8_variant_gated_on_all_three_outputs(m3, tmp_path):
                                                                        return_colbert_vecs=True)
     assert [c.shape for c in out["colbert_vecs"]] == [c.shape for c in fp32["colbert_vecs"]]
     assert np.sum(out["dense_vecs"] * fp32["dense_vecs"], axis=1).min() > 0.9
+
+
+def test_server_sparse_and_colbert(m3, tmp_path):
+    """bge-onnx serve on a bge-m3 folder: TEI's /embed_sparse and /embed_colbert answer what M3Embedder gives, and
+    /embed the same dense vectors, from one loaded model."""
+    from test_serve import Server, call
+
+    server = Server(str(m3["export"]), "--precision", "fp32", "--max-length", str(SHORT_LIMIT), log=tmp_path / "log")
+    try:
+        texts = TEXTS[1:9]
+        model = M3Embedder(m3["export"], device="cpu", precision="fp32", max_length=SHORT_LIMIT)
+        expected = model.encode(texts, return_sparse=True, return_colbert_vecs=True)
+        status, sparse, _ = call(server.base, "POST", "/embed_sparse", {"inputs": texts})
+        assert status == 200 and len(sparse) == len(texts)
+        for got, weights in zip(sparse, expected["lexical_weights"]):
+            assert [entry["index"] for entry in got] == sorted(int(i) for i in weights)
+            np.testing.assert_allclose([entry["value"] for entry in got],
+                                       [weights[str(entry["index"])] for entry in got], atol=1e-6)
+        status, colbert, _ = call(server.base, "POST", "/embed_colbert", {"inputs": texts[0]})
+        assert status == 200
+        np.testing.assert_allclose(np.array(colbert[0]), expected["colbert_vecs"][0], atol=1e-6)
+        status, dense, _ = call(server.base, "POST", "/embed", {"inputs": texts})
+        np.testing.assert_allclose(np.array(dense), expected["dense_vecs"], atol=1e-6)
+        status, body, _ = call(server.base, "POST", "/embed_sparse", {"inputs": [LONG]})
+        assert status == 422 and f"the model's limit is {SHORT_LIMIT}" in body["error"]
+        status, body, _ = call(server.base, "POST", "/embed_sparse", {"inputs": [LONG], "truncate": True})
+        assert status == 200 and body[0]
+    finally:
+        server.stop()

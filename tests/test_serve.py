@@ -218,6 +218,8 @@ def test_tei_errors(server):
         ("/rerank", {"query": 1, "texts": ["a"]}, 422, "Validation", "query must be a string"),
         ("/rerank", {"query": "q", "texts": "a"}, 422, "Validation", "texts must be a list of strings"),
         ("/rerank", {"query": "q", "texts": [LONG]}, 422, "Validation", "texts[0] has 404 tokens"),
+        ("/embed_sparse", {"inputs": "x"}, 400, "Validation", "this server's model has no lexical weights: serve a bge-m3"),
+        ("/embed_colbert", {"inputs": "x"}, 400, "Validation", "this server's model has no ColBERT vectors"),
     ]
     for path, request, status_code, error_type, message in cases:
         status, body, _ = call(server.base, "POST", path, request)

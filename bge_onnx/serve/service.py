@@ -12,6 +12,7 @@ import anyio
 import numpy as np
 
 from ..embedder import Embedder
+from ..m3 import M3Embedder
 from ..pooling import normalize as l2_normalize
 from ..reranker import Reranker
 from ..session import CUDA
@@ -36,6 +37,8 @@ class Service:
     ) -> None:
         self.config, self.metrics = config, metrics
         self.embedder, self.reranker = embedder, reranker
+        self.m3: M3Embedder | None = None  # bge-m3 with its heads: lexical weights and ColBERT vectors too
+        self._m3_queues: dict[str, Batcher] = {}
         self.embed_tokens: TokenCounter | None = None
         self.rerank_tokens: TokenCounter | None = None
         self._embed_queue: Batcher | None = None
@@ -56,6 +59,8 @@ class Service:
             self.reranker = Reranker(config.reranker, **options)
         if self.embedder is not None:
             self.embed_tokens = TokenCounter(self.embedder.folder)
+            if self.embedder.spec.heads:
+                self.m3 = M3Embedder.sharing(self.embedder)
         if self.reranker is not None:
             self.rerank_tokens = TokenCounter(self.reranker.folder)
 
@@ -77,6 +82,19 @@ class Service:
             self._embed_queue = Batcher(lambda texts: embedder.encode(texts, normalize=False), name="embed",
                                         metrics=self.metrics, max_wait=wait, isolate=isolate)
             self._embed_queue.start()
+        if self.m3 is not None:
+            m3 = self.m3
+
+            def lexical(texts: list[str]) -> list[dict[str, float]]:
+                return m3.encode(texts, return_dense=False, return_sparse=True)["lexical_weights"]
+
+            def colbert(texts: list[str]) -> list[np.ndarray]:
+                return m3.encode(texts, return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
+
+            self._m3_queues = {output: Batcher(run, name=output, metrics=self.metrics, max_wait=wait, isolate=isolate)
+                               for output, run in (("sparse", lexical), ("colbert", colbert))}
+            for queue in self._m3_queues.values():
+                queue.start()
         if self.reranker is not None:
             reranker = self.reranker
             self._rerank_queue = Batcher(lambda pairs: reranker.compute_score(pairs), name="rerank",
@@ -86,7 +104,7 @@ class Service:
         log.info("bge-onnx serve: ready")
 
     async def stop(self) -> None:
-        for queue in (self._embed_queue, self._rerank_queue):
+        for queue in (self._embed_queue, self._rerank_queue, *self._m3_queues.values()):
             if queue is not None:
                 await queue.stop()
 
@@ -112,6 +130,15 @@ class Service:
     async def embed(self, texts: list[str], tokens: int) -> tuple[np.ndarray, Timing]:
         """Raw pooled vectors (not normalised) for ``texts``, computed with whatever else is queued."""
         return await self._submit(self._embed_queue, texts, tokens)
+
+    async def multi(self, output: str, texts: list[str], tokens: int) -> tuple[list, Timing]:
+        """bge-m3's lexical weights (output "sparse") or ColBERT vectors ("colbert") for ``texts``."""
+        self.require("embed")
+        if self.m3 is None:
+            what = "lexical weights" if output == "sparse" else "ColBERT vectors"
+            raise Refusal(NOT_FOUND, f"this server's model has no {what}: serve a bge-m3 folder exported with its "
+                          "heads (bge-onnx export BAAI/bge-m3 --out DIR)")
+        return await self._submit(self._m3_queues[output], texts, tokens)
 
     async def score(self, pairs: list[tuple[str, str]], tokens: int) -> tuple[np.ndarray, Timing]:
         """Raw reranker logits for ``pairs``."""
@@ -145,6 +172,19 @@ async def embed_request(service: Service, texts: list[str], *, name: str, trunca
     rows, timing = await service.embed(texts, sum(used))
     if normalize:
         rows = l2_normalize(rows)
+    headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=sum(map(len, texts)),
+                             device=_device(embedder))
+    return Answer(rows, used, headers)
+
+
+async def multi_request(service: Service, output: str, texts: list[str], *, name: str, truncate: bool) -> Answer:
+    """Check, queue and compute bge-m3's lexical weights or ColBERT vectors for one request's texts."""
+    start = time.perf_counter()
+    embedder = service.require("embed")
+    counts, tokenize = await service.count("embed", texts)
+    check_lengths(counts, embedder.max_length, name=name, truncate=truncate)
+    used = [min(c, embedder.max_length) for c in counts]
+    rows, timing = await service.multi(output, texts, sum(used))
     headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=sum(map(len, texts)),
                              device=_device(embedder))
     return Answer(rows, used, headers)

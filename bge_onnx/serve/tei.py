@@ -29,7 +29,7 @@ from .limits import (
     read_json,
     texts_field,
 )
-from .service import Service, embed_request, rerank_request, sigmoid
+from .service import Service, embed_request, multi_request, rerank_request, sigmoid
 
 # refusal kind -> (HTTP status, TEI's error_type)
 STATUS = {
@@ -92,6 +92,32 @@ async def embed(request: Request) -> Response:
     answer = await embed_request(service, [prefix + t for t in texts], name="inputs", truncate=truncate,
                                  normalize=normalize)
     return JSONResponse(answer.rows.tolist(), headers=answer.headers)
+
+
+async def _multi(request: Request, output: str) -> tuple[list, dict]:
+    service = _service(request)
+    service.require("embed")
+    body = fields(await read_json(request, service.config.payload_limit), ["inputs"])
+    texts, _ = texts_field(body.get("inputs"), "inputs", limit=service.config.max_client_batch_size)
+    check_direction(body)
+    prefix = _prompt(service, body)
+    truncate = flag(body, "truncate", service.config.auto_truncate)
+    answer = await multi_request(service, output, [prefix + t for t in texts], name="inputs", truncate=truncate)
+    return answer.rows, answer.headers
+
+
+async def embed_sparse(request: Request) -> Response:
+    """TEI's sparse embeddings: per input, [{"index": token id, "value": weight}] by index (bge-m3's lexical
+    weights: each token id's largest weight, > 0, special tokens left out)."""
+    rows, headers = await _multi(request, "sparse")
+    return JSONResponse([[{"index": int(i), "value": w} for i, w in sorted(weights.items(), key=lambda kv: int(kv[0]))]
+                         for weights in rows], headers=headers)
+
+
+async def embed_colbert(request: Request) -> Response:
+    """bge-m3's ColBERT vectors: per input, one L2-normalised vector per token after the first."""
+    rows, headers = await _multi(request, "colbert")
+    return JSONResponse([vectors.tolist() for vectors in rows], headers=headers)
 
 
 async def rerank(request: Request) -> Response:
@@ -203,6 +229,8 @@ async def metrics(request: Request) -> Response:
 
 ROUTES = [
     Route("/embed", embed, methods=["POST"]),
+    Route("/embed_sparse", embed_sparse, methods=["POST"]),
+    Route("/embed_colbert", embed_colbert, methods=["POST"]),
     Route("/rerank", rerank, methods=["POST"]),
     Route("/tokenize", tokenize, methods=["POST"]),
     Route("/info", info, methods=["GET"]),
