@@ -10,6 +10,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -27,22 +28,30 @@ FLAG_REQUIREMENTS = ["FlagEmbedding==1.4.2", "transformers<5", "sentence-transfo
 
 SHORT_LIMIT = 64  # the server's --max-length in test_server_sparse_and_colbert
 LONG = "The history of natural language processing started in the 1950s. " * 60  # past 512 tokens: truncated
-TEXTS = [*VARIED_TEXTS, *PROBE_TEXTS[:20], LONG, "BM25 is a bag-of-words retrieval function; ColBERT is late interaction."]
+TEXTS = [*VARIED_TEXTS, *PROBE_TEXTS[:20], LONG,
+         "BM25 is a bag-of-words retrieval function; ColBERT is late interaction."]
 PAIRS = [(TEXTS[i], TEXTS[j]) for i, j in [(3, 4), (4, 3), (5, 6), (0, 1), (1, 0), (9, 10), (11, 12), (30, 31),
                                            (31, 30), (2, 2), (13, 27)]]
 WEIGHTS = [0.4, 0.2, 0.4]
 
 
 def _flag_python() -> Path:
-    """A venv (cached by its requirements) with --system-site-packages, so that it reuses this run's torch."""
-    key = hashlib.sha256(json.dumps([sys.version, *FLAG_REQUIREMENTS]).encode()).hexdigest()[:12]
+    """A venv (cached by its requirements) that sees this run's packages after its own, so that it reuses this run's
+    torch and keeps its own transformers < 5."""
+    key = hashlib.sha256(json.dumps([sys.version, sys.prefix, *FLAG_REQUIREMENTS]).encode()).hexdigest()[:12]
     root = Path(os.environ.get("BGE_ONNX_TEST_ENVS", Path.home() / ".cache" / "bge-onnx-tests"))
     venv = root / f"flagembedding-{key}"
     python = venv / "bin" / "python"
     if not python.is_file():
         building = root / f".building-{key}-{os.getpid()}"
         shutil.rmtree(building, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(building)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(building)], check=True)
+        purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        site = subprocess.run([str(building / "bin" / "python"), "-c", purelib], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        # a .pth line appends this run's site-packages (even when it is itself a venv) after the new venv's own
+        ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+        (Path(site) / "bge_onnx_test_parent.pth").write_text("\n".join(sorted(ours)) + "\n")
         import torch
 
         subprocess.run([str(building / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
@@ -193,7 +202,8 @@ def test_export_heads_safely(m3, tmp_path):
     exported = {p.name for p in m3["export"].iterdir()}
     assert not any(name.endswith(".pt") for name in exported)  # the runtime never loads a pickle
     spec = json.loads((m3["export"] / "bge_onnx.json").read_text())
-    assert spec["heads"]["skip_ids"] == [0, 1, 2, 3] and spec["variants"]["fp32"]["parity"]["colbert_min_cosine"] > 0.99999
+    assert spec["heads"]["skip_ids"] == [0, 1, 2, 3]
+    assert spec["variants"]["fp32"]["parity"]["colbert_min_cosine"] > 0.99999
     info = subprocess.run([sys.executable, "-m", "bge_onnx", "info", str(m3["export"])], capture_output=True,
                           text=True, check=True).stdout
     assert "bge-m3 outputs:    dense, lexical weights, ColBERT vectors (32 dims)" in info
