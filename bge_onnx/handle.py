@@ -13,9 +13,10 @@ from .batching import MAX_TOKENS_CPU, MAX_TOKENS_CUDA, Progress, Tokenize, run_c
 from .checks import positive_int
 from .errors import InputError
 from .folder import open_model
+from .hub import looks_like_repo_id
 from .pooling import reducer
 from .session import CUDA
-from .spec import ModelSpec, Precision, Task
+from .spec import MANIFEST, ModelSpec, Precision, Task
 from .workers import WorkerPool
 
 
@@ -38,6 +39,7 @@ class ModelHandle:
         local_files_only: bool = False,
     ) -> None:
         self.batch_size = positive_int("batch_size", batch_size)
+        self._name = os.fspath(model)
         if max_tokens is not None:
             positive_int("max_tokens", max_tokens)
         self._model = open_model(
@@ -99,7 +101,12 @@ class ModelHandle:
             settings = {"precision": self.precision.value, "threads": max(1, self._model.session.threads // workers),
                         "max_length": self.max_length, "batch_size": self.batch_size, "max_tokens": self.max_tokens,
                         **self._worker_settings()}
-            self._workers = WorkerPool(self._model.folder, task=self.task.value, processes=workers, settings=settings)
+            source = self._model.folder
+            if not (source / MANIFEST).is_file() and looks_like_repo_id(self._name) and not Path(self._name).exists():
+                # an official export opened by name: its pooling may come from the registry, by that name, so the
+                # workers open the same cached snapshot by name too (no network)
+                source, settings = self._name, {**settings, "revision": source.name, "local_files_only": True}
+            self._workers = WorkerPool(source, task=self.task.value, processes=workers, settings=settings)
         return self._workers
 
     def _worker_settings(self) -> dict:

@@ -45,7 +45,7 @@ def _receive(stream: BinaryIO) -> Any:
 class WorkerPool:
     """``processes`` workers holding one model folder each, loaded once; closed by :meth:`close` or at exit."""
 
-    def __init__(self, folder: Path, *, task: str, processes: int, settings: dict[str, Any]) -> None:
+    def __init__(self, folder: Path | str, *, task: str, processes: int, settings: dict[str, Any]) -> None:
         self.processes = processes
         self._lock = threading.Lock()  # one map at a time: each worker answers in order
         self._children = [

@@ -66,18 +66,22 @@ def test_official_graph_with_an_unknown_pooling_names_the_fix(official, tmp_path
 _LOAD = """
 import sys, numpy as np, bge_onnx
 cls = bge_onnx.Reranker if sys.argv[1] == "rerank" else bge_onnx.Embedder
+workers = int(sys.argv[4]) if len(sys.argv) > 4 else None
 try:
     model = cls(sys.argv[2], device="cpu")
-    out = model.compute_score([("hub text", "another")]) if sys.argv[1] == "rerank" else model.encode(["hub text", "another"])
+    if sys.argv[1] == "rerank":
+        out = model.compute_score([("hub text", "another")] * 4, workers=workers)[:1]
+    else:
+        out = model.encode(["hub text", "another"] * 2, workers=workers)[:2]
 except bge_onnx.BgeOnnxError as err:
     print(type(err).__name__ + ": " + str(err)); sys.exit(1)
 np.save(sys.argv[3], out)
 """
 
 
-def _load(task: str, repo: str, out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _LOAD, task, repo, str(out)], env=env, capture_output=True,
-                          text=True, timeout=300)
+def _load(task: str, repo: str, out: Path, env: dict[str, str], workers: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LOAD, task, repo, str(out), str(workers)], env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture()
@@ -123,6 +127,10 @@ def test_official_repo_by_name_fetches_the_graph_and_configs_never_the_torch_wei
         for task, repo in (("embed", "BAAI/bge-m3"), ("embed", "acme/st-mean-onnx"), ("rerank", "BAAI/bge-reranker-base")):
             result = _load(task, repo, tmp_path / "w.npy", hub_env(silent.endpoint, tmp_path / "hf"))
             assert result.returncode == 0, result.stdout + result.stderr
+        # workers open the same cached snapshot by name: bge-m3's pooling comes from the registry, by its name
+        result = _load("embed", "BAAI/bge-m3", tmp_path / "w.npy", hub_env(silent.endpoint, tmp_path / "hf"), workers=2)
+        assert result.returncode == 0, result.stdout + result.stderr
+        np.testing.assert_allclose(np.load(tmp_path / "w.npy"), np.load(tmp_path / "v.npy"), atol=1e-6)
         assert silent.connections == []
     finally:
         silent.close()
