@@ -54,7 +54,7 @@ class M3Body(torch.nn.Module):
         super().__init__()
         self.model, (self.colbert, self.sparse), self.pooling = model, heads, Pooling(pooling)
 
-    def forward(self, input_ids, attention_mask):  # noqa: D102
+    def forward(self, input_ids, attention_mask):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         if self.pooling is Pooling.CLS:
