@@ -5,6 +5,11 @@ The model is bge-m3's shape (XLM-RoBERTa, 24 layers, 1024 hidden, 16 heads, 4096
 exported by bge-onnx's own export (no parity check: there is no reference model to match). Each length runs in a
 fresh process: load M3Embedder, encode one warm-up text of 16 tokens, then one text of exactly N tokens with dense,
 lexical and ColBERT outputs; peak RSS is the process's high-water mark (VmHWM), load RSS is after the warm-up.
+
+Then an experiment, not what the runtime does: the same graph with each fused Attention (packed QKV, padding mask)
+rewritten as MatMul + Split + MultiHeadAttention without a mask, which onnxruntime runs with its CPU flash attention
+(contrib_ops/cpu/bert/multihead_attention.cc takes that path only when there is no key_padding_mask: so only for
+batches without padding, such as one long text). Both graphs run bare in onnxruntime, one fresh process each.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from .harness import TRYOUTS, Report, log
 
@@ -37,6 +44,51 @@ assert out["colbert_vecs"][0].shape == (length - 1, 1024), out["colbert_vecs"][0
 peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
 print(json.dumps({"tokens": length, "seconds": seconds, "load_rss_mb": loaded, "peak_rss_mb": peak}))
 """
+
+
+BARE = r"""
+import json, sys, time, numpy as np, onnxruntime as ort
+path, length, threads, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+options = ort.SessionOptions(); options.intra_op_num_threads = threads; options.log_severity_level = 3
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+ids = np.array([[0] + [5 + i % 1000 for i in range(length - 2)] + [2]], dtype=np.int64)
+start = time.perf_counter()
+outputs = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+seconds = time.perf_counter() - start
+np.save(out, outputs[0])
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak}))
+"""
+
+
+def unmasked(src: Path, dst: Path) -> int:
+    """The graph with each fused Attention as MatMul (packed QKV weight) + Split + MultiHeadAttention without a
+    mask, the same weights; returns how many were rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    graph, nodes, count = model.graph, [], 0
+    for node in graph.node:
+        if node.op_type != "Attention":
+            nodes.append(node)
+            continue
+        count += 1
+        x, weight, bias = node.input[:3]
+        heads = next(a.i for a in node.attribute if a.name == "num_heads")
+        p = node.name
+        sizes = p + "/sizes"
+        width = [t for t in graph.initializer if t.name == bias][0].dims[0] // 3
+        graph.initializer.append(numpy_helper.from_array(np.array([width] * 3, dtype=np.int64), sizes))
+        nodes += [helper.make_node("MatMul", [x, weight], [p + "/qkv"], name=p + "/qkv"),
+                  helper.make_node("Split", [p + "/qkv", sizes], [p + "/q", p + "/k", p + "/v"], name=p + "/split",
+                                   axis=2),
+                  helper.make_node("MultiHeadAttention", [p + "/q", p + "/k", p + "/v", bias], [node.output[0]],
+                                   name=p + "/mha", domain="com.microsoft", num_heads=heads)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
+    return count
 
 
 def build(folder: Path) -> Path:
@@ -93,7 +145,28 @@ def main(argv: list[str], *, name: str = "m3-long") -> None:
         rows.append([length, f"{result['seconds']:.2f}", f"{result['load_rss_mb']:.0f}", f"{result['peak_rss_mb']:.0f}",
                      f"{result['peak_rss_mb'] - result['load_rss_mb']:.0f}"])
     report.table(["tokens", "seconds per text", "RSS after load, MB", "peak RSS, MB", "peak - load, MB"], rows)
-    report.data = {"threads": args.threads, "runs": data}
+
+    flash = work / "unmasked" / "model.onnx"
+    if not flash.is_file():
+        flash.parent.mkdir(exist_ok=True)
+        log(f"rewrote {unmasked(export / 'model.onnx', flash)} Attention nodes as MultiHeadAttention without a mask")
+    bare_rows, bare = [], []
+    for length in args.lengths:
+        runs = {}
+        for label, graph in (("fused Attention, masked", export / "model.onnx"), ("MultiHeadAttention, no mask", flash)):
+            log(f"{length} tokens, bare onnxruntime, {label}")
+            done = subprocess.run([sys.executable, "-c", BARE, str(graph), str(length), str(args.threads),
+                                   str(work / f"{label[:5]}.npy")], capture_output=True, text=True, check=True)
+            runs[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        diff = float(np.abs(np.load(work / "fused.npy") - np.load(work / "Multi.npy")).max())
+        a, b = runs.values()
+        bare.append({"tokens": length, **{k: v for k, v in zip(("masked", "unmasked"), (a, b))}, "max_abs_diff": diff})
+        bare_rows.append([length, f"{a['seconds']:.2f}", f"{a['peak_rss_mb']:.0f}", f"{b['seconds']:.2f}",
+                          f"{b['peak_rss_mb']:.0f}", f"{a['seconds'] / b['seconds']:.2f}x", f"{diff:.1e}"])
+    report.text("Bare onnxruntime, one text, the dense output compared (one run per length and graph):")
+    report.table(["tokens", "masked: seconds", "masked: peak RSS, MB", "no mask: seconds", "no mask: peak RSS, MB",
+                  "speed, no mask vs masked", "max abs diff"], bare_rows)
+    report.data = {"threads": args.threads, "runs": data, "bare": bare}
     if args.try_out:
         report.write(TRYOUTS)
     else:
