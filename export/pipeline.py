@@ -98,6 +98,7 @@ def export_model(
     allow_below_gate: bool = False,
     overwrite: bool = False,
     external_data: bool | None = None,
+    flash_attention: bool = True,
     log: Callable[[str], None] | None = stderr,
 ) -> ModelSpec:
     """Convert a Hugging Face checkpoint to a bge-onnx model folder.
@@ -113,6 +114,8 @@ def export_model(
             Each is measured against fp32 on the gate set and refused below its gate (see precision.GATES).
         allow_below_gate: keep an int8/fp16 graph below its gate (marked so; precision="auto" skips it).
         external_data: keep weights in a side file; default only above 1.5 GB.
+        flash_attention: bge-m3 with its heads: batches without padding (a long text alone) run onnxruntime's
+            flash attention (rewrite.flash_attention); False keeps the fused Attention for every batch.
         log: where progress lines go (stderr by default; None for silence).
 
     Returns:
@@ -147,6 +150,7 @@ def export_model(
             pooling=source.pooling,
             external_data=external_data,
             heads=heads,
+            flash=heads is not None and flash_attention,
         )
         log("fused " + (", ".join(f"{count} {op}" for op, count in fused.items()) or "nothing")
             + ("; the last layer computes only the first token after its attention" if first_token else ""))

@@ -53,12 +53,14 @@ def export_graph(
     pooling: Pooling | None = None,
     external_data: bool | None = None,
     heads: tuple[torch.nn.Module, torch.nn.Module] | None = None,
+    flash: bool = False,
 ) -> tuple[list[str], dict[str, int], bool]:
     """Write ``model`` as ONNX to ``path`` with onnxruntime's transformer fusions applied; an embedding graph
     ends in its pooling (output ``sentence_embedding``), a reranker's in its logits. Where only the first token
     of the last layer is read (CLS pooling, rerankers' heads), the last layer computes only that token after its
     attention (rewrite.keep_first_token). With bge-m3's ``heads`` (colbert_linear, sparse_linear) the graph has
-    their outputs too (heads.M3Body), and every token of the last layer is kept.
+    their outputs too (heads.M3Body), and every token of the last layer is kept. ``flash``: attention as
+    rewrite.flash_attention makes it.
 
     Returns the file names written (graph, and weights if separate), the count of each fused op, and whether the
     last layer was cut to the first token.
@@ -75,6 +77,7 @@ def export_graph(
             hidden_size=model.config.hidden_size,
             external_data=external_data,
             pooling=pooling if task is Task.EMBED and heads is None else None,  # M3Body pools itself
+            flash=flash,
         )
     written = [path.name]
     if external_data:

@@ -204,6 +204,15 @@ def test_export_heads_safely(m3, tmp_path):
     spec = json.loads((m3["export"] / "bge_onnx.json").read_text())
     assert spec["heads"]["skip_ids"] == [0, 1, 2, 3]
     assert spec["variants"]["fp32"]["parity"]["colbert_min_cosine"] > 0.99999
+    import onnx
+
+    graph = onnx.load(str(m3["export"] / "model.onnx")).graph
+    branches = [n for n in graph.node if n.op_type == "If"]  # unpadded batches: flash attention, no mask
+    assert len(branches) == 2
+    for branch in branches:
+        then, other = (next(a.g for a in branch.attribute if a.name == name) for name in ("then_branch", "else_branch"))
+        assert [n.op_type for n in then.node] == ["Split", "MultiHeadAttention"] and len(then.node[1].input) == 4
+        assert len(other.node[1].input) == 5  # with the padding mask
     info = subprocess.run([sys.executable, "-m", "bge_onnx", "info", str(m3["export"])], capture_output=True,
                           text=True, check=True).stdout
     assert "bge-m3 outputs:    dense, lexical weights, ColBERT vectors (32 dims)" in info
@@ -252,6 +261,8 @@ def test_int8_variant_gated_on_all_three_outputs(m3, tmp_path):
                                                                        return_colbert_vecs=True)
     assert [c.shape for c in out["colbert_vecs"]] == [c.shape for c in fp32["colbert_vecs"]]
     assert np.sum(out["dense_vecs"] * fp32["dense_vecs"], axis=1).min() > 0.9
+    add_variant(folder, Precision.FP16)  # the converter keeps the flash-attention branches working (here on CPU)
+    assert read_spec(folder).variants["fp16"].parity["colbert_spearman"] > 0.999
 
 
 def test_server_sparse_and_colbert(m3, tmp_path):
