@@ -39,7 +39,6 @@ class ModelHandle:
         local_files_only: bool = False,
     ) -> None:
         self.batch_size = positive_int("batch_size", batch_size)
-        self._name = os.fspath(model)
         if max_tokens is not None:
             positive_int("max_tokens", max_tokens)
         self._model = open_model(
@@ -52,6 +51,7 @@ class ModelHandle:
             precision=precision,
             local_files_only=local_files_only,
         )
+        self._name = os.fspath(model)  # after open_model, which names a model argument of the wrong type
         on_cuda = CUDA in self._model.session.providers
         if max_tokens is None:
             max_tokens = MAX_TOKENS_CUDA if on_cuda else MAX_TOKENS_CPU
