@@ -30,6 +30,21 @@ def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def int8_exported(exported, tmp_path_factory) -> dict[str, Path]:
+    """kind -> a copy of the exported folder with its int8 variant (kept whether or not the random tiny model passes
+    the gate: these folders test what int8 graphs do, not how accurate they are)."""
+    from bge_onnx.spec import Precision
+    from bge_onnx_export import precision
+
+    root = tmp_path_factory.mktemp("int8")
+    out = {}
+    for kind in KINDS:
+        out[kind] = Path(shutil.copytree(exported[kind], root / KINDS[kind][0]))
+        precision.add_variant(out[kind], Precision.INT8, allow_below_gate=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def official(checkpoints, tmp_path_factory) -> dict[str, Path]:
     """kind -> the checkpoint with its plain graph in onnx/, as the official BAAI repos publish it (bge-m3's
     stand-in with its weights in onnx/model.onnx_data)."""

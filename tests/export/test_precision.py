@@ -45,13 +45,10 @@ def test_int8_variant_is_measured_recorded_and_loaded(model_copy, kind):
         assert again[name] == pytest.approx(figures[name], abs=1e-6)
     assert figures["passed"] == (not precision.failures(figures, figures["gate"]))
     assert 0.9 < figures["mean_cosine"] < 1.0  # quantised: close to fp32, yet not identical
-    # 7-bit signed weights, as recorded: |w| <= 64, so AVX2's u8s8 kernel's pair sums (2 * 255 * 64) fit in int16
+    assert figures["activations"] == "per-token" and figures["weight_bits"] == 8
+    assert figures["cpu"] == precision.cpu_description()  # the fp32 parts' rounding depends on the CPU
     graph = onnx.load(str(folder / variant.file))
-    # (the embedding tables are Gather inputs, quantised as uint8 per tensor: they meet no u8s8 GEMM)
-    weights = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert figures["weight_bits"] == 7 and len(weights) >= 2
-    assert figures["cpu"] == precision.cpu_description()  # the gate's int8 arithmetic depends on the CPU
-    assert max(int(np.abs(w.astype(np.int16)).max()) for w in weights) <= 64
+    assert sum(node.op_type == "MatMulIntegerToFloat" for node in graph.graph.node) == figures["quantized_matmuls"] > 0
     # the pooling at the graph's end is not quantised (it has no weights; the quantiser drops its no-op Cast)
     fp32_graph = onnx.load(str(folder / spec.variants["fp32"].file))
     assert set(pooling_ops(graph)) - {"Cast"} == set(pooling_ops(fp32_graph)) - {"Cast"} != set()
@@ -137,18 +134,20 @@ def test_export_writes_the_variants_it_is_asked_for(checkpoints, tmp_path):
 
 
 def test_int8_keeps_the_named_matmuls_in_fp32(exported, tmp_path):
-    source = exported["bert-cls"] / "model.onnx"
-    roles = precision.weight_roles(onnx.load(str(source)))
-    assert sorted(set(roles.values())) == ["ffn_in", "ffn_out", "other"]
+    from bge_onnx_export import pertoken
+
+    source = onnx.load(str(exported["bert-cls"] / "model.onnx"))
+    pertoken.unfuse_attention(source)
+    roles = pertoken.roles(source, pertoken.weight_matmuls(source))
+    assert sorted({role.split(":")[0] for role in roles.values()}) == ["ffn_in", "ffn_out", "qkv", "square"]
 
     def float_matmuls(keep: frozenset[str]) -> set[str]:
-        out = tmp_path / "q.onnx"
-        made = precision.quantize_int8(source, out, keep)
-        names = {node.name for node in onnx.load(str(out)).graph.node if node.op_type == "MatMul"}
-        assert made["fp32_matmuls"] == len(names & set(roles))
-        return names & set(roles)
+        model = onnx.load(str(exported["bert-cls"] / "model.onnx"))
+        made = pertoken.quantize(model, pertoken.Recipe(smooth=0, gptq=False, keep=keep))
+        left = {roles[node.name] for node in model.graph.node if node.name in roles and node.op_type == "MatMul"}
+        assert made["fp32_matmuls"] == len(left) and made["quantized_matmuls"] == len(roles) - len(left)
+        return left
 
     assert float_matmuls(frozenset()) == set()
-    assert float_matmuls(frozenset({"ffn_in", "ffn_out"})) == {n for n, r in roles.items() if r != "other"}
-    one = next(iter(roles))
-    assert float_matmuls(frozenset({one})) == {one}
+    assert float_matmuls(frozenset({"ffn_in", "ffn_out"})) == {r for r in roles.values() if r.startswith("ffn")}
+    assert float_matmuls(frozenset({"ffn_out:1"})) == {"ffn_out:1"}

@@ -1,0 +1,413 @@
+"""int8 whose activations are scaled per token: a torch-free graph rewrite, so a text's vector depends on the text
+alone, never on its batch neighbours."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .rewrite import FLASH_PREFIX
+
+# Prefix of every node and constant the rewrite adds.
+PREFIX = "bge_onnx_int8/"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the rewrite quantises (the export's choice is precision.INT8_RECIPES; docs/decisions.md section 12).
+
+    weight_bits: 8 or 7. Weights are signed and symmetric with one scale per output channel; 8-bit ones are fitted so
+        that AVX2's u8 x s8 kernel cannot saturate (fit_pairs); 7-bit ones never can.
+    symmetric: each token row's activations scaled by its largest magnitude (uint8 around a fixed zero point 128);
+        otherwise by its own min and max (a zero point per row, corrected after the integer product).
+    smooth: SmoothQuant's alpha (0 = off) for the MatMuls whose role is in smooth_roles: per input channel,
+        max|x|^alpha / max|w|^(1-alpha) moved from the activations into the weights, calibrated on texts the export
+        ships.
+    gptq: weights rounded by GPTQ on the calibration inputs, with damp (relative to the Gram matrix's mean diagonal).
+    attention: "int8" unfuses the fused Attention into its QKV MatMul (int8) and MultiHeadAttention; "fp32" keeps
+        the fused Attention, its QKV projection in fp32.
+    embeddings: the embedding tables (Gather) stored as int8 per row (weight-only: a token's row is its own).
+    keep: MatMuls left in fp32, by role ("ffn_out") or role and layer ("ffn_out:0"); roles are qkv, square
+        (attention output and other K x K), ffn_in and ffn_out.
+    """
+
+    weight_bits: int = 8
+    symmetric: bool = False
+    smooth: float = 0.5
+    smooth_roles: frozenset[str] = frozenset({"qkv", "ffn_in", "ffn_out"})
+    gptq: bool = True
+    damp: float = 1.0
+    attention: str = "int8"
+    embeddings: bool = True
+    keep: frozenset[str] = frozenset()
+
+    def describe(self) -> dict:
+        """What the manifest records of the recipe."""
+        return {"activations": "per-token", "weight_bits": self.weight_bits,
+                "activation_zero_point": "fixed" if self.symmetric else "per-token",
+                "smooth_alpha": self.smooth, "gptq": self.gptq, "attention": self.attention}
+
+
+def _const(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def role(weight_shape: tuple[int, ...]) -> str:
+    """A weight MatMul's place in a transformer layer, from its shape (K, N)."""
+    k, n = weight_shape
+    return "qkv" if n == 3 * k else "ffn_in" if n > k else "ffn_out" if k > n else "square"
+
+
+def roles(model: onnx.ModelProto, matmuls: list[onnx.NodeProto]) -> dict[str, str]:
+    """Each weight MatMul's name -> "role:index", index counting that role's MatMuls in graph order."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    seen: dict[str, int] = {}
+    out = {}
+    for m in matmuls:
+        r = role(shapes[m.input[1]])
+        out[m.name] = f"{r}:{seen.get(r, 0)}"
+        seen[r] = seen.get(r, 0) + 1
+    return out
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The MatMuls whose second input is a constant 2-D float weight (K, N), N > 1."""
+    shapes = {t.name: (tuple(t.dims), t.data_type) for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        shape, dtype = shapes.get(node.input[1], ((), None))
+        if len(shape) == 2 and shape[1] > 1 and dtype == TensorProto.FLOAT:
+            out.append(node)
+    return out
+
+
+def unfuse_attention(model: onnx.ModelProto) -> int:
+    """Each fused com.microsoft Attention becomes its QKV MatMul, a Split and MultiHeadAttention with the padding
+    mask: the same arithmetic, with the projection now a plain MatMul that the rewrite can quantise per token."""
+    graph = model.graph
+    attentions = [n for n in graph.node if n.op_type == "Attention" and n.domain == "com.microsoft"]
+    if not attentions:
+        return 0
+    biases = {t.name: t.dims[0] for t in graph.initializer if len(t.dims) == 1}
+    p = PREFIX + "attention/"
+    mask = p + "mask"
+    first = list(graph.node).index(attentions[0])
+    graph.node.insert(first, helper.make_node("Cast", ["attention_mask"], [mask], name=mask, to=TensorProto.INT32))
+    for i, attention in enumerate(attentions):
+        x, weight, bias = attention.input[:3]
+        heads = next(a.i for a in attention.attribute if a.name == "num_heads")
+        width = biases[bias] // 3
+        q = f"{p}{i}/"
+        sizes = _const(graph, q + "sizes", np.array([width] * 3, dtype=np.int64))
+        parts = [q + part for part in "qkv"]
+        position = list(graph.node).index(attention)
+        graph.node.remove(attention)
+        for offset, node in enumerate([
+            helper.make_node("MatMul", [x, weight], [q + "qkv"], name=q + "qkv"),
+            helper.make_node("Split", [q + "qkv", sizes], parts, name=q + "split", axis=2),
+            helper.make_node("MultiHeadAttention", [*parts, bias, mask], [attention.output[0]], name=q + "mha",
+                             domain="com.microsoft", num_heads=heads),
+        ]):
+            graph.node.insert(position + offset, node)
+    return len(attentions)
+
+
+def masked_attention_only(model: onnx.ModelProto) -> int:
+    """Each flash-attention If (rewrite.flash_attention: bge-m3) becomes its masked branch. The two branches round
+    differently in fp32, and the If takes flash for a text alone (no padding) but the masked branch for the same text
+    in a padded batch; int8's per-token rounding can turn that last-bit difference into a quantisation step, so the
+    int8 graph runs one path for every batch. Returns how many were replaced."""
+    graph = model.graph
+    ifs = [n for n in graph.node if n.op_type == "If" and n.name.startswith(FLASH_PREFIX)]
+    for node in ifs:
+        masked = next(a.g for a in node.attribute if a.name == "else_branch")
+        inlined = list(masked.node)
+        renamed = {masked.output[0].name: node.output[0]}
+        for inner in inlined:
+            inner.output[:] = [renamed.get(name, name) for name in inner.output]
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, inner in enumerate(inlined):
+            graph.node.insert(position + offset, inner)
+    if ifs:  # the "no padding" test that chose the branch is read by nothing now
+        for node in [n for n in graph.node if n.name in (FLASH_PREFIX + "mask_min", FLASH_PREFIX + "unpadded")]:
+            graph.node.remove(node)
+    return len(ifs)
+
+
+def fit_pairs(q: np.ndarray) -> np.ndarray:
+    """8-bit weights that cannot saturate AVX2's u8 x s8 kernel: vpmaddubsw adds the products of input channels
+    2i and 2i+1 in int16, so with activations up to 255 each pair's positive weights may sum to at most 128 and its
+    negative ones to at least -128. The few pairs beyond are pulled in, the larger weight first; 7-bit weights
+    always fit."""
+    k = len(q)
+    q = np.concatenate([q, np.zeros((k % 2, q.shape[1]), q.dtype)]).astype(np.int16)
+    a, b = q[0::2], q[1::2]
+    for sign in (1, -1):
+        pa, pb = np.maximum(sign * a, 0), np.maximum(sign * b, 0)
+        excess = np.maximum(pa + pb - 128, 0)
+        first = np.minimum(excess, np.abs(pa - pb))  # from the larger, down to the smaller
+        rest = excess - first
+        larger = first + rest - rest // 2
+        take_a = np.where(pa >= pb, larger, rest // 2)
+        a, b = a - sign * take_a, b - sign * (excess - take_a)
+    out = np.empty_like(q)
+    out[0::2], out[1::2] = a, b
+    return out[:k].astype(np.int8)
+
+
+def pair_sums(weight: np.ndarray) -> np.ndarray:
+    """Per column, the largest same-sign magnitude sum of input channels 2i and 2i+1 (AVX2 adds those products)."""
+    w = np.concatenate([weight, np.zeros((len(weight) % 2, weight.shape[1]), weight.dtype)])
+    a, b = w[0::2], w[1::2]
+    pos = np.maximum(a, 0) + np.maximum(b, 0)
+    neg = np.maximum(-a, 0) + np.maximum(-b, 0)
+    return np.maximum(pos, neg).max(axis=0)
+
+
+def quantize_weight(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Signed symmetric int8 per output channel (column): (int8 (K, N), float32 scales (N,)).
+
+    8-bit: the scale also keeps each column's pair sums within 128 (fit_pairs), so that 8-bit weights run exactly on
+    AVX2 too; a column whose largest weight has a small neighbour keeps (nearly) the full 8-bit step."""
+    top = 2 ** (bits - 1) - 1
+    scale = np.abs(weight).max(axis=0) / top
+    if bits == 8:
+        scale = np.maximum(scale, pair_sums(weight) / 128)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(weight / scale), -top, top).astype(np.int8)
+    return (fit_pairs(q) if bits == 8 else q), scale
+
+
+def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray, recipe: Recipe,
+                     smooth: np.ndarray | None, tag: str, gram: np.ndarray | None = None) -> list[onnx.NodeProto]:
+    """Nodes computing node's output from its input quantised per token row and its int8 weight."""
+    p = f"{PREFIX}{tag}/"
+    x, y = node.input[0], node.output[0]
+    k, n = weight.shape
+    nodes = []
+    if smooth is not None:
+        weight = weight * smooth[:, None]
+        nodes.append(helper.make_node("Mul", [x, _const(graph, p + "inv_smooth", (1 / smooth).astype(np.float32))],
+                                      [p + "smoothed"], name=p + "smooth"))
+        x = p + "smoothed"
+    wq, wscale = quantize_weight(weight, recipe.weight_bits)
+    if recipe.gptq:
+        if smooth is not None:  # the Gram matrix of x / s
+            gram = gram / np.outer(smooth, smooth)
+        wq = gptq(weight, gram, wscale, recipe.weight_bits, damp=recipe.damp)
+    w_name = _const(graph, p + "w", wq)
+    nodes += [
+        helper.make_node("Shape", [x], [p + "shape"], name=p + "shape"),
+        helper.make_node("Slice", [p + "shape", _const(graph, p + "zero1", np.array([0], np.int64)),
+                                   _const(graph, p + "minus1", np.array([-1], np.int64))], [p + "lead"],
+                         name=p + "lead"),
+        helper.make_node("Concat", [p + "lead", _const(graph, p + "n", np.array([n], np.int64))], [p + "out_shape"],
+                         name=p + "out_shape", axis=0),
+        helper.make_node("Reshape", [x, _const(graph, p + "rows_k", np.array([-1, k], np.int64))], [p + "x2"],
+                         name=p + "x2"),
+        helper.make_node("ReduceMax", [p + "x2"], [p + "max"], name=p + "max", axes=[1], keepdims=0),
+        helper.make_node("ReduceMin", [p + "x2"], [p + "min"], name=p + "min", axes=[1], keepdims=0),
+    ]
+    tiny = _const(graph, p + "tiny", np.array(1e-12, np.float32))
+    if recipe.symmetric:
+        nodes += [
+            helper.make_node("Neg", [p + "min"], [p + "neg_min"], name=p + "neg_min"),
+            helper.make_node("Max", [p + "max", p + "neg_min", tiny], [p + "absmax"], name=p + "absmax"),
+            helper.make_node("Mul", [p + "absmax", _const(graph, p + "inv127", np.array(1 / 127, np.float32))],
+                             [p + "scale"], name=p + "scale"),
+            # uint8 with zero point 128: onnxruntime's fast x86 kernels are u8 x s8
+            helper.make_node("Mul", [p + "scale", _const(graph, p + "zero_f", np.array(0, np.float32))],
+                             [p + "zeros"], name=p + "zeros"),
+            helper.make_node("Add", [p + "zeros", _const(graph, p + "f128", np.array(128, np.float32))],
+                             [p + "zp_f"], name=p + "zp_f"),
+            helper.make_node("Cast", [p + "zp_f"], [p + "zp"], name=p + "zp", to=TensorProto.UINT8),
+            helper.make_node("QuantizeLinear", [p + "x2", p + "scale", p + "zp"], [p + "q"], name=p + "q", axis=0),
+            helper.make_node("MatMulIntegerToFloat",
+                             [p + "q", w_name, _const(graph, p + "one", np.array(1, np.float32)),
+                              _const(graph, p + "wscale", wscale),
+                              _const(graph, p + "a_zp", np.array(128, np.uint8))],
+                             [p + "acc"], name=p + "matmul", domain="com.microsoft"),
+            helper.make_node("Unsqueeze", [p + "scale", _const(graph, p + "axis1", np.array([1], np.int64))],
+                             [p + "scale_col"], name=p + "scale_col"),
+            helper.make_node("Mul", [p + "acc", p + "scale_col"], [p + "y2"], name=p + "rescale"),
+        ]
+    else:
+        colsum = (wq.astype(np.int64).sum(axis=0) * wscale.astype(np.float64)).astype(np.float32)
+        nodes += [
+            helper.make_node("Min", [p + "min", _const(graph, p + "zero_f", np.array(0, np.float32))], [p + "lo"],
+                             name=p + "lo"),
+            helper.make_node("Max", [p + "max", p + "zero_f"], [p + "hi"], name=p + "hi"),
+            helper.make_node("Sub", [p + "hi", p + "lo"], [p + "range"], name=p + "range"),
+            helper.make_node("Max", [p + "range", tiny], [p + "range_safe"], name=p + "range_safe"),
+            helper.make_node("Mul", [p + "range_safe", _const(graph, p + "inv255", np.array(1 / 255, np.float32))],
+                             [p + "scale"], name=p + "scale"),
+            helper.make_node("Div", [p + "lo", p + "scale"], [p + "lo_q"], name=p + "lo_q"),
+            helper.make_node("Neg", [p + "lo_q"], [p + "zp_raw"], name=p + "zp_raw"),
+            helper.make_node("Round", [p + "zp_raw"], [p + "zp_f"], name=p + "zp_f"),
+            helper.make_node("Cast", [p + "zp_f"], [p + "zp"], name=p + "zp", to=TensorProto.UINT8),
+            helper.make_node("QuantizeLinear", [p + "x2", p + "scale", p + "zp"], [p + "q"], name=p + "q", axis=0),
+            helper.make_node("MatMulIntegerToFloat",
+                             [p + "q", w_name, _const(graph, p + "one", np.array(1, np.float32)),
+                              _const(graph, p + "wscale", wscale)],
+                             [p + "acc"], name=p + "matmul", domain="com.microsoft"),
+            helper.make_node("Unsqueeze", [p + "zp_f", _const(graph, p + "axis1", np.array([1], np.int64))],
+                             [p + "zp_col"], name=p + "zp_col"),
+            helper.make_node("Mul", [p + "zp_col", _const(graph, p + "colsum", colsum)], [p + "correction"],
+                             name=p + "correction"),
+            helper.make_node("Sub", [p + "acc", p + "correction"], [p + "centred"], name=p + "centred"),
+            helper.make_node("Unsqueeze", [p + "scale", p + "axis1"], [p + "scale_col"], name=p + "scale_col"),
+            helper.make_node("Mul", [p + "centred", p + "scale_col"], [p + "y2"], name=p + "rescale"),
+        ]
+    nodes.append(helper.make_node("Reshape", [p + "y2", p + "out_shape"], [y], name=p + "y"))
+    return nodes
+
+
+def _quantize_gather(graph: onnx.GraphProto, node: onnx.NodeProto, table: np.ndarray, tag: str) -> list:
+    """An embedding table as int8 rows with one scale per row (weight-only: each token's row is its own)."""
+    p = f"{PREFIX}{tag}/"
+    scale = np.abs(table).max(axis=1) / 127
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+    ids = node.input[1]
+    return [
+        helper.make_node("Gather", [_const(graph, p + "table", q), ids], [p + "rows"], name=p + "rows", axis=0),
+        helper.make_node("Gather", [_const(graph, p + "scales", scale[:, None]), ids], [p + "row_scales"],
+                         name=p + "row_scales", axis=0),
+        helper.make_node("Cast", [p + "rows"], [p + "rows_f"], name=p + "rows_f", to=TensorProto.FLOAT),
+        helper.make_node("Mul", [p + "rows_f", p + "row_scales"], [node.output[0]], name=p + "dequantize"),
+    ]
+
+
+def input_statistics(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[dict[str, np.ndarray]]
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-channel max |x| and the Gram matrix x^T x of each named tensor's real token rows over the calibration
+    batches, from the fp32 graph."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in names)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    maxima: dict[str, np.ndarray] = {}
+    grams: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        mask = feed["attention_mask"].astype(bool)
+        for name, value in zip(names, session.run(list(names), feed)):
+            rows = value[mask[:, : value.shape[1]]] if value.ndim == 3 else value.reshape(-1, value.shape[-1])
+            top = np.abs(rows).max(axis=0)
+            maxima[name] = np.maximum(maxima[name], top) if name in maxima else top
+            rows = rows.astype(np.float64)
+            grams[name] = grams.get(name, 0) + rows.T @ rows
+    return maxima, grams
+
+
+def gptq(weight: np.ndarray, gram: np.ndarray, scale: np.ndarray, bits: int, *, damp: float = 0.01,
+         block: int = 128) -> np.ndarray:
+    """GPTQ (Frantar et al., 2022) for y = x @ weight: round the input channels (rows) one at a time, largest
+    activation energy first, and feed each row's rounding error forward into the rows not yet rounded, weighted by
+    the calibration inputs' inverse Gram matrix. Returns int8 (K, N) on the given per-column scales."""
+    top = 2 ** (bits - 1) - 1
+    w = weight.astype(np.float64).copy()
+    h = gram.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    w[dead, :] = 0
+    order = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[order], h[np.ix_(order, order)]
+    h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper
+    k = len(w)
+    q = np.zeros_like(w)
+    for start in range(0, k, block):
+        end = min(start + block, k)
+        wb = w[start:end].copy()
+        errors = np.zeros_like(wb)
+        for i in range(end - start):
+            row = wb[i]
+            qi = np.clip(np.rint(row / scale), -top, top)
+            q[start + i] = qi
+            err = (row - qi * scale) / hinv[start + i, start + i]
+            wb[i + 1:] -= np.outer(hinv[start + i, start + i + 1:end], err)
+            errors[i] = err
+        w[end:] -= hinv[start:end, end:].T @ errors
+    out = np.empty_like(q)
+    out[order] = q
+    out = out.astype(np.int8)
+    return fit_pairs(out) if bits == 8 else out
+
+
+def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[str, np.ndarray]] = ()) -> dict:
+    """Rewrite ``model`` in place to per-token int8 by ``recipe``; return what was done, for the manifest.
+
+    ``calibration``: fp32 graph inputs (padded batches) for SmoothQuant's per-channel maxima and GPTQ's Gram
+    matrices; needed when the recipe smooths or uses GPTQ.
+    """
+    graph = model.graph
+    masked_attention_only(model)
+    attention = unfuse_attention(model) if recipe.attention == "int8" else 0
+    matmuls = weight_matmuls(model)
+    named = roles(model, matmuls)
+    kept = [m for m in matmuls if named[m.name] in recipe.keep or named[m.name].split(":")[0] in recipe.keep]
+    matmuls = [m for m in matmuls if m not in kept]
+    weights = {t.name: t for t in graph.initializer}
+    smooth: dict[str, np.ndarray] = {}
+    grams: dict[str, np.ndarray] = {}
+    if matmuls and (recipe.smooth or recipe.gptq):
+        maxima, grams = input_statistics(model, sorted({m.input[0] for m in matmuls}), calibration)
+    if recipe.smooth:
+        for m in matmuls:
+            if named[m.name].split(":")[0] not in recipe.smooth_roles:
+                continue
+            w = numpy_helper.to_array(weights[m.input[1]])
+            act = np.maximum(maxima[m.input[0]], 1e-5)
+            wmax = np.maximum(np.abs(w).max(axis=1), 1e-5)
+            smooth[m.name] = (act ** recipe.smooth / wmax ** (1 - recipe.smooth)).astype(np.float32)
+    replaced = set()
+    for i, m in enumerate(matmuls):
+        w = numpy_helper.to_array(weights[m.input[1]]).astype(np.float32)
+        new = _quantize_matmul(graph, m, w, recipe, smooth.get(m.name), f"mm{i}", grams.get(m.input[0]))
+        position = list(graph.node).index(m)
+        graph.node.remove(m)
+        for offset, node in enumerate(new):
+            graph.node.insert(position + offset, node)
+        replaced.add(m.input[1])
+    gathers = 0
+    if recipe.embeddings:
+        for i, g in enumerate([n for n in graph.node if n.op_type == "Gather" and n.input[0] in weights]):
+            table = numpy_helper.to_array(weights[g.input[0]])
+            if table.ndim != 2 or table.dtype != np.float32 or table.shape[0] < 16:
+                continue
+            new = _quantize_gather(graph, g, table, f"gather{i}")
+            position = list(graph.node).index(g)
+            graph.node.remove(g)
+            for offset, node in enumerate(new):
+                graph.node.insert(position + offset, node)
+            replaced.add(g.input[0])
+            gathers += 1
+    still_read = {name for node in graph.node for name in node.input}
+    for init in [t for t in graph.initializer if t.name in replaced and t.name not in still_read]:
+        graph.initializer.remove(init)
+    # the int8 ops' outputs are typed by onnxruntime at load; stale value_info would only mislead
+    del graph.value_info[:]
+    return {**recipe.describe(), "quantized_matmuls": len(matmuls), "fp32_matmuls": len(kept),
+            "unfused_attention": attention, "quantized_embeddings": gathers, "smoothed_matmuls": len(smooth)}
+
+
+def quantize_file(src: Path, dst: Path, recipe: Recipe, calibration: Iterable[dict[str, np.ndarray]] = ()) -> dict:
+    """quantize() from one .onnx file (its external weights read) to another."""
+    model = onnx.load(str(src))
+    made = quantize(model, recipe, calibration)
+    onnx.save(model, str(dst))
+    return made

@@ -1,0 +1,185 @@
+"""Per-token int8: a text's vector depends on the text alone; 8-bit weights that AVX2 runs exactly; GPTQ; older
+per-batch folders still load; the onnxruntime versions int8 needs."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bge_onnx import Embedder, ProviderError, Reranker
+from bge_onnx.folder import int8_runtime_problem
+from bge_onnx.spec import Precision, Variant, read_spec
+from bge_onnx_export import pertoken, precision
+from tiny_models import EMBED_KINDS, RERANK_KINDS, VARIED_TEXTS
+
+
+def mixed_texts(sentences: list[str], n: int = 1000) -> list[str]:
+    """n texts of mixed lengths (a word to past the tiny models' 128 tokens), shuffled, seeded."""
+    rng = random.Random(0)
+    texts = [" ".join(rng.sample(sentences, rng.choice([1, 1, 2, 4, 8])))[: rng.choice([5, 40, 200, 2000])]
+             for _ in range(n - len(VARIED_TEXTS))] + list(VARIED_TEXTS)
+    rng.shuffle(texts)
+    return texts
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+
+
+@pytest.mark.parametrize("kind", EMBED_KINDS + RERANK_KINDS)
+def test_a_text_alone_equals_the_text_in_a_shuffled_batch_of_1000(int8_exported, sentences, kind):
+    """Every int8 graph the export writes: a text (or pair) encoded alone, or in a shuffled batch of 1,000 texts of
+    mixed length, with 1 and with 2 threads, gives the same output within 1e-6."""
+    folder = int8_exported[kind]
+    assert read_spec(folder).variants["int8"].activations == "per-token"
+    texts = mixed_texts(sentences)
+    picked = list(range(0, 1000, 37))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # some texts are truncated on purpose
+        for threads in (1, 2):
+            if kind in RERANK_KINDS:
+                model = Reranker(folder, device="cpu", precision="int8", threads=threads)
+                pairs = list(zip(texts[1:] + texts[:1], texts))
+                batch = model.compute_score(pairs)
+                one_big_batch = Reranker(folder, device="cpu", precision="int8", threads=threads,
+                                         max_tokens=1_000_000).compute_score(pairs, batch_size=1000)
+                alone = np.array([model.compute_score([pairs[i]])[0] for i in picked])
+            else:
+                model = Embedder(folder, device="cpu", precision="int8", threads=threads)
+                batch = model.encode(texts)
+                one_big_batch = Embedder(folder, device="cpu", precision="int8", threads=threads,
+                                         max_tokens=1_000_000).encode(texts, batch_size=1000)
+                alone = np.stack([model.encode([texts[i]])[0] for i in picked])
+            assert model.batch_independent
+            assert _max_diff(alone, batch[picked]) <= 1e-6, (kind, threads)
+            assert _max_diff(alone, one_big_batch[picked]) <= 1e-6, (kind, threads)
+
+
+def test_the_int8_graph_is_what_the_manifest_says(int8_exported):
+    folder = int8_exported["bert-mean"]
+    variant = read_spec(folder).variants["int8"]
+    parity = variant.parity
+    assert parity["activations"] == "per-token" and parity["weight_bits"] == 8
+    assert parity["recipe"] in {name for name, _ in precision.INT8_RECIPES}
+    graph = onnx.load(str(folder / variant.file))
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == parity["quantized_matmuls"] > 0
+    assert "DynamicQuantizeLinear" not in ops and "DynamicQuantizeMatMul" not in ops  # nothing scaled per batch
+    # every integer weight is one a u8 x s8 pair sum cannot saturate in int16 (AVX2 without VNNI)
+    weights = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    for node in graph.graph.node:
+        if node.op_type == "MatMulIntegerToFloat":
+            assert pertoken.pair_sums(weights[node.input[1]].astype(np.int32)).max() <= 128
+
+
+def _integer_matmul(weight: np.ndarray) -> onnxruntime.InferenceSession:
+    """onnxruntime's MatMulIntegerToFloat: uint8 activations around zero point 128 times int8 weights."""
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMulIntegerToFloat", ["a", "w", "one", "scales", "zp"], ["y"], domain="com.microsoft")],
+        "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array(1, np.float32), "one"),
+         numpy_helper.from_array(np.ones(n, np.float32), "scales"), numpy_helper.from_array(np.array(128, np.uint8), "zp")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_fitted_8_bit_weights_run_exactly_on_this_cpu():
+    """The integer product of pair-fitted 8-bit weights equals numpy's on this CPU at extreme activations, where
+    plain 8-bit weights saturate AVX2's kernel (the test says whether this CPU saturates at all)."""
+    rng = np.random.default_rng(0)
+    k, n = 256, 64
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    weight[rng.random((k, n)) < 0.02] *= 6  # outliers, as trained weights have
+    fitted, _ = pertoken.quantize_weight(weight, 8)
+    assert pertoken.pair_sums(fitted.astype(np.int32)).max() <= 128
+    assert np.abs(fitted.astype(np.int16)).max() > 64  # more than 7 bits are used
+    plain = np.clip(np.rint(weight / (np.abs(weight).max(axis=0) / 127)), -127, 127).astype(np.int8)
+    activations = [rng.integers(0, 256, (64, k)), np.full((4, k), 255), np.zeros((4, k)),
+                   np.where(rng.random((64, k)) < 0.5, 0, 255)]
+    saturated = False
+    for a in (x.astype(np.uint8) for x in activations):
+        exact = (a.astype(np.int64) - 128) @ fitted.astype(np.int64)
+        assert _max_diff(_integer_matmul(fitted).run(None, {"a": a})[0], exact) == 0
+        saturated |= _max_diff(_integer_matmul(plain).run(None, {"a": a})[0],
+                               (a.astype(np.int64) - 128) @ plain.astype(np.int64)) > 0
+    flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+    print(f"plain 8-bit weights saturate on this CPU: {saturated} (avx512_vnni: {'avx512_vnni' in flags})")
+
+
+def test_fit_pairs_pulls_in_only_the_pairs_beyond_128():
+    q = np.array([[100, -100, 60, 127], [100, -100, 60, 20], [5, 0, -128, -1], [1, 0, -128, 1]], np.int8)
+    fitted = pertoken.fit_pairs(q)
+    assert pertoken.pair_sums(fitted.astype(np.int32)).max() <= 128
+    np.testing.assert_array_equal(fitted[:, 2:3], [[60], [60], [-64], [-64]])  # equal weights meet halfway
+    np.testing.assert_array_equal(fitted[:, 0], [64, 64, 5, 1])
+    np.testing.assert_array_equal(fitted[:, 1], [-64, -64, 0, 0])
+    np.testing.assert_array_equal(fitted[:, 3], [108, 20, -1, 1])  # the larger weight gives way first
+    odd = np.array([[127], [127], [127]], np.int8)  # an odd row count: the last row pairs with nothing
+    np.testing.assert_array_equal(pertoken.fit_pairs(odd), [[64], [64], [127]])
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs():
+    rng = np.random.default_rng(1)
+    k, n = 96, 48
+    x = rng.standard_normal((400, 8)) @ rng.standard_normal((8, k)) + 0.1 * rng.standard_normal((400, k))
+    w = rng.standard_normal((k, n))
+    q, scale = pertoken.quantize_weight(w, 7)
+    rounded = np.linalg.norm(x @ w - x @ (q * scale))
+    gptq = pertoken.gptq(w, x.T @ x, scale, 7, damp=0.01)
+    assert np.abs(gptq.astype(np.int16)).max() <= 63
+    assert np.linalg.norm(x @ w - x @ (gptq * scale)) < 0.8 * rounded
+
+
+def _per_batch_int8(folder) -> None:
+    """The int8 that exports before issue 20 wrote: onnxruntime's dynamic quantisation (one activation scale per
+    batch), recorded as they recorded it (no "activations" key)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    spec = read_spec(folder)
+    quantize_dynamic(str(folder / "model.onnx"), str(folder / "model_int8.onnx"), op_types_to_quantize=["MatMul"],
+                     per_channel=True, weight_type=QuantType.QInt8, reduce_range=True,
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})
+    precision.record_variant(folder, spec, Precision.INT8, Variant(
+        "model_int8.onnx", (), {"reference": "fp32", "recipe": "ffn-fp32", "weight_bits": 7, "passed": True}))
+
+
+def test_an_older_per_batch_int8_folder_still_loads_and_says_so(model_copy, sentences):
+    folder = model_copy("bert-mean")
+    _per_batch_int8(folder)
+    assert read_spec(folder).variants["int8"].activations == "per-batch"
+    model = Embedder(folder, device="cpu")
+    assert model.precision is Precision.INT8 and not model.batch_independent
+    texts = sentences[:40]
+    assert model.encode(texts).shape == (40, model.dim)
+    info = subprocess.run([sys.executable, "-m", "bge_onnx", "info", str(folder)], capture_output=True, text=True)
+    assert info.returncode == 0 and "activations per-batch (older export" in info.stdout
+
+
+def test_info_names_per_token_int8(int8_exported):
+    info = subprocess.run([sys.executable, "-m", "bge_onnx", "info", str(int8_exported["bert-cls"])],
+                          capture_output=True, text=True)
+    assert info.returncode == 0
+    assert "activations per-token (a text's vector depends on the text alone)" in info.stdout
+
+
+def test_int8_needs_an_onnxruntime_with_the_vnni_fix(int8_exported, monkeypatch):
+    assert int8_runtime_problem("1.24.4") is not None and "onnxruntime>=1.25" in int8_runtime_problem("1.24.4")
+    assert int8_runtime_problem("1.25.0") is None and int8_runtime_problem("2.0.1") is None
+    assert int8_runtime_problem() is None  # the installed one (the package requires >= 1.25)
+    monkeypatch.setattr(onnxruntime, "__version__", "1.24.4")
+    folder = int8_exported["bert-mean"]
+    with pytest.raises(ProviderError, match=r"precision='int8': onnxruntime 1.24.4 computes int8 wrongly .*fp32"):
+        Embedder(folder, device="cpu", precision="int8")
+    if read_spec(folder).variants["int8"].parity["passed"]:  # auto would pick int8: it runs fp32 instead
+        with pytest.warns(RuntimeWarning, match="running fp32, not int8: onnxruntime 1.24.4"):
+            assert Embedder(folder, device="cpu").precision is Precision.FP32
