@@ -206,7 +206,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     lines.append(f"source:            {spec.source.get('id')} @ {spec.source.get('revision') or 'local files'}")
     for name, variant in spec.variants.items():
         size = sum((folder / f).stat().st_size for f in variant.all_files if (folder / f).is_file())
-        lines.append(f"variant {name}:      {variant.file} ({size / 1e6:.1f} MB); {_describe_parity(variant.parity)}")
+        kind = f"activations {variant.activations} ({INT8_KINDS[variant.activations]}); " if name == "int8" else ""
+        lines.append(f"variant {name}:      {variant.file} ({size / 1e6:.1f} MB); {kind}{_describe_parity(variant.parity)}")
     lines.append("versions:          " + ", ".join(f"{k} {v}" for k, v in spec.versions.items()))
     print("\n".join(lines))
     return 0
@@ -337,8 +338,8 @@ def _serve_parser(commands) -> None:
                        help="how long a request that finds the model idle waits for others to batch with "
                             "($BGE_ONNX_MAX_WAIT_MS; default 2)")
     serve.add_argument("--isolate-batches", action="store_true",
-                       help="never merge requests: each runs in batches of its own, so int8 vectors do not depend on "
-                            "other requests, at a cost in throughput ($BGE_ONNX_ISOLATE_BATCHES=1)")
+                       help="never merge requests: each runs in batches of its own; matters only for the per-batch int8 "
+                            "of older exports (a no-op for fp32, fp16 and per-token int8) ($BGE_ONNX_ISOLATE_BATCHES=1)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=env("DEVICE", "auto"),
                        help="execution device ($BGE_ONNX_DEVICE; default auto)")
     serve.add_argument("--precision", choices=["auto", "fp32", "int8", "fp16"], default=env("PRECISION", "auto"),
@@ -349,6 +350,10 @@ def _serve_parser(commands) -> None:
                        help="token limit per text ($BGE_ONNX_MAX_LENGTH; default the model's)")
     serve.add_argument("--revision", default=env("REVISION"), help="hub revision when MODEL is a repo id ($BGE_ONNX_REVISION)")
     serve.set_defaults(run=_cmd_serve)
+
+
+INT8_KINDS = {"per-token": "a text's vector depends on the text alone",
+              "per-batch": "older export: a vector moves slightly with its batch; re-export for per-token int8"}
 
 
 def _describe_parity(parity: dict) -> str:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import onnxruntime
+
 from . import adopt, hub
 from .checks import positive_int
-from .errors import BgeOnnxError, InputError, ModelFilesError, WrongTaskError, caller_stacklevel
+from .errors import BgeOnnxError, InputError, ModelFilesError, ProviderError, WrongTaskError, caller_stacklevel
 from .session import CUDA, Session, choose_providers
 from .spec import MANIFEST, ModelSpec, Pooling, Precision, Task, read_spec, verify_files
 from .tokenize import TOKENIZER_FILE, TextTokenizer
@@ -33,14 +36,46 @@ def gate_passed(spec: ModelSpec, precision: Precision) -> bool:
     return variant is not None and (precision is Precision.FP32 or bool(variant.parity.get("passed")))
 
 
+# onnxruntime's int8 GEMM kernels on AVX-512 VNNI and AMX CPUs returned wrong results before the fix of onnxruntime
+# PR #27671 (2026-03), shipped in 1.25; the int8 graphs run those kernels.
+INT8_ONNXRUNTIME = (1, 25)
+
+
+def int8_runtime_problem(version: str | None = None) -> str | None:
+    """Why this onnxruntime must not run int8 graphs, or None when it may."""
+    version = version or onnxruntime.__version__
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if numbers >= INT8_ONNXRUNTIME:
+        return None
+    need = ".".join(map(str, INT8_ONNXRUNTIME))
+    return (f"onnxruntime {version} computes int8 wrongly on AVX-512 VNNI and AMX CPUs (fixed in {need}); "
+            f"pip install -U 'onnxruntime>={need}' (or onnxruntime-gpu), or run precision='fp32'")
+
+
+def batch_independent(spec: ModelSpec, precision: Precision) -> bool:
+    """Whether a text's vector (or a pair's score) is the same whatever else shares its batch: fp32 and fp16 graphs,
+    and int8 graphs that scale activations per token; not the per-batch int8 of older exports."""
+    return precision is not Precision.INT8 or spec.variants[precision.value].activations == "per-token"
+
+
 def choose_precision(spec: ModelSpec, precision: str | Precision, *, on_cuda: bool, folder: Path) -> Precision:
     """The variant to run: an explicit precision must exist; "auto" takes fp16 on CUDA, int8 on CPU, else fp32.
 
-    "auto" takes a quantised variant only when it passed its quality gate at export (a forced export did not).
+    "auto" takes a quantised variant only when it passed its quality gate at export (a forced export did not), and
+    int8 only on an onnxruntime that computes it right (with a warning otherwise).
+
+    Raises:
+        ProviderError: int8 asked for on an onnxruntime older than INT8_ONNXRUNTIME.
     """
     if precision == "auto":
         preferred = Precision.FP16 if on_cuda else Precision.INT8
-        return preferred if gate_passed(spec, preferred) else Precision.FP32
+        if not gate_passed(spec, preferred):
+            return Precision.FP32
+        problem = int8_runtime_problem() if preferred is Precision.INT8 else None
+        if problem:
+            warnings.warn(f"running fp32, not int8: {problem}", RuntimeWarning, stacklevel=caller_stacklevel())
+            return Precision.FP32
+        return preferred
     try:
         precision = Precision(precision)
     except ValueError:
@@ -51,6 +86,8 @@ def choose_precision(spec: ModelSpec, precision: str | Precision, *, on_cuda: bo
             f"`bge-onnx export SRC --out {folder} --precision {' '.join(sorted({*spec.variants, precision.value}))} --force` "
             "or pass precision='auto'"
         )
+    if precision is Precision.INT8 and (problem := int8_runtime_problem()):
+        raise ProviderError(f"precision='int8': {problem}")
     if precision is Precision.FP16 and not on_cuda:
         warnings.warn(
             "precision='fp16' on CPU: onnxruntime runs it through casts, slower than fp32; fp16 is meant for CUDA",

@@ -12,7 +12,7 @@ import numpy as np
 from .batching import MAX_TOKENS_CPU, MAX_TOKENS_CUDA, Progress, Tokenize, run_chunks, warn_truncated
 from .checks import positive_int
 from .errors import InputError
-from .folder import open_model
+from .folder import batch_independent, open_model
 from .hub import looks_like_repo_id
 from .pooling import reducer
 from .session import CUDA
@@ -132,6 +132,12 @@ class ModelHandle:
     def precision(self) -> Precision:
         """The variant in use (what precision="auto" chose)."""
         return self._model.precision
+
+    @property
+    def batch_independent(self) -> bool:
+        """Whether an output is the same whatever else shares its batch: fp32, fp16 and per-token int8; not the
+        per-batch int8 of exports older than issue 20."""
+        return batch_independent(self._model.spec, self._model.precision)
 
     @property
     def providers(self) -> list[str]:

@@ -22,7 +22,13 @@ _PRECISION_ORDER = [p.value for p in Precision]
 _CONTEXT_KEYS = {"reference", "recipe", "gate", "passed", "texts", "pairs", "device", "cpu", "note", "worst_index",
                  "fused_ops", "last_layer_first_token_only"}
 _RECIPE_KEYS = {"quantized_matmuls": "MatMuls int8", "fp32_matmuls": "MatMuls kept fp32",
-                "quantized_attention": "attention int8", "weight_bits": "weight bits"}
+                "quantized_attention": "attention int8", "weight_bits": "weight bits",
+                "quantized_embeddings": "embedding tables int8"}
+# recipe settings, shown as "name value"
+_RECIPE_SETTINGS = {"activations": "activations", "activation_zero_point": "activation zero point",
+                    "smooth_alpha": "SmoothQuant alpha", "gptq": "GPTQ", "attention": "attention"}
+# what a variant's row does not list among its figures
+_NOT_FIGURES = _CONTEXT_KEYS | set(_RECIPE_KEYS) | set(_RECIPE_SETTINGS) | {"unfused_attention", "smoothed_matmuls"}
 
 
 def files_to_push(folder: Path, spec: ModelSpec) -> list[str]:
@@ -294,7 +300,7 @@ def _describe_source(source: Mapping[str, Any]) -> str:
 def _variant_row(precision: str, variant: Variant) -> str:
     parity = variant.parity
     gate = parity.get("gate") or {}
-    shown = {k: v for k, v in parity.items() if k not in _CONTEXT_KEYS and k not in _RECIPE_KEYS}
+    shown = {k: v for k, v in parity.items() if k not in _NOT_FIGURES}
     figures = ", ".join(f"{k} {_figure(v)}" for k, v in shown.items())
     count = parity.get("texts") or parity.get("pairs")
     unit = "texts" if "texts" in parity else "pairs"
@@ -308,7 +314,8 @@ def _variant_row(precision: str, variant: Variant) -> str:
         passed = "yes" if parity.get("passed") else "**no**: `auto` does not pick it"
     gate_text = ", ".join(f"{k} ≥ {limit}" for k, limit in gate.items()) or "—"
     recipe = parity.get("recipe") or "—"
-    details = [f"{_figure(parity[k])} {label}" for k, label in _RECIPE_KEYS.items() if k in parity]
+    details = [f"{label} {_figure(parity[k])}" for k, label in _RECIPE_SETTINGS.items() if k in parity]
+    details += [f"{_figure(parity[k])} {label}" for k, label in _RECIPE_KEYS.items() if k in parity]
     if details:
         recipe += " (" + ", ".join(details) + ")"
     measured = ", ".join(str(parity[k]) for k in ("device", "cpu") if parity.get(k))

@@ -66,6 +66,13 @@ class Variant:
         """The graph file and its separate weight files, if any."""
         return [self.file, *self.data_files]
 
+    @property
+    def activations(self) -> str:
+        """How an int8 graph scales its activations: "per-token" (a text's vector depends on the text alone) or
+        "per-batch" (exports before issue 20: onnxruntime's dynamic quantisation, one scale per batch, so a vector
+        moves slightly with its batch neighbours). Meaningless for fp32 and fp16."""
+        return str(self.parity.get("activations", "per-batch"))
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:

@@ -17,7 +17,7 @@ import yaml
 from hubserver import Hub, hub_env
 
 from bge_onnx.hub import looks_like_repo_id
-from bge_onnx.push import _CONTEXT_KEYS, _RECIPE_KEYS, model_card, push
+from bge_onnx.push import _NOT_FIGURES, model_card, push
 from bge_onnx.spec import MANIFEST, read_spec, sha256_file
 
 TOKEN = "hf_test_write_token"
@@ -258,7 +258,7 @@ def test_the_card_holds_the_manifest_figures(model_copy, exported):
         for name, variant in spec.variants.items():
             row, parity = _row(card, name), variant.parity
             assert f"`{variant.file}`" in row
-            figures = {k: v for k, v in parity.items() if k not in _CONTEXT_KEYS and k not in _RECIPE_KEYS}
+            figures = {k: v for k, v in parity.items() if k not in _NOT_FIGURES}
             assert figures, parity
             for key, value in figures.items():
                 if isinstance(value, bool):

@@ -38,7 +38,8 @@ class ServeConfig:
             otherwise with ``truncate``).
         api_key: when set, every route but /health and /metrics needs ``Authorization: Bearer <api_key>``.
         max_wait_ms: how long a request that finds the model idle waits for others to batch with.
-        isolate_batches: run each request in batches of its own, never merged with others' texts.
+        isolate_batches: run each request in batches of its own, never merged with others' texts, where the
+            graph's output depends on its batch (per-batch int8 of older exports); a no-op elsewhere.
     """
 
     model: str | None

@@ -64,6 +64,11 @@ class Service:
         if self.reranker is not None:
             self.rerank_tokens = TokenCounter(self.reranker.folder)
 
+    @property
+    def batch_independent(self) -> bool:
+        """Whether every loaded model's outputs are the same whatever else shares a batch."""
+        return all(m.batch_independent for m in (self.embedder, self.reranker) if m is not None)
+
     async def start(self, on_failure: Callable[[], None] | None) -> None:
         # The runtime warns once per call about truncated texts; the server checks lengths itself and a request
         # asked for truncation (or the operator did, with --auto-truncate), so the warnings would only flood logs.
@@ -76,7 +81,9 @@ class Service:
             if on_failure is not None:
                 on_failure()
             return
-        wait, isolate = self.config.max_wait_ms / 1000, self.config.isolate_batches
+        # --isolate-batches only changes what a client gets where a graph's output depends on its batch (per-batch
+        # int8 of older exports); elsewhere merged batches give the same vectors, faster
+        wait, isolate = self.config.max_wait_ms / 1000, self.config.isolate_batches and not self.batch_independent
         if self.embedder is not None:
             embedder = self.embedder
             self._embed_queue = Batcher(lambda texts: embedder.encode(texts, normalize=False), name="embed",

@@ -175,11 +175,20 @@ async def info(request: Request) -> Response:
         model_type = {"embedding": {"pooling": main.pooling.value}}
     else:
         model_type = {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
-    int8 = any(m is not None and m.precision.value == "int8" for m in (service.embedder, service.reranker))
-    if config.isolate_batches:
+    independent = service.batch_independent
+    isolated = config.isolate_batches and not independent
+    if isolated:
         batching = "isolated: each request runs in batches of its own (--isolate-batches)"
     else:
         batching = f"merged: requests waiting together share batches (a lone request waits up to {config.max_wait_ms} ms)"
+    if independent:
+        note = ("a request's vectors do not depend on what else is batched: fp32, fp16 and per-token int8 graphs "
+                "give each text the vector it gets alone (within 1e-6), so --isolate-batches changes nothing")
+    else:
+        note = ("this folder's int8 graph (an older export) scales activations per batch, so in merged mode a "
+                "request's vectors move slightly with what else is batched (all-MiniLM-L6-v2: min cosine 0.998 to "
+                "the request alone); --isolate-batches keeps each request in batches of its own, or re-export the "
+                "model for per-token int8")
     body = {
         **described,
         "served_model_name": config.model or config.reranker,
@@ -195,15 +204,11 @@ async def info(request: Request) -> Response:
         "sha": None,
         "docker_label": None,
         "batching": {
-            "mode": "isolated" if config.isolate_batches else "merged",
+            "mode": "isolated" if isolated else "merged",
             "description": batching,
             "max_wait_ms": config.max_wait_ms,
-            "vectors_depend_on_other_requests": int8 and not config.isolate_batches,
-            "note": "int8 scales activations per batch, so in merged mode a request's int8 vectors move slightly "
-                    "with what else is batched (all-MiniLM-L6-v2 under load from 8-128 clients: min cosine 0.998, "
-                    "mean 0.9992 to the request encoded alone; benchmarks/results/serve-load-int8.md); fp32 and fp16 "
-                    "vectors do not. --isolate-batches keeps each request in batches of its own, at a cost in "
-                    "throughput (at 32 clients 0.82x of in-process against 1.17x merged).",
+            "vectors_depend_on_other_requests": not independent and not isolated,
+            "note": note,
         },
     }
     if service.embedder is not None:
