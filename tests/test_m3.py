@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import sys
@@ -261,6 +262,18 @@ def test_int8_variant_gated_on_all_three_outputs(m3, tmp_path):
                                                                        return_colbert_vecs=True)
     assert [c.shape for c in out["colbert_vecs"]] == [c.shape for c in fp32["colbert_vecs"]]
     assert np.sum(out["dense_vecs"] * fp32["dense_vecs"], axis=1).min() > 0.9
+    # per-token int8: each of the three outputs of a text alone equals the text's in a shuffled, padded batch
+    assert figures["activations"] == "per-token"
+    texts = TEXTS * 3
+    random.Random(0).shuffle(texts)
+    batch = model.encode(texts, batch_size=len(texts), return_sparse=True, return_colbert_vecs=True)
+    for i in range(0, len(texts), 5):
+        alone = model.encode([texts[i]], return_sparse=True, return_colbert_vecs=True)
+        np.testing.assert_allclose(alone["dense_vecs"][0], batch["dense_vecs"][i], atol=1e-6)
+        np.testing.assert_allclose(alone["colbert_vecs"][0], batch["colbert_vecs"][i], atol=1e-6)
+        assert alone["lexical_weights"][0].keys() == batch["lexical_weights"][i].keys()
+        np.testing.assert_allclose(list(alone["lexical_weights"][0].values()),
+                                   list(batch["lexical_weights"][i].values()), atol=1e-6)
     add_variant(folder, Precision.FP16)  # the converter keeps the flash-attention branches working (here on CPU)
     assert read_spec(folder).variants["fp16"].parity["colbert_spearman"] > 0.999
 

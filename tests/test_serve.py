@@ -306,6 +306,40 @@ def test_concurrent_clients_each_get_their_own_vectors(server, embedder, sentenc
     assert merged == 16 and calls < 16  # some requests shared a call of the model
 
 
+def test_int8_server_gives_each_request_the_vectors_it_gets_alone(int8_exported, sentences, tmp_path):
+    """Per-token int8 under merged batches: concurrent requests of mixed lengths each get exactly what the request
+    encoded alone gets; --isolate-batches is then a no-op (/info says the mode stays merged)."""
+    srv = Server(str(int8_exported["bert-cls"]), "--reranker", str(int8_exported["bert-rerank"]), "--precision",
+                 "int8", "--max-wait-ms", "50", "--isolate-batches", log=tmp_path / "server.log")
+    try:
+        info = call(srv.base, "GET", "/info")[1]
+        assert info["model_dtype"] == "int8"
+        assert info["batching"]["mode"] == "merged" and info["batching"]["vectors_depend_on_other_requests"] is False
+        assert "--isolate-batches changes nothing" in info["batching"]["note"]
+        requests = [sentences[i * 3: i * 3 + 1 + i % 4] + [LONG[: 30 * (i + 1)]] for i in range(16)]
+        _, before, _ = call(srv.base, "GET", "/metrics")
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda texts: call(srv.base, "POST", "/embed", {"inputs": texts}), requests))
+        _, after, _ = call(srv.base, "GET", "/metrics")
+        pairs = [(sentences[i], sentences[i + 1]) for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            scores = list(pool.map(lambda pair: call(srv.base, "POST", "/rerank", {
+                "query": pair[0], "texts": [pair[1], LONG[:200]], "raw_scores": True})[1], pairs))
+    finally:
+        srv.stop()
+    model = Embedder(int8_exported["bert-cls"], device="cpu", precision="int8")
+    for texts, (status, body, _) in zip(requests, answers):
+        assert status == 200, body
+        np.testing.assert_allclose(np.asarray(body, np.float32), model.encode(texts), atol=1e-6)
+    calls = _metric(after, 'bge_onnx_batch_requests_count{model="embed"}') - _metric(before, 'bge_onnx_batch_requests_count{model="embed"}')
+    assert calls < 16  # requests shared calls of the model
+    reranker = Reranker(int8_exported["bert-rerank"], device="cpu", precision="int8")
+    for (query, passage), answer in zip(pairs, scores):
+        expected = reranker.compute_score([(query, passage), (query, LONG[:200])])
+        got = sorted(answer, key=lambda item: item["index"])
+        np.testing.assert_allclose([item["score"] for item in got], expected, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def guarded(exported, tmp_path_factory):
     """Settings from environment variables: an API key, at most 2 requests in flight, 400 ms for company."""

@@ -40,6 +40,18 @@ def test_workers_give_the_same_vectors_in_input_order(exported, sentences):
     assert all(child.poll() is not None for child in pool._children)  # close() stopped them
 
 
+def test_int8_workers_give_each_text_its_own_vector(int8_exported, sentences):
+    """Per-token int8 split over 2 worker processes: each text gets the vector it gets alone."""
+    embedder = Embedder(int8_exported["bert-cls"], device="cpu", precision="int8")
+    texts = sentences[:200]
+    try:
+        shared = embedder.encode(texts, workers=2)
+    finally:
+        embedder.close()
+    alone = np.stack([embedder.encode([text])[0] for text in texts[::10]])
+    np.testing.assert_allclose(shared[::10], alone, atol=1e-6)
+
+
 def test_reranker_workers(exported):
     reranker = Reranker(exported["bert-rerank"], device="cpu")
     pairs = [(q, p) for q in VARIED_TEXTS[:4] for p in VARIED_TEXTS]
