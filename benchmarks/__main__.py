@@ -14,6 +14,7 @@ BENCHMARKS = {
     "rerank": ("rerank", "reranker throughput and scores against sentence-transformers' CrossEncoder, CPU"),
     "optimized": ("optimized", "bge-onnx optimize's fp32/int8 folders against the official ONNX graph run as it is"),
     "runtime-env": ("runtime_env", "the Dockerfile's runtime stage in a fresh venv: size, no torch, serverless cold start"),
+    "int8": ("int8", "per-token int8 recipes: accuracy vs fp32, batch drift, speed; the int8 kernels, CPU"),
     "workers": ("workers", "all cores: N worker processes against one process with N threads, CPU"),
     "m3-long": ("m3_long", "bge-m3's shape (random weights): peak RSS and time per text at 512, 2048, 8192 tokens"),
     "parity": ("parity", "every architecture and the packaged real model against PyTorch, fp32"),

@@ -67,6 +67,9 @@ def contestants(args: argparse.Namespace) -> dict[str, tuple[str, str, dict]]:
     """name -> (precision, python, spec)."""
     own, anchors, t = sys.executable, args.anchors_python, args.threads
     st, model = str(args.st_folder), str(args.model)
+    # the per-batch int8 of exports before issue 20, while folders holding it exist
+    old = {"bge-onnx int8, per-batch (earlier exports)": ("int8", own, dict(
+        kind="bge_onnx", folder=str(args.old_int8), precision="int8", threads=t))} if args.old_int8 else {}
     return {
         TORCH: ("fp32", anchors, dict(kind="sentence_transformers", folder=st, backend="torch", file_name=None, threads=t)),
         "sentence-transformers, onnx": ("fp32", anchors, dict(kind="sentence_transformers", folder=st, backend="onnx", file_name="onnx/model.onnx", threads=t)),
@@ -76,6 +79,7 @@ def contestants(args: argparse.Namespace) -> dict[str, tuple[str, str, dict]]:
         "bge-onnx fp32": ("fp32", own, dict(kind="bge_onnx", folder=model, precision="fp32", threads=t)),
         "sentence-transformers, onnx int8 (avx512_vnni)": ("int8", anchors, dict(kind="sentence_transformers", folder=st, backend="onnx", file_name="onnx/model_qint8_avx512_vnni.onnx", threads=t)),
         "fastembed (bge-onnx's int8 graph)": ("int8", anchors, dict(kind="fastembed", folder=model, model_file="model_int8.onnx", max_length=256, threads=t)),
+        **old,
         "bge-onnx int8": ("int8", own, dict(kind="bge_onnx", folder=model, precision="int8", threads=t)),
     }
 
@@ -107,6 +111,8 @@ def main(argv: list[str], *, name: str = "compare") -> None:
     parser.add_argument("--model", type=Path, required=True, help="bge-onnx folder with fp32 and int8 variants")
     parser.add_argument("--st-folder", type=Path, required=True, help="sentence-transformers folder with onnx/ graphs")
     parser.add_argument("--anchors-python", required=True, help="the Python of the anchors' environment")
+    parser.add_argument("--old-int8", type=Path, metavar="FOLDER",
+                        help="a folder whose int8 graph is the per-batch int8 of earlier exports: one more contestant")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians (default 3)")
     parser.add_argument("--texts", type=int, default=200, help="texts per corpus (default 200)")
     parser.add_argument("--threads", type=int, default=usable_cpus())
@@ -120,7 +126,7 @@ def main(argv: list[str], *, name: str = "compare") -> None:
     else:
         texts = corpora(args.texts)
         title = "bge-onnx vs the alternatives: all-MiniLM-L6-v2 on CPU"
-    report = Report(name, title, argv, models={"MODEL": args.model})
+    report = Report(name, title, argv, models={"MODEL": args.model, **({"OLD": args.old_int8} if args.old_int8 else {})})
     tokenizer = TextTokenizer(args.model, max_length=read_spec(args.model).max_length)
     lengths = {corpus: [len(e) for e in tokenizer.encode_texts(items)[0]] for corpus, items in texts.items()}
     work = Path(tempfile.mkdtemp(prefix="bge-onnx-compare-"))
