@@ -30,7 +30,7 @@ class Recipe:
         ships.
     gptq: weights rounded by GPTQ on the calibration inputs, with damp (relative to the Gram matrix's mean diagonal).
     attention: "int8" unfuses the fused Attention into its QKV MatMul (int8) and MultiHeadAttention; "fp32" keeps
-        the fused Attention, its QKV projection in fp32.
+        the fused Attention, or a QKV MatMul that is already unfused, in fp32.
     embeddings: the embedding tables (Gather) stored as int8 per row (weight-only: a token's row is its own).
     keep: MatMuls left in fp32, by role ("ffn_out") or role and layer ("ffn_out:0"); roles are qkv, square
         (attention output and other K x K), ffn_in and ffn_out.
@@ -359,7 +359,9 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
     attention = unfuse_attention(model) if recipe.attention == "int8" else 0
     matmuls = weight_matmuls(model)
     named = roles(model, matmuls)
-    kept = [m for m in matmuls if named[m.name] in recipe.keep or named[m.name].split(":")[0] in recipe.keep]
+    # attention in fp32 also keeps a QKV projection that is already a plain MatMul (bge-m3's flash-attention graph)
+    keep = recipe.keep | ({"qkv"} if recipe.attention == "fp32" else set())
+    kept = [m for m in matmuls if named[m.name] in keep or named[m.name].split(":")[0] in keep]
     matmuls = [m for m in matmuls if m not in kept]
     weights = {t.name: t for t in graph.initializer}
     smooth: dict[str, np.ndarray] = {}
