@@ -21,10 +21,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from bge_onnx_export import pertoken, precision, probes
 
 from bge_onnx import Embedder
 from bge_onnx.spec import Precision, Task, Variant, read_spec
-from bge_onnx_export import pertoken, precision, probes
 
 from .corpora import corpora
 from .harness import Report, interleave, log
@@ -86,7 +86,8 @@ def kernels(rounds: int, threads: int) -> list[list]:
                          ("u8 x s8, fitted 8-bit weights", pertoken.quantize_weight(w, 8)[0]),
                          ("u8 x s8, plain 8-bit weights", plain)):
             runs[label] = (session(
-                [helper.make_node("MatMulIntegerToFloat", ["a", "w", "one", "ws", "zp"], ["y"], domain="com.microsoft")],
+                [helper.make_node("MatMulIntegerToFloat", ["a", "w", "one", "ws", "zp"], ["y"],
+                                  domain="com.microsoft")],
                 qin, [numpy_helper.from_array(q, "w"), numpy_helper.from_array(np.array(1, np.float32), "one"),
                       numpy_helper.from_array(np.ones(n, np.float32), "ws"),
                       numpy_helper.from_array(np.array(128, np.uint8), "zp")]), xq)
@@ -105,13 +106,13 @@ def kernels(rounds: int, threads: int) -> list[list]:
                                   block_size=block, accuracy_level=4)],
                 fin, [numpy_helper.from_array(np.ascontiguousarray(b), "b"),
                       numpy_helper.from_array(scale.T.reshape(-1).copy(), "s")]), x)
-        seconds = interleave({label: (lambda s=s, a=a: (s.run(None, {"a": a}), None)[1]) for label, (s, a) in runs.items()},
-                             rounds=rounds)
+        seconds = interleave({label: (lambda s=s, a=a: (s.run(None, {"a": a}), None)[1])
+                              for label, (s, a) in runs.items()}, rounds=rounds)
         base = seconds["fp32 MatMul"]
         for label in runs:
             ratio = statistics.median(b / s for b, s in zip(base, seconds[label]))
-            rows.append([f"512 x {k} x {n}", label, f"{ratio:.2f}x",
-                         "" if label not in exact else ("exact" if exact[label] == 0 else f"off by {exact[label]:.0f}")])
+            product = "" if label not in exact else "exact" if exact[label] == 0 else f"off by {exact[label]:.0f}"
+            rows.append([f"512 x {k} x {n}", label, f"{ratio:.2f}x", product])
     return rows
 
 

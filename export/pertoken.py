@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -405,11 +404,3 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
     del graph.value_info[:]
     return {**recipe.describe(), "quantized_matmuls": len(matmuls), "fp32_matmuls": len(kept),
             "unfused_attention": attention, "quantized_embeddings": gathers, "smoothed_matmuls": len(smooth)}
-
-
-def quantize_file(src: Path, dst: Path, recipe: Recipe, calibration: Iterable[dict[str, np.ndarray]] = ()) -> dict:
-    """quantize() from one .onnx file (its external weights read) to another."""
-    model = onnx.load(str(src))
-    made = quantize(model, recipe, calibration)
-    onnx.save(model, str(dst))
-    return made
