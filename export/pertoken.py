@@ -3,8 +3,10 @@ alone, never on its batch neighbours."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -298,17 +300,23 @@ def input_statistics(model: onnx.ModelProto, names: Sequence[str], feeds: Iterab
     probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in names)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    maxima: dict[str, np.ndarray] = {}
-    grams: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        mask = feed["attention_mask"].astype(bool)
-        for name, value in zip(names, session.run(list(names), feed)):
-            rows = value[mask[:, : value.shape[1]]] if value.ndim == 3 else value.reshape(-1, value.shape[-1])
-            top = np.abs(rows).max(axis=0)
-            maxima[name] = np.maximum(maxima[name], top) if name in maxima else top
-            rows = rows.astype(np.float64)
-            grams[name] = grams.get(name, 0) + rows.T @ rows
+    with tempfile.TemporaryDirectory() as scratch:
+        if probe.ByteSize() < 2**31 - 2**26:
+            graph: str | bytes = probe.SerializeToString()
+        else:  # past protobuf's 2 GB (bge-m3): the weights go beside the graph, as in the export
+            graph = str(Path(scratch) / "probe.onnx")
+            onnx.save(probe, graph, save_as_external_data=True, location="probe.onnx.data")
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        maxima: dict[str, np.ndarray] = {}
+        grams: dict[str, np.ndarray] = {}
+        for feed in feeds:
+            mask = feed["attention_mask"].astype(bool)
+            for name, value in zip(names, session.run(list(names), feed)):
+                rows = value[mask[:, : value.shape[1]]] if value.ndim == 3 else value.reshape(-1, value.shape[-1])
+                top = np.abs(rows).max(axis=0)
+                maxima[name] = np.maximum(maxima[name], top) if name in maxima else top
+                rows = rows.astype(np.float64)
+                grams[name] = grams.get(name, 0) + rows.T @ rows
     return maxima, grams
 
 
