@@ -188,8 +188,16 @@ def quantize_weight(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarr
     return (fit_pairs(q) if bits == 8 else q), scale
 
 
+def _reduce(graph: onnx.GraphProto, op: str, x: str, out: str, opset: int) -> onnx.NodeProto:
+    """ReduceMax/ReduceMin of each row of a 2-D tensor: axes an attribute before opset 18, an input from it."""
+    if opset < 18:
+        return helper.make_node(op, [x], [out], name=out, axes=[1], keepdims=0)
+    return helper.make_node(op, [x, _const(graph, out + "_axes", np.array([1], np.int64))], [out], name=out,
+                            keepdims=0)
+
+
 def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray, recipe: Recipe,
-                     smooth: np.ndarray | None, tag: str, gram: np.ndarray | None = None) -> list[onnx.NodeProto]:
+                     smooth: np.ndarray | None, tag: str, gram: np.ndarray | None, opset: int) -> list[onnx.NodeProto]:
     """Nodes computing node's output from its input quantised per token row and its int8 weight."""
     p = f"{PREFIX}{tag}/"
     x, y = node.input[0], node.output[0]
@@ -215,8 +223,7 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
                          name=p + "out_shape", axis=0),
         helper.make_node("Reshape", [x, _const(graph, p + "rows_k", np.array([-1, k], np.int64))], [p + "x2"],
                          name=p + "x2"),
-        helper.make_node("ReduceMax", [p + "x2"], [p + "max"], name=p + "max", axes=[1], keepdims=0),
-        helper.make_node("ReduceMin", [p + "x2"], [p + "min"], name=p + "min", axes=[1], keepdims=0),
+        *(_reduce(graph, op, p + "x2", f"{p}{out}", opset) for op, out in (("ReduceMax", "max"), ("ReduceMin", "min"))),
     ]
     tiny = _const(graph, p + "tiny", np.array(1e-12, np.float32))
     if recipe.symmetric:
@@ -362,6 +369,9 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
     matrices; needed when the recipe smooths or uses GPTQ.
     """
     graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):  # MatMulIntegerToFloat's domain
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     masked_attention_only(model)
     attention = unfuse_attention(model) if recipe.attention == "int8" else 0
     matmuls = weight_matmuls(model)
@@ -386,7 +396,7 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
     replaced = set()
     for i, m in enumerate(matmuls):
         w = numpy_helper.to_array(weights[m.input[1]]).astype(np.float32)
-        new = _quantize_matmul(graph, m, w, recipe, smooth.get(m.name), f"mm{i}", grams.get(m.input[0]))
+        new = _quantize_matmul(graph, m, w, recipe, smooth.get(m.name), f"mm{i}", grams.get(m.input[0]), opset)
         position = list(graph.node).index(m)
         graph.node.remove(m)
         for offset, node in enumerate(new):

@@ -141,6 +141,27 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     assert np.linalg.norm(x @ w - x @ (gptq * scale)) < 0.8 * rounded
 
 
+def test_graphs_of_opset_18_and_later_take_reduce_axes_as_inputs(exported):
+    """sentence-transformers' ONNX exports are opset 18, where ReduceMax/ReduceMin take axes as an input (bge-onnx
+    optimize converts them): the rewrite writes the form of the graph's opset, and both give the same output."""
+    from bge_onnx.tokenize import TextTokenizer, pad_batch
+
+    folder = exported["bert-mean"]
+    spec = read_spec(folder)
+    encodings, _ = TextTokenizer(folder, max_length=spec.max_length).encode_texts(list(VARIED_TEXTS))
+    outputs = []
+    for opset in (17, 18):
+        model = onnx.load(str(folder / "model.onnx"))
+        next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = opset
+        pertoken.quantize(model, pertoken.Recipe(smooth=0, gptq=False))
+        reduce = next(n for n in model.graph.node if n.op_type == "ReduceMax")
+        assert (len(reduce.input) == 2) == (opset >= 18)
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = pad_batch(encodings, pad_id=spec.pad_token_id, input_names=[i.name for i in session.get_inputs()])
+        outputs.append(session.run(None, feeds)[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 def _per_batch_int8(folder) -> None:
     """The int8 that exports before issue 20 wrote: onnxruntime's dynamic quantisation (one activation scale per
     batch), recorded as they recorded it (no "activations" key)."""
