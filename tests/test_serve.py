@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -192,6 +193,8 @@ def test_openai_wire_format_and_errors(server, embedder):
         ({"input": ["ok", LONG]}, "input[1] has 402 tokens; the model's limit is 128", "input"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format must be 'float' or 'base64'", "encoding_format"),
         ({"input": "x", "dimensions": 8}, "dimensions=8 is not supported", "dimensions"),
+        ({"input": "\ud800"}, "input cannot be encoded as UTF-8 (surrogates not allowed at position 0)", "input"),
+        ({"input": ["ok", "a\udfffb"]}, "input[1] cannot be encoded as UTF-8", "input"),
     ]
     for request, message, param in cases:
         status, body, _ = call(server.base, "POST", "/v1/embeddings", request)
@@ -218,6 +221,11 @@ def test_tei_errors(server):
         ("/rerank", {"query": 1, "texts": ["a"]}, 422, "Validation", "query must be a string"),
         ("/rerank", {"query": "q", "texts": "a"}, 422, "Validation", "texts must be a list of strings"),
         ("/rerank", {"query": "q", "texts": [LONG]}, 422, "Validation", "texts[0] has 404 tokens"),
+        ("/embed", {"inputs": "\ud800"}, 422, "Validation", "inputs cannot be encoded as UTF-8"),
+        ("/embed", {"inputs": ["ok", "\ud800"]}, 422, "Validation", "inputs[1] cannot be encoded as UTF-8"),
+        ("/tokenize", {"inputs": "\ud800"}, 422, "Validation", "inputs cannot be encoded as UTF-8"),
+        ("/rerank", {"query": "\ud800", "texts": ["a"]}, 422, "Validation", "query cannot be encoded as UTF-8"),
+        ("/rerank", {"query": "q", "texts": ["a", "\udc00"]}, 422, "Validation", "texts[1] cannot be encoded"),
         ("/embed_sparse", {"inputs": "x"}, 400, "Validation", "this server's model has no lexical weights: serve a bge-m3"),
         ("/embed_colbert", {"inputs": "x"}, 400, "Validation", "this server's model has no ColBERT vectors"),
     ]
@@ -227,6 +235,16 @@ def test_tei_errors(server):
         assert message in body["error"], body
     status, body, _ = call(server.base, "POST", "/embed", raw=b'{"inputs": ')
     assert status == 422 and "the body is not valid JSON" in body["error"]
+    # a lone surrogate leaves the keep-alive connection open: the next request on it is answered
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        for payload, expected in (('{"inputs": "\\ud800"}', 422), ('{"inputs": "fine"}', 200)) * 3:
+            connection.request("POST", "/embed", body=payload, headers={"content-type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            assert response.status == expected
+    finally:
+        connection.close()
     status, body, _ = call(server.base, "POST", "/embed", raw=b'{"inputs": "' + b"x" * 30000 + b'"}')
     assert status == 413 and "--payload-limit" in body["error"]
     status, body, _ = call(server.base, "GET", "/embed")

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..checks import describe
-from .limits import VALIDATION, Refusal, fields, flag, read_json, texts_field
+from .limits import VALIDATION, Refusal, fields, flag, read_json, texts_field, utf8_text
 from .openai import served_name
 from .service import Service, rerank_request, sigmoid
 
@@ -33,6 +33,7 @@ async def rerank(request: Request) -> Response:
     if not isinstance(query, str):
         raise Refusal(VALIDATION, f"query must be a string, got {type(query).__name__} {describe(query)}",
                       param="query")
+    utf8_text(query, "query", "query")
     texts = _documents(body.get("documents"), service.config.max_client_batch_size)
     top_n = body.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):

@@ -106,13 +106,25 @@ def fields(body: object, allowed: Sequence[str]) -> dict:
     return body
 
 
+def utf8_text(text: str, label: str, name: str) -> str:
+    """``text``, refused when it cannot be encoded as UTF-8: a lone surrogate ("\\ud800") is valid JSON that no
+    tokenizer takes, and must get a 4xx like any bad input, not an error that drops the connection."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise Refusal(VALIDATION, f"{label} cannot be encoded as UTF-8 ({err.reason} at position {err.start}): "
+                      f"{describe(text)}; send valid Unicode text", param=name) from None
+    return text
+
+
 def texts_field(value: object, name: str, *, limit: int, single_ok: bool = True) -> tuple[list[str], bool]:
     """Texts from a field that holds a str or a list of str: (texts, whether it was one str). Refuses a missing,
-    empty or wrongly typed value, token-id arrays, and more than ``limit`` items, naming the field."""
+    empty or wrongly typed value, token-id arrays, text that is not valid Unicode, and more than ``limit`` items,
+    naming the field."""
     if value is None:
         raise Refusal(VALIDATION, f"{name} is required", param=name)
     if isinstance(value, str) and single_ok:
-        return [value], True
+        return [utf8_text(value, name, name)], True
     if not isinstance(value, list):
         kinds = "a string or a list of strings" if single_ok else "a list of strings"
         raise Refusal(VALIDATION, f"{name} must be {kinds}, got {type(value).__name__} {describe(value)}", param=name)
@@ -133,6 +145,7 @@ def texts_field(value: object, name: str, *, limit: int, single_ok: bool = True)
             raise Refusal(
                 VALIDATION, f"{name}[{i}] is {type(item).__name__} {describe(item)}, expected a string", param=name
             )
+        utf8_text(item, f"{name}[{i}]", name)
     return value, False
 
 

@@ -28,6 +28,7 @@ from .limits import (
     flag,
     read_json,
     texts_field,
+    utf8_text,
 )
 from .service import Service, embed_request, multi_request, rerank_request, sigmoid
 
@@ -127,6 +128,7 @@ async def rerank(request: Request) -> Response:
     query = body.get("query")
     if not isinstance(query, str):
         raise Refusal(VALIDATION, f"query must be a string, got {type(query).__name__}", param="query")
+    utf8_text(query, "query", "query")
     texts, _ = texts_field(body.get("texts"), "texts", limit=service.config.max_client_batch_size, single_ok=False)
     check_direction(body)
     truncate = flag(body, "truncate", service.config.auto_truncate)
