@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .checks import positive_int
-from .errors import BgeOnnxError, InputError
+from .errors import BgeOnnxError, InputError, install_hint
 from .spec import MANIFEST, read_spec
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -28,19 +28,6 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "bge-onnx"
-
-
-def install_hint(extra: str) -> str:
-    """The pip line that adds ``extra`` to this install: of bge-onnx-gpu on the CUDA build, else of bge-onnx
-    (bge-onnx[...] on the CUDA build would bring back onnxruntime beside onnxruntime-gpu)."""
-    import importlib.metadata
-
-    try:
-        importlib.metadata.distribution("bge-onnx-gpu")
-        name = "bge-onnx-gpu"
-    except importlib.metadata.PackageNotFoundError:
-        name = "bge-onnx"
-    return f'pip install "{name}[{extra}]"'
 
 
 def _export_model():
@@ -206,7 +193,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     lines.append(f"source:            {spec.source.get('id')} @ {spec.source.get('revision') or 'local files'}")
     for name, variant in spec.variants.items():
         size = sum((folder / f).stat().st_size for f in variant.all_files if (folder / f).is_file())
-        kind = f"activations {variant.activations} ({INT8_KINDS[variant.activations]}); " if name == "int8" else ""
+        meaning = INT8_KINDS.get(variant.activations, "not known to this version of bge-onnx")
+        kind = f"activations {variant.activations} ({meaning}); " if name == "int8" else ""
         lines.append(f"variant {name}:      {variant.file} ({size / 1e6:.1f} MB); {kind}{_describe_parity(variant.parity)}")
     lines.append("versions:          " + ", ".join(f"{k} {v}" for k, v in spec.versions.items()))
     print("\n".join(lines))

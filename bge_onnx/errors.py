@@ -1,4 +1,5 @@
-"""Every exception bge_onnx raises, under one base class (and the stacklevel helper its warnings use).
+"""Every exception bge_onnx raises, under one base class (and the stacklevel helper its warnings use, and the pip line
+for a missing extra).
 
 Each subclass also inherits the builtin it refines, so ``except FileNotFoundError``,
 ``except TypeError`` and ``except ValueError`` keep working for callers who do not know us.
@@ -63,6 +64,19 @@ class ExportError(BgeOnnxError, RuntimeError):
 
 class ParityError(ExportError):
     """The exported graph's output differs from the PyTorch model's beyond the gate."""
+
+
+def install_hint(extra: str) -> str:
+    """The pip line that adds ``extra`` to this install: of bge-onnx-gpu on the CUDA build, else of bge-onnx
+    (bge-onnx[...] on the CUDA build would bring back onnxruntime beside onnxruntime-gpu)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("bge-onnx-gpu")
+        name = "bge-onnx-gpu"
+    except importlib.metadata.PackageNotFoundError:
+        name = "bge-onnx"
+    return f'pip install "{name}[{extra}]"'
 
 
 def caller_stacklevel() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BgeOnnxError, InputError
+from .errors import BgeOnnxError, InputError, install_hint
 
 INPUT_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 OUTPUT_FORMATS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -36,7 +36,6 @@ def _pyarrow():
         import pyarrow
         import pyarrow.parquet
     except ImportError as err:
-        from .cli import install_hint
 
         raise BgeOnnxError(f"Parquet files need pyarrow ({err}): {install_hint('files')}") from err
     return pyarrow, pyarrow.parquet

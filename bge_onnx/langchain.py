@@ -7,10 +7,9 @@ import os
 from collections.abc import Sequence
 
 from .checks import describe
-from .cli import install_hint
 from .embedder import Embedder
 from .handle import given_or_opened
-from .errors import InputTypeError, MissingExtraError
+from .errors import InputTypeError, MissingExtraError, install_hint
 from .reranker import Reranker
 
 try:

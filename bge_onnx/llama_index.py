@@ -7,10 +7,9 @@ import os
 from typing import Any
 
 from .checks import check_texts, describe
-from .cli import install_hint
 from .embedder import Embedder
 from .handle import given_or_opened
-from .errors import InputError, InputTypeError, MissingExtraError
+from .errors import InputError, InputTypeError, MissingExtraError, install_hint
 from .reranker import Reranker
 
 try:

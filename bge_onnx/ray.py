@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .cli import install_hint
 from .embedder import Embedder
-from .errors import InputError, MissingExtraError
+from .errors import InputError, MissingExtraError, install_hint
 from .reranker import Reranker
 
 __all__ = ["embed_dataset", "rerank_dataset"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bge_onnx import Embedder, InputTypeError, Reranker
-from bge_onnx.cli import install_hint
+from bge_onnx.errors import install_hint
 
 pytest.importorskip("langchain_core")
 pytest.importorskip("llama_index.core")

@@ -40,3 +40,25 @@ def test_graph_rewrites_load_without_torch():
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
     assert "onnx" in loaded and "bge_onnx_export" in loaded
     assert loaded.isdisjoint({"torch", "transformers", "optimum"}), sorted(loaded & {"torch", "transformers"})
+
+
+
+def test_nothing_below_the_command_line_imports_it():
+    """Arrows point down: only __main__ imports bge_onnx.cli (the adapters and files.py once did, for install_hint)."""
+    import ast
+    from pathlib import Path
+
+    import bge_onnx
+
+    def imported(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [alias.name for alias in node.names]
+        if isinstance(node, ast.ImportFrom):
+            base = "bge_onnx." * bool(node.level) + (node.module or "")
+            return [base.rstrip(".")] + [f"{base}.{alias.name}".replace("..", ".") for alias in node.names]
+        return []
+
+    importers = {path.name for path in Path(bge_onnx.__file__).parent.rglob("*.py")
+                 for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if "bge_onnx.cli" in imported(node)}
+    assert importers == {"__main__.py"}
