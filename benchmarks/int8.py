@@ -82,18 +82,19 @@ def kernels(rounds: int, threads: int) -> list[list]:
         runs = {"fp32 MatMul": (session([helper.make_node("MatMul", ["a", "w"], ["y"])], fin,
                                         [numpy_helper.from_array(w, "w")]), x)}
         plain = np.clip(np.rint(w / (np.abs(w).max(0) / 127)), -127, 127).astype(np.int8)
+        exact = {}
         for label, q in (("u8 x s8, 7-bit weights", pertoken.quantize_weight(w, 7)[0]),
                          ("u8 x s8, fitted 8-bit weights", pertoken.quantize_weight(w, 8)[0]),
                          ("u8 x s8, plain 8-bit weights", plain)):
-            runs[label] = (session(
+            integer = session(
                 [helper.make_node("MatMulIntegerToFloat", ["a", "w", "one", "ws", "zp"], ["y"],
                                   domain="com.microsoft")],
                 qin, [numpy_helper.from_array(q, "w"), numpy_helper.from_array(np.array(1, np.float32), "one"),
                       numpy_helper.from_array(np.ones(n, np.float32), "ws"),
-                      numpy_helper.from_array(np.array(128, np.uint8), "zp")]), xq)
-        exact = {label: float(np.abs(s.run(None, {"a": a})[0] - (a.astype(np.int64) - 128) @ q.astype(np.int64)).max())
-                 for (label, (s, a)), q in zip(list(runs.items())[1:], (pertoken.quantize_weight(w, 7)[0],
-                                                                       pertoken.quantize_weight(w, 8)[0], plain))}
+                      numpy_helper.from_array(np.array(128, np.uint8), "zp")])
+            runs[label] = (integer, xq)
+            reference = (xq.astype(np.int64) - 128) @ q.astype(np.int64)
+            exact[label] = float(np.abs(integer.run(None, {"a": xq})[0] - reference).max())
         for block in (32, 128):
             blocks = (k + block - 1) // block
             padded = np.zeros((blocks * block, n), np.float32)
