@@ -19,6 +19,7 @@ BENCHMARKS = {
     "m3-long": ("m3_long", "bge-m3's shape (random weights): peak RSS and time per text at 512, 2048, 8192 tokens"),
     "parity": ("parity", "every architecture and the packaged real model against PyTorch, fp32"),
     "serve-load": ("serve_load", "bge-onnx serve over HTTP: throughput, p50/p99 per concurrency vs in-process, overload, RSS"),
+    "serve-hostile": ("serve_hostile", "bge-onnx serve: peak RSS under 8 concurrent ~1.9 MB truncate requests, vs a baseline"),
     "gpu": ("gpu", "CUDA: provider start, fp16/fp32 parity, throughput against sentence-transformers on the GPU"),
     "gpu-rerank": ("gpu_rerank", "CUDA: reranker parity and throughput against the CrossEncoder on the GPU"),
 }

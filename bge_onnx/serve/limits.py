@@ -159,16 +159,18 @@ def flag(body: dict, name: str, default: bool | None) -> bool | None:
     return value
 
 
-def check_lengths(counts: Sequence[int], max_length: int, *, name: str, truncate: bool) -> None:
-    """Refuse the first text over ``max_length`` tokens unless it may be truncated."""
+def check_lengths(counts: Sequence[int], cut: Sequence[bool], max_length: int, *, name: str, truncate: bool,
+                  hint: str = '"truncate": true') -> None:
+    """Refuse the first text over ``max_length`` tokens unless it may be truncated (a ``cut`` text was counted on
+    a prefix only, so its count is a lower bound)."""
     if truncate:
         return
-    for i, count in enumerate(counts):
+    for i, (count, was_cut) in enumerate(zip(counts, cut)):
         if count > max_length:
             raise Refusal(
                 VALIDATION,
-                f"{name}[{i}] has {count} tokens; the model's limit is {max_length}. Shorten it, send "
-                '"truncate": true, or start the server with --auto-truncate',
+                f"{name}[{i}] has {'at least ' if was_cut else ''}{count} tokens; the model's limit is {max_length}. "
+                f"Shorten it, send {hint}, or start the server with --auto-truncate",
                 param=name,
             )
 

@@ -17,7 +17,7 @@ from ..pooling import normalize as l2_normalize
 from ..reranker import Reranker
 from ..session import CUDA
 from .batcher import Batcher, Timing
-from .limits import BACKEND, NOT_FOUND, UNHEALTHY, Refusal, ServeConfig, check_lengths
+from .limits import BACKEND, NOT_FOUND, UNHEALTHY, VALIDATION, Refusal, ServeConfig, check_lengths
 from .metrics import Metrics
 from .tokens import TokenCounter
 
@@ -125,14 +125,31 @@ class Service:
             raise Refusal(NOT_FOUND, f"this server has no {'reranker' if what == 'rerank' else 'embedding model'}; {hint}")
         return model
 
-    async def count(self, what: str, texts: list[str], *, parts: bool = False) -> tuple[list[int], float]:
-        """Tokens per text, counted in a worker thread (tokenising a large request must not stall the event loop)."""
+    async def measure(self, what: str, texts: list[str], limit: int) -> tuple[list[str], list[int], list[bool], float]:
+        """Texts cut to what ``limit`` tokens need, tokens per text, which were cut (TokenCounter.measure), and the
+        seconds it took; in a worker thread (tokenising a large request must not stall the event loop)."""
         counter = self.embed_tokens if what == "embed" else self.rerank_tokens
         start = time.perf_counter()
-        counts = await anyio.to_thread.run_sync(counter.count_parts if parts else counter.count, texts)
+        clipped, counts, cut = await anyio.to_thread.run_sync(counter.measure, texts, limit)
         elapsed = time.perf_counter() - start
         self.metrics.tokenize_time.labels(what).observe(elapsed)
-        return counts, elapsed
+        return clipped, counts, cut, elapsed
+
+    async def measure_pairs(self, query: str, texts: list[str]) -> tuple[str, list[str], int, list[int], list[bool],
+                                                                       float]:
+        """A rerank request's query and texts cut as the reranker will cut them, their tokens (without special
+        tokens) and which texts were cut; the query's count is a lower bound where it was cut."""
+        reranker, counter = self.require("rerank"), self.rerank_tokens
+        start = time.perf_counter()
+
+        def run():
+            (query_clipped,), (query_tokens,), _ = counter.measure([query], reranker.query_max_length, special=False)
+            return (query_clipped, query_tokens, *counter.measure(texts, reranker.max_length, special=False))
+
+        query_clipped, query_tokens, clipped, counts, cut = await anyio.to_thread.run_sync(run)
+        elapsed = time.perf_counter() - start
+        self.metrics.tokenize_time.labels("rerank").observe(elapsed)
+        return query_clipped, clipped, query_tokens, counts, cut, elapsed
 
     async def embed(self, texts: list[str], tokens: int) -> tuple[np.ndarray, Timing]:
         """Raw pooled vectors (not normalised) for ``texts``, computed with whatever else is queued."""
@@ -173,13 +190,14 @@ async def embed_request(service: Service, texts: list[str], *, name: str, trunca
     """Check, queue and embed one request's texts (already prefixed with any instruction)."""
     start = time.perf_counter()
     embedder = service.require("embed")
-    counts, tokenize = await service.count("embed", texts)
-    check_lengths(counts, embedder.max_length, name=name, truncate=truncate)
+    characters = sum(map(len, texts))
+    texts, counts, cut, tokenize = await service.measure("embed", texts, embedder.max_length)
+    check_lengths(counts, cut, embedder.max_length, name=name, truncate=truncate)
     used = [min(c, embedder.max_length) for c in counts]
     rows, timing = await service.embed(texts, sum(used))
     if normalize:
         rows = l2_normalize(rows)
-    headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=sum(map(len, texts)),
+    headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=characters,
                              device=_device(embedder))
     return Answer(rows, used, headers)
 
@@ -188,11 +206,12 @@ async def multi_request(service: Service, output: str, texts: list[str], *, name
     """Check, queue and compute bge-m3's lexical weights or ColBERT vectors for one request's texts."""
     start = time.perf_counter()
     embedder = service.require("embed")
-    counts, tokenize = await service.count("embed", texts)
-    check_lengths(counts, embedder.max_length, name=name, truncate=truncate)
+    characters = sum(map(len, texts))
+    texts, counts, cut, tokenize = await service.measure("embed", texts, embedder.max_length)
+    check_lengths(counts, cut, embedder.max_length, name=name, truncate=truncate)
     used = [min(c, embedder.max_length) for c in counts]
     rows, timing = await service.multi(output, texts, sum(used))
-    headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=sum(map(len, texts)),
+    headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=characters,
                              device=_device(embedder))
     return Answer(rows, used, headers)
 
@@ -201,19 +220,22 @@ async def rerank_request(service: Service, query: str, texts: list[str], *, name
     """Check, queue and score (query, text) pairs: raw logits, in input order."""
     start = time.perf_counter()
     reranker = service.require("rerank")
-    counts, tokenize = await service.count("rerank", [query, *texts], parts=True)
-    query_tokens, specials = counts[0], service.rerank_tokens.pair_specials
-    pairs = [query_tokens + c + specials for c in counts[1:]]
+    characters = sum(map(len, texts)) + len(query) * len(texts)
+    original_query = query
+    query, texts, query_tokens, counts, cut, tokenize = await service.measure_pairs(query, texts)
+    specials = service.rerank_tokens.pair_specials
+    pairs = [query_tokens + c + specials for c in counts]
     if not truncate:
         if query_tokens > reranker.query_max_length:
-            raise Refusal("validation", f"query has {query_tokens} tokens; the reranker's query limit is "
+            at_least = "at least " if query is not original_query else ""
+            raise Refusal(VALIDATION, f"query has {at_least}{query_tokens} tokens; the reranker's query limit is "
                           f"{reranker.query_max_length}. Shorten it, send \"truncate\": true, or start the server "
                           "with --auto-truncate", param="query")
-        check_lengths(pairs, reranker.max_length, name=name, truncate=False)
+        check_lengths(pairs, cut, reranker.max_length, name=name, truncate=False)
     used = [min(c, reranker.max_length) for c in pairs]
     scores, timing = await service.score([(query, text) for text in texts], sum(used))
-    headers = timing_headers(start, tokenize, timing, tokens=sum(used),
-                             characters=sum(map(len, texts)) + len(query) * len(texts), device=_device(reranker))
+    headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=characters,
+                             device=_device(reranker))
     return Answer(scores, used, headers)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from ..tokenize import TOKENIZER_FILE
+from ..tokenize import TOKENIZER_FILE, clip
 
 
 class TokenCounter:
@@ -23,13 +23,13 @@ class TokenCounter:
         self._tokenizer = tokenizer
         self.pair_specials = tokenizer.num_special_tokens_to_add(True)
 
-    def count(self, texts: list[str]) -> list[int]:
-        """Tokens per text, special tokens included."""
-        return [len(e) for e in self._tokenizer.encode_batch_fast(texts, add_special_tokens=True)]
-
-    def count_parts(self, texts: list[str]) -> list[int]:
-        """Tokens per text without special tokens (the parts of a reranker's pair)."""
-        return [len(e) for e in self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    def measure(self, texts: list[str], limit: int, *, special: bool = True) -> tuple[list[str], list[int], list[bool]]:
+        """Each text cut to a prefix that keeps its first ``limit`` tokens (so a 2 MB text costs what its first
+        tokens cost), the tokens each holds (special tokens included where ``special``), and which were cut: a cut
+        text's count is a lower bound, above ``limit``."""
+        clipped = clip(self._tokenizer, texts, limit)
+        counts = [len(e) for e in self._tokenizer.encode_batch_fast(clipped, add_special_tokens=special)]
+        return clipped, counts, [a is not b for a, b in zip(clipped, texts)]
 
     def tokens(self, texts: list[str], *, add_special_tokens: bool) -> list[list[dict]]:
         """TEI's /tokenize answer: per text, its tokens as {id, text, special, start, stop} (character offsets;
