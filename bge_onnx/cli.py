@@ -272,7 +272,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise BgeOnnxError(f"serve needs starlette, uvicorn and prometheus-client ({err}): {install_hint('serve')}") from err
     config = ServeConfig(
         args.model, reranker=args.reranker, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens,
-        max_client_batch_size=args.max_client_batch_size, max_concurrent_requests=args.max_concurrent_requests,
+        max_client_batch_size=args.max_client_batch_size, openai_max_inputs=args.openai_max_inputs,
+        max_concurrent_requests=args.max_concurrent_requests, cors_allow_origin=tuple(args.cors_allow_origin or ()),
         payload_limit=args.payload_limit, auto_truncate=args.auto_truncate or _env_flag("BGE_ONNX_AUTO_TRUNCATE"),
         api_key=args.api_key or None, max_wait_ms=args.max_wait_ms,
         isolate_batches=args.isolate_batches or _env_flag("BGE_ONNX_ISOLATE_BATCHES"), precision=args.precision,
@@ -300,8 +301,9 @@ def _serve_parser(commands) -> None:
 
     serve = commands.add_parser(
         "serve", help="serve an embedding model (and a reranker) over HTTP: TEI's and OpenAI's APIs",
-        description="An HTTP server ([serve] extra): TEI's /embed, /rerank, /tokenize, /info, /health, /metrics; "
-                    "OpenAI's /v1/embeddings; a Cohere-style /v1/rerank. Concurrent requests are merged into the "
+        description="An HTTP server ([serve] extra): TEI's routes (/embed, /rerank, /predict, /similarity, "
+                    "/tokenize, /decode, /, /invocations, /info, /health, /ping, /metrics); OpenAI's /v1/embeddings "
+                    "and /v1/models; a Cohere-style /v1/rerank. Concurrent requests are merged into the "
                     "runtime's token-budget batches. Each flag can be set by the variable named in its help.")
     serve.add_argument("model", nargs="?", default=env("MODEL"), metavar="MODEL",
                        help="embedding model folder or hub id ($BGE_ONNX_MODEL); may be omitted with --reranker")
@@ -314,6 +316,13 @@ def _serve_parser(commands) -> None:
                        help="padded tokens per forward pass ($BGE_ONNX_MAX_BATCH_TOKENS; default 512 on CPU, 16384 on CUDA)")
     serve.add_argument("--max-client-batch-size", type=_positive_int, default=env("MAX_CLIENT_BATCH_SIZE", "32"),
                        help="most inputs in one request ($BGE_ONNX_MAX_CLIENT_BATCH_SIZE; default 32)")
+    serve.add_argument("--openai-max-inputs", type=_positive_int, default=env("OPENAI_MAX_INPUTS", "2048"), metavar="N",
+                       help="most inputs in one /v1/embeddings request ($BGE_ONNX_OPENAI_MAX_INPUTS; default 2048, "
+                            "OpenAI's own limit)")
+    serve.add_argument("--cors-allow-origin", nargs="+", metavar="ORIGIN",
+                       default=(env("CORS_ALLOW_ORIGIN") or "").split(",") if env("CORS_ALLOW_ORIGIN") else None,
+                       help="let browser pages from these origins call the server ('*': any; "
+                            "$BGE_ONNX_CORS_ALLOW_ORIGIN, comma-separated); default: no CORS headers")
     serve.add_argument("--max-concurrent-requests", type=_positive_int, default=env("MAX_CONCURRENT_REQUESTS", "512"),
                        help="requests in flight; more are answered 429 at once ($BGE_ONNX_MAX_CONCURRENT_REQUESTS; default 512)")
     serve.add_argument("--payload-limit", type=_positive_int, default=env("PAYLOAD_LIMIT", "2000000"), metavar="BYTES",
@@ -321,7 +330,7 @@ def _serve_parser(commands) -> None:
     serve.add_argument("--auto-truncate", action="store_true",
                        help="cut texts over the model's max length instead of refusing them ($BGE_ONNX_AUTO_TRUNCATE=1)")
     serve.add_argument("--api-key", default=env("API_KEY"), metavar="KEY",
-                       help="require 'Authorization: Bearer KEY' on all but /health and /metrics ($BGE_ONNX_API_KEY)")
+                       help="require 'Authorization: Bearer KEY' on all but GET /health, /ping, / and /metrics ($BGE_ONNX_API_KEY)")
     serve.add_argument("--max-wait-ms", type=_non_negative_float, default=env("MAX_WAIT_MS", "2"), metavar="MS",
                        help="how long a request that finds the model idle waits for others to batch with "
                             "($BGE_ONNX_MAX_WAIT_MS; default 2)")

@@ -89,7 +89,8 @@ def server(exported, tmp_path_factory):
     """fp32 embedder + reranker; small limits; 20 ms for company, so concurrent requests merge."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
     srv = Server(str(exported["bert-cls"]), "--reranker", str(exported["bert-rerank"]), "--precision", "fp32",
-                 "--max-client-batch-size", "8", "--payload-limit", "20000", "--max-wait-ms", "20", log=log)
+                 "--max-client-batch-size", "8", "--openai-max-inputs", "12", "--payload-limit", "20000",
+                 "--max-wait-ms", "20", log=log)
     yield srv
     srv.stop()
 
@@ -190,7 +191,10 @@ def test_openai_wire_format_and_errors(server, embedder):
         ({"model": "x"}, "input is required", "input"),
         ({"input": [1, 2, 3]}, "input[0] is a token-id array", "input"),
         ({"input": ["ok", 7.5]}, "input[1] is float 7.5, expected a string", "input"),
-        ({"input": ["x"] * 9}, "input has 9 items; the limit is 8 per request (--max-client-batch-size)", "input"),
+        ({"input": ["x"] * 13}, "input has 13 items; the limit is 12 per request (--openai-max-inputs)", "input"),
+        ({"input": "x", "input_type": "classification"}, "input_type 'classification' is not one of", "input_type"),
+        ({"input": "x", "prompt_name": "doc"}, "prompt_name 'doc' is not one of", "prompt_name"),
+        ({"input": "x", "truncate": "yes"}, "truncate must be true or false", "truncate"),
         ({"input": ["ok", MID]}, "input[1] has 152 tokens; the model's limit is 128", "input"),
         ({"input": ["ok", LONG]}, "input[1] has at least ", "input"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format must be 'float' or 'base64'", "encoding_format"),
@@ -380,6 +384,8 @@ def test_api_key(guarded):
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     assert call(guarded.base, "GET", "/info")[0] == 401
     assert call(guarded.base, "GET", "/health")[0] == 200 and call(guarded.base, "GET", "/metrics")[0] == 200
+    assert call(guarded.base, "GET", "/ping")[0] == 200 and call(guarded.base, "GET", "/")[0] == 200
+    assert call(guarded.base, "POST", "/", {"inputs": "x"})[0] == 401  # TEI's POST / does work: it needs the key
     status, body, _ = call(guarded.base, "POST", "/embed", {"inputs": "x"}, headers={"authorization": "Bearer sekret"})
     assert status == 200 and len(body) == 1
 
@@ -398,11 +404,12 @@ def test_burst_over_the_limit_gets_429_while_others_succeed(guarded, embedder):
     statuses = [status for status, _, _ in answers]
     assert set(statuses) <= {200, 429} and statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
     assert statuses.count(200) <= 2 * 2  # at most the limit in flight at once (two rounds at the very most)
-    for text, (status, body, _) in zip(texts, answers):
+    for text, (status, body, headers) in zip(texts, answers):
         if status == 200:
             assert_same_vectors(body, embedder.encode([text]))
         else:
             assert body["error_type"] == "Overloaded" and "the limit is 2" in body["error"]
+            assert int(headers["retry-after"]) >= 1  # how long to wait, for clients that honour it
     assert call(guarded.base, "POST", "/embed", {"inputs": "after"}, headers=auth)[0] == 200
 
 
@@ -457,7 +464,7 @@ def test_health_is_503_while_the_model_loads(exported):
         assert client.post("/embed", json={"inputs": "x"}).status_code == 200
 
 
-def test_inference_error_answers_that_request_with_500_and_the_server_goes_on(exported):
+def test_inference_error_answers_that_request_with_424_and_the_server_goes_on(exported):
     from bge_onnx.serve import ServeConfig, create_app
 
     class Flaky(Embedder):
@@ -476,7 +483,7 @@ def test_inference_error_answers_that_request_with_500_and_the_server_goes_on(ex
             time.sleep(0.05)
             good = pool.submit(client.post, "/embed", json={"inputs": ["fine"]})
             bad, good = bad.result(), good.result()
-        assert bad.status_code == 500
+        assert bad.status_code == 424  # TEI's status for a failed inference
         assert bad.json() == {"error": "inference failed: RuntimeError: the runtime failed", "error_type": "Backend"}
         assert good.status_code == 200
         assert_same_vectors(good.json(), flaky.encode(["fine"]))

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable
 
 from starlette.applications import Starlette
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,17 +19,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..embedder import Embedder
 from ..reranker import Reranker
 from . import cohere, openai, tei
-from .limits import AUTH, BACKEND, OVERLOADED, Refusal, ServeConfig
+from .limits import AUTH, BACKEND, NOT_FOUND, OVERLOADED, UNHEALTHY, Refusal, ServeConfig
 from .metrics import Metrics
 from .service import Service
 
 log = logging.getLogger("bge_onnx.serve")
 
-# open without the API key, and never counted against --max-concurrent-requests (a prober must always get in)
-OPEN_ROUTES = ("/health", "/metrics")
-# the routes that do work; each request in flight on them counts against --max-concurrent-requests
-WORK_ROUTES = ("/embed", "/rerank", "/tokenize", "/v1/embeddings", "/embeddings", "/v1/rerank")
-OPENAI_STYLE = ("/v1/embeddings", "/embeddings", "/v1/rerank")
+# GET routes open without the API key, and never counted against --max-concurrent-requests (a prober must always
+# get in); GET / is TEI's health check too
+OPEN_ROUTES = ("/health", "/ping", "/metrics", "/")
+# the routes that do work (POST); each request in flight on them counts against --max-concurrent-requests
+WORK_ROUTES = ("/embed", "/embed_sparse", "/embed_colbert", "/embed_all", "/rerank", "/predict", "/similarity",
+               "/tokenize", "/decode", "/", "/invocations", "/v1/embeddings", "/embeddings", "/v1/rerank")
+OPENAI_STYLE = ("/v1/embeddings", "/embeddings", "/v1/rerank", "/v1/models")
+DISCONNECTED = 499  # the status recorded for a request whose client went away before its answer (nginx's code)
+
+
+# refusal kind -> TEI's te_request_failure label (the rest are "validation")
+FAILURES = {BACKEND: "inference", NOT_FOUND: "model_type", UNHEALTHY: "inference", OVERLOADED: "overloaded"}
 
 
 def render(path: str, refusal: Refusal) -> Response:
@@ -38,20 +47,25 @@ def render(path: str, refusal: Refusal) -> Response:
 
 
 class Gate:
-    """Every request passes here: the API key, the concurrency limit (429 at once, never a queue without bound),
-    and the request metrics. Pure ASGI, so a streamed response or a disconnect is not buffered or hidden."""
+    """Every request passes here: the API key, the concurrency limit (429 at once, with Retry-After, never a queue
+    without bound), the request metrics, and a client's disconnect: a request whose client goes away is cancelled,
+    so its texts leave the queue uncomputed. Pure ASGI, so a streamed response or a disconnect is not hidden."""
 
     def __init__(self, app: ASGIApp, *, config: ServeConfig, metrics: Metrics) -> None:
         self.app, self.config, self.metrics = app, config, metrics
         self.in_flight = 0
+        self.latency = 0.1  # seconds a work request takes, a moving average: what Retry-After is made of
         self._key = f"Bearer {config.api_key}".encode() if config.api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        route = path if path in (*OPEN_ROUTES, *WORK_ROUTES, "/info") else "other"  # bounded label values
+        path, method = scope["path"], scope["method"]
+        known = (*OPEN_ROUTES, *WORK_ROUTES, "/info", "/v1/models")
+        route = path if path in known else "other"  # bounded label values
+        is_open = path in OPEN_ROUTES and method in ("GET", "HEAD")
+        counted = path in WORK_ROUTES and method == "POST"
         start, status = time.perf_counter(), [500]
 
         async def send_status(message: Message) -> None:
@@ -61,27 +75,68 @@ class Gate:
 
         try:
             refusal = None
-            if self._key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
+            if self._key is not None and not is_open and method != "OPTIONS" and not self._authorized(scope):
                 refusal = Refusal(AUTH, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
-            elif path in WORK_ROUTES and self.in_flight >= self.config.max_concurrent_requests:
+            elif counted and self.in_flight >= self.config.max_concurrent_requests:
+                self.metrics.tei_failure("overloaded")
                 refusal = Refusal(OVERLOADED, f"the server is overloaded: {self.in_flight} requests in flight, the "
-                                              f"limit is {self.config.max_concurrent_requests}; retry later")
+                                              f"limit is {self.config.max_concurrent_requests}; retry later",
+                                  retry_after=self._retry_after())
             if refusal is not None:
                 await render(path, refusal)(scope, receive, send_status)
                 return
-            counted = path in WORK_ROUTES
-            if counted:
-                self.in_flight += 1
-                self.metrics.in_flight.inc()
-            try:
+            if not counted:
                 await self.app(scope, receive, send_status)
+                return
+            self.in_flight += 1
+            self.metrics.in_flight.inc()
+            try:
+                if not await self._run_unless_gone(scope, receive, send_status):
+                    status[0] = DISCONNECTED
             finally:
-                if counted:
-                    self.in_flight -= 1
-                    self.metrics.in_flight.dec()
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
+                if status[0] < 400:
+                    self.latency += 0.2 * (time.perf_counter() - start - self.latency)
         finally:
             self.metrics.requests.labels(route, str(status[0])).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    async def _run_unless_gone(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Run the app; once it has read the whole body, a disconnect from the client cancels it (a request waiting
+        in a batching queue then leaves it). False if the client went away first."""
+        body_read = asyncio.Event()
+
+        async def tracked_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        app = asyncio.ensure_future(self.app(scope, tracked_receive, send))
+        watch = asyncio.ensure_future(self._disconnected(receive, body_read))
+        try:
+            done, _ = await asyncio.wait({app, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if app in done:
+                app.result()
+                return True
+            app.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await app
+            return False
+        finally:
+            watch.cancel()
+            app.cancel()
+
+    @staticmethod
+    async def _disconnected(receive: Receive, body_read: asyncio.Event) -> None:
+        await body_read.wait()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    def _retry_after(self) -> int:
+        """Seconds until a slot is likely free: the requests ahead, at the recent pace of one, over the limit."""
+        return max(1, math.ceil(self.latency * self.in_flight / self.config.max_concurrent_requests))
 
     def _authorized(self, scope: Scope) -> bool:
         given = dict(scope["headers"]).get(b"authorization", b"")
@@ -90,11 +145,13 @@ class Gate:
 
 async def _refusal_handler(request: Request, err: Exception) -> Response:
     assert isinstance(err, Refusal)  # registered for Refusal only
+    request.app.state.service.metrics.tei_failure(FAILURES.get(err.kind, "validation"))
     return render(request.url.path, err)
 
 
 async def _error_handler(request: Request, err: Exception) -> Response:
     log.error("bge-onnx serve: %s %s failed", request.method, request.url.path, exc_info=err)
+    request.app.state.service.metrics.tei_failure("inference")
     return render(request.url.path, Refusal(BACKEND, f"internal error: {type(err).__name__}: {err}"))
 
 
@@ -137,4 +194,8 @@ def create_app(
     )
     app.state.service = service
     app.add_middleware(Gate, config=config, metrics=metrics)
+    if config.cors_allow_origin:
+        # outside the gate, so a browser's preflight (OPTIONS, without the API key) is answered
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origin), allow_methods=["GET", "POST"],
+                           allow_headers=["content-type", "authorization"])
     return app

@@ -79,6 +79,7 @@ class Batcher:
         job = _Job(items, tokens, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._pending.append(job)
         self._metrics.queue_depth.labels(self.name).inc(len(items))
+        self._metrics.te_queue_size.inc(len(items))
         self._wakeup.set()
         rows = await job.future
         return rows, job.timing
@@ -95,6 +96,7 @@ class Batcher:
                     await asyncio.sleep(wait)
             jobs = self._take()
             self._metrics.queue_depth.labels(self.name).dec(sum(len(j.items) for j in jobs))
+            self._metrics.te_queue_size.dec(sum(len(j.items) for j in jobs))
             jobs = [j for j in jobs if not j.future.done()]  # the client went away meanwhile
             if jobs:
                 await self._call(jobs, split_on_error=len(jobs) > 1)
@@ -131,6 +133,8 @@ class Batcher:
         self._metrics.batch_texts.labels(self.name).observe(len(items))
         self._metrics.batch_tokens.labels(self.name).observe(sum(job.tokens for job in jobs))
         self._metrics.batch_requests.labels(self.name).observe(len(jobs))
+        self._metrics.te_batch_next_size.observe(len(items))
+        self._metrics.te_batch_next_tokens.observe(sum(job.tokens for job in jobs))
         at = 0
         for job in jobs:
             job.timing.inference = elapsed

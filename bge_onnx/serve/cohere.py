@@ -39,8 +39,9 @@ async def rerank(request: Request) -> Response:
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
         raise Refusal(VALIDATION, f"top_n must be a positive integer, got {describe(top_n)}", param="top_n")
     return_documents = flag(body, "return_documents", False)
-    model = served_name(service, body)
-    answer = await rerank_request(service, query, texts, name="documents", truncate=service.config.auto_truncate)
+    model = served_name(service, body, task="rerank")
+    truncate = flag(body, "truncate", service.config.auto_truncate)
+    answer = await rerank_request(service, query, texts, name="documents", truncate=truncate)
     scores = sigmoid(answer.rows)
     results = []
     for i in np.argsort(-scores, kind="stable")[:top_n]:

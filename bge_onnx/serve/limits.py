@@ -31,12 +31,15 @@ class ServeConfig:
         model: the embedding model (folder or hub id); None serves only ``reranker``.
         reranker: a reranker (folder or hub id) served beside it, or None.
         max_batch_tokens: padded tokens per forward pass (the runtime's ``max_tokens``); None: its default.
-        max_client_batch_size: most inputs (texts, documents) in one request.
+        cors_allow_origin: origins a browser may call from ("*": any); none: no CORS headers.
+        max_client_batch_size: most inputs (texts, documents) in one request to TEI's routes and /v1/rerank.
+        openai_max_inputs: most inputs in one request to /v1/embeddings (OpenAI's own limit, 2048, by default:
+            its clients send that many; the token budget splits the work anyway).
         max_concurrent_requests: most requests in flight; one more is answered 429 at once.
         payload_limit: most bytes in a request body; a larger one is answered 413.
         auto_truncate: cut texts over the model's max length instead of refusing them (a request may say
             otherwise with ``truncate``).
-        api_key: when set, every route but /health and /metrics needs ``Authorization: Bearer <api_key>``.
+        api_key: when set, every route but GET /health, /ping, / and /metrics needs ``Authorization: Bearer <api_key>``.
         max_wait_ms: how long a request that finds the model idle waits for others to batch with.
         isolate_batches: run each request in batches of its own, never merged with others' texts, where the
             graph's output depends on its batch (per-batch int8 of older exports); a no-op elsewhere.
@@ -44,10 +47,12 @@ class ServeConfig:
 
     model: str | None
     reranker: str | None = None
+    cors_allow_origin: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8080
     max_batch_tokens: int | None = None
     max_client_batch_size: int = 32
+    openai_max_inputs: int = 2048
     max_concurrent_requests: int = 512
     payload_limit: int = 2_000_000
     auto_truncate: bool = False
@@ -63,7 +68,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.model is None and self.reranker is None:
             raise BgeOnnxError("serve needs a MODEL to embed with, a --reranker, or both")
-        for name in ("max_client_batch_size", "max_concurrent_requests", "payload_limit"):
+        for name in ("max_client_batch_size", "openai_max_inputs", "max_concurrent_requests", "payload_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BgeOnnxError(f"{name} must be a positive int, got {describe(value)}")
@@ -76,21 +81,46 @@ class ServeConfig:
 class Refusal(BgeOnnxError):
     """A request the server answers with an error: its kind (see the constants above), message and field."""
 
-    def __init__(self, kind: str, message: str, *, param: str | None = None) -> None:
+    def __init__(self, kind: str, message: str, *, param: str | None = None, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.kind, self.message, self.param = kind, message, param
+        self.kind, self.message, self.param, self.retry_after = kind, message, param, retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Retry-After on a 429; Connection: close after a body that was not read to its end (see read_json)."""
+        headers = {"retry-after": str(self.retry_after)} if self.retry_after is not None else {}
+        if self.kind == PAYLOAD:
+            headers["connection"] = "close"
+        return headers
+
+
+# Bytes read and dropped from a body over --payload-limit before the 413 is sent: a client that sends its whole body
+# before it reads (Python's urllib, many others) sees the 413 instead of a reset connection, and a huge body still
+# costs only this much reading.
+DRAIN = 64_000_000
 
 
 async def read_json(request: Request, limit: int) -> object:
-    """The request's JSON body, read at most ``limit`` bytes far (a larger body is refused before it is all read)."""
+    """The request's JSON body, read at most ``limit`` bytes far (a larger body is refused, its rest drained up to
+    DRAIN bytes and the connection closed, so the client reads the 413)."""
     declared = request.headers.get("content-length")
+    too_large = None
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Refusal(PAYLOAD, f"the body has {int(declared)} bytes; the limit is {limit} (--payload-limit)")
+        too_large = f"the body has {int(declared)} bytes; the limit is {limit} (--payload-limit)"
+        if int(declared) > DRAIN:  # not worth reading: the client would not get to the answer anyway
+            raise Refusal(PAYLOAD, too_large)
     body = bytearray()
+    read = 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Refusal(PAYLOAD, f"the body has more than {limit} bytes; the limit is {limit} (--payload-limit)")
+        read += len(chunk)
+        if too_large is None and read > limit:
+            too_large = f"the body has more than {limit} bytes; the limit is {limit} (--payload-limit)"
+        if too_large is None:
+            body += chunk
+        elif read > DRAIN:
+            break
+    if too_large is not None:
+        raise Refusal(PAYLOAD, too_large)
     if not body.strip():
         raise Refusal(BAD_JSON, "the body is empty; send a JSON object")
     try:
@@ -117,7 +147,8 @@ def utf8_text(text: str, label: str, name: str) -> str:
     return text
 
 
-def texts_field(value: object, name: str, *, limit: int, single_ok: bool = True) -> tuple[list[str], bool]:
+def texts_field(value: object, name: str, *, limit: int, single_ok: bool = True,
+                limit_flag: str = "--max-client-batch-size") -> tuple[list[str], bool]:
     """Texts from a field that holds a str or a list of str: (texts, whether it was one str). Refuses a missing,
     empty or wrongly typed value, token-id arrays, text that is not valid Unicode, and more than ``limit`` items,
     naming the field."""
@@ -133,7 +164,7 @@ def texts_field(value: object, name: str, *, limit: int, single_ok: bool = True)
     if len(value) > limit:
         raise Refusal(
             VALIDATION,
-            f"{name} has {len(value)} items; the limit is {limit} per request (--max-client-batch-size)",
+            f"{name} has {len(value)} items; the limit is {limit} per request ({limit_flag})",
             param=name,
         )
     for i, item in enumerate(value):
@@ -159,19 +190,19 @@ def flag(body: dict, name: str, default: bool | None) -> bool | None:
     return value
 
 
-def check_lengths(counts: Sequence[int], cut: Sequence[bool], max_length: int, *, name: str, truncate: bool,
-                  hint: str = '"truncate": true') -> None:
-    """Refuse the first text over ``max_length`` tokens unless it may be truncated (a ``cut`` text was counted on
-    a prefix only, so its count is a lower bound)."""
+def check_lengths(counts: Sequence[int], cut: Sequence[bool], max_length: int, *, names: Sequence[str], param: str,
+                  truncate: bool, limit_name: str = "the model's limit") -> None:
+    """Refuse the first text over ``max_length`` tokens unless it may be truncated; ``names[i]`` is how a message
+    names text i (a ``cut`` text was counted on a prefix only, so its count is a lower bound)."""
     if truncate:
         return
-    for i, (count, was_cut) in enumerate(zip(counts, cut)):
+    for name, count, was_cut in zip(names, counts, cut):
         if count > max_length:
             raise Refusal(
                 VALIDATION,
-                f"{name}[{i}] has {'at least ' if was_cut else ''}{count} tokens; the model's limit is {max_length}. "
-                f"Shorten it, send {hint}, or start the server with --auto-truncate",
-                param=name,
+                f"{name} has {'at least ' if was_cut else ''}{count} tokens; {limit_name} is {max_length}. "
+                'Shorten it, send "truncate": true, or start the server with --auto-truncate',
+                param=param,
             )
 
 

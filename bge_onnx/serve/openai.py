@@ -1,8 +1,11 @@
-"""OpenAI's embeddings API: POST /v1/embeddings (also /embeddings), and its error format.
+"""OpenAI's embeddings API: POST /v1/embeddings (also /embeddings), GET /v1/models, and its error format.
 
-``input`` is a string or a list of strings (token-id arrays are refused: this server takes text), ``encoding_format``
-"float" or "base64" (little-endian float32 bytes; the official client asks for base64 unless told otherwise),
-``dimensions`` only the model's own, ``model`` and ``user`` accepted and not checked. Vectors are L2-normalised.
+``input`` is a string or a list of up to --openai-max-inputs strings (token-id arrays are refused: this server takes
+text), ``encoding_format`` "float" or "base64" (little-endian float32 bytes; the official client asks for base64
+unless told otherwise), ``dimensions`` only the model's own, ``model`` and ``user`` accepted and not checked.
+Vectors are L2-normalised. Beyond OpenAI's fields, as the OpenAI-style APIs of Cohere, Voyage and NVIDIA do:
+``input_type`` "query" / "search_query" puts the model's query instruction before each text ("passage",
+"document", "search_document": none), ``prompt_name`` "query" the same (TEI's name), and ``truncate`` as on /embed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .limits import (
+    flag,
     AUTH,
     BACKEND,
     BAD_JSON,
@@ -48,22 +52,50 @@ STATUS = {
 def error_response(refusal: Refusal) -> Response:
     status, error_type, code = STATUS[refusal.kind]
     error = {"message": refusal.message, "type": error_type, "param": refusal.param, "code": code}
-    return JSONResponse({"error": error}, status_code=status)
+    return JSONResponse({"error": error}, status_code=status, headers=refusal.headers)
 
 
-def served_name(service: Service, body: dict) -> str:
-    """The ``model`` to answer with: the one asked for (any string; one model is served), else the served one."""
+# input_type -> whether the text is a query (gets the model's query instruction)
+INPUT_TYPES = {"query": True, "search_query": True, "passage": False, "document": False, "search_document": False}
+
+
+def served_name(service: Service, body: dict, *, task: str = "embed") -> str:
+    """The ``model`` to answer with: the one asked for (any string; one model per task is served), else the one
+    served for ``task`` ("embed" or "rerank")."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise Refusal(VALIDATION, f"model must be a string, got {type(model).__name__}", param="model")
-    return model or service.config.model or service.config.reranker
+    served = service.config.reranker if task == "rerank" else service.config.model
+    return model or served
+
+
+def _query_prefix(embedder, body: dict) -> str:
+    """The model's query instruction where ``input_type`` or ``prompt_name`` says the inputs are queries."""
+    input_type, prompt = body.get("input_type"), body.get("prompt_name")
+    if input_type is not None and input_type not in INPUT_TYPES:
+        raise Refusal(VALIDATION, f"input_type {input_type!r} is not one of {', '.join(INPUT_TYPES)}",
+                      param="input_type")
+    if prompt is not None and prompt != "query":
+        raise Refusal(VALIDATION, f"prompt_name {prompt!r} is not one of this model's prompts: ['query']",
+                      param="prompt_name")
+    return embedder.query_instruction if INPUT_TYPES.get(input_type) or prompt == "query" else ""
+
+
+async def models(request: Request) -> Response:
+    """OpenAI's model list: the models this server serves."""
+    service: Service = request.app.state.service
+    config = service.config
+    data = [{"id": name, "object": "model", "created": service.started, "owned_by": "bge-onnx"}
+            for name in (config.model, config.reranker) if name is not None]
+    return JSONResponse({"object": "list", "data": data})
 
 
 async def embeddings(request: Request) -> Response:
     service: Service = request.app.state.service
     embedder = service.require("embed")
     body = fields(await read_json(request, service.config.payload_limit), ["input", "model"])
-    texts, _ = texts_field(body.get("input"), "input", limit=service.config.max_client_batch_size)
+    texts, _ = texts_field(body.get("input"), "input", limit=service.config.openai_max_inputs,
+                           limit_flag="--openai-max-inputs")
     encoding = body.get("encoding_format")
     if encoding not in (None, "float", "base64"):
         raise Refusal(VALIDATION, f"encoding_format must be 'float' or 'base64', got {encoding!r}",
@@ -77,7 +109,9 @@ async def embeddings(request: Request) -> Response:
     if user is not None and not isinstance(user, str):
         raise Refusal(VALIDATION, f"user must be a string, got {type(user).__name__}", param="user")
     model = served_name(service, body)
-    answer = await embed_request(service, texts, name="input", truncate=service.config.auto_truncate,
+    prefix = _query_prefix(embedder, body)
+    truncate = flag(body, "truncate", service.config.auto_truncate)
+    answer = await embed_request(service, [prefix + t for t in texts], name="input", truncate=truncate,
                                  normalize=True)
     data = []
     for i, row in enumerate(answer.rows):
@@ -94,4 +128,5 @@ async def embeddings(request: Request) -> Response:
 ROUTES = [
     Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/embeddings", embeddings, methods=["POST"]),
+    Route("/v1/models", models, methods=["GET"]),
 ]

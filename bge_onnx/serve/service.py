@@ -17,7 +17,7 @@ from ..pooling import normalize as l2_normalize
 from ..reranker import Reranker
 from ..session import CUDA
 from .batcher import Batcher, Timing
-from .limits import BACKEND, NOT_FOUND, UNHEALTHY, VALIDATION, Refusal, ServeConfig, check_lengths
+from .limits import BACKEND, NOT_FOUND, UNHEALTHY, Refusal, ServeConfig, check_lengths
 from .metrics import Metrics
 from .tokens import TokenCounter
 
@@ -45,6 +45,7 @@ class Service:
         self._rerank_queue: Batcher | None = None
         self.ready = False
         self.error: str | None = None
+        self.started = int(time.time())  # /v1/models' "created"
 
     def load(self) -> None:
         """Load the models (blocking: run it in a thread)."""
@@ -135,21 +136,24 @@ class Service:
         self.metrics.tokenize_time.labels(what).observe(elapsed)
         return clipped, counts, cut, elapsed
 
-    async def measure_pairs(self, query: str, texts: list[str]) -> tuple[str, list[str], int, list[int], list[bool],
-                                                                       float]:
-        """A rerank request's query and texts cut as the reranker will cut them, their tokens (without special
-        tokens) and which texts were cut; the query's count is a lower bound where it was cut."""
+    async def measure_pairs(self, queries: list[str], texts: list[str]) -> tuple[list, list, list, list, list, list,
+                                                                            float]:
+        """Queries and texts cut as the reranker will cut them, their tokens without special tokens and which were
+        cut (each distinct query measured once), and the seconds it took."""
         reranker, counter = self.require("rerank"), self.rerank_tokens
         start = time.perf_counter()
 
         def run():
-            (query_clipped,), (query_tokens,), _ = counter.measure([query], reranker.query_max_length, special=False)
-            return (query_clipped, query_tokens, *counter.measure(texts, reranker.max_length, special=False))
+            distinct = list(dict.fromkeys(queries))
+            measured = dict(zip(distinct, zip(*counter.measure(distinct, reranker.query_max_length, special=False))))
+            query_clipped, query_counts, query_cut = zip(*(measured[q] for q in queries))
+            return (list(query_clipped), list(query_counts), list(query_cut),
+                    *counter.measure(texts, reranker.max_length, special=False))
 
-        query_clipped, query_tokens, clipped, counts, cut = await anyio.to_thread.run_sync(run)
+        query_clipped, query_counts, query_cut, clipped, counts, cut = await anyio.to_thread.run_sync(run)
         elapsed = time.perf_counter() - start
         self.metrics.tokenize_time.labels("rerank").observe(elapsed)
-        return query_clipped, clipped, query_tokens, counts, cut, elapsed
+        return query_clipped, clipped, query_counts, counts, query_cut, cut, elapsed
 
     async def embed(self, texts: list[str], tokens: int) -> tuple[np.ndarray, Timing]:
         """Raw pooled vectors (not normalised) for ``texts``, computed with whatever else is queued."""
@@ -191,10 +195,14 @@ async def embed_request(service: Service, texts: list[str], *, name: str, trunca
     start = time.perf_counter()
     embedder = service.require("embed")
     characters = sum(map(len, texts))
+    service.metrics.tei_request("embed", len(texts))
     texts, counts, cut, tokenize = await service.measure("embed", texts, embedder.max_length)
-    check_lengths(counts, cut, embedder.max_length, name=name, truncate=truncate)
+    check_lengths(counts, cut, embedder.max_length, names=[f"{name}[{i}]" for i in range(len(texts))], param=name,
+                  truncate=truncate)
     used = [min(c, embedder.max_length) for c in counts]
     rows, timing = await service.embed(texts, sum(used))
+    service.metrics.tei_success("embed", len(texts), total=time.perf_counter() - start, tokenize=tokenize,
+                                queue=timing.queue, inference=timing.inference, lengths=used)
     if normalize:
         rows = l2_normalize(rows)
     headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=characters,
@@ -207,36 +215,47 @@ async def multi_request(service: Service, output: str, texts: list[str], *, name
     start = time.perf_counter()
     embedder = service.require("embed")
     characters = sum(map(len, texts))
+    service.metrics.tei_request("embed", len(texts))
     texts, counts, cut, tokenize = await service.measure("embed", texts, embedder.max_length)
-    check_lengths(counts, cut, embedder.max_length, name=name, truncate=truncate)
+    check_lengths(counts, cut, embedder.max_length, names=[f"{name}[{i}]" for i in range(len(texts))], param=name,
+                  truncate=truncate)
     used = [min(c, embedder.max_length) for c in counts]
     rows, timing = await service.multi(output, texts, sum(used))
+    service.metrics.tei_success("embed", len(texts), total=time.perf_counter() - start, tokenize=tokenize,
+                                queue=timing.queue, inference=timing.inference, lengths=used)
     headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=characters,
                              device=_device(embedder))
     return Answer(rows, used, headers)
 
 
-async def rerank_request(service: Service, query: str, texts: list[str], *, name: str, truncate: bool) -> Answer:
-    """Check, queue and score (query, text) pairs: raw logits, in input order."""
+async def score_request(service: Service, queries: list[str], texts: list[str], *, query_names: list[str],
+                        text_names: list[str], param: str, query_param: str, truncate: bool) -> Answer:
+    """Check, queue and score (query, text) pairs: raw logits, in input order. ``query_names[i]`` and
+    ``text_names[i]`` are how messages name pair i's parts."""
     start = time.perf_counter()
     reranker = service.require("rerank")
-    characters = sum(map(len, texts)) + len(query) * len(texts)
-    original_query = query
-    query, texts, query_tokens, counts, cut, tokenize = await service.measure_pairs(query, texts)
+    characters = sum(len(q) + len(t) for q, t in zip(queries, texts))
+    service.metrics.tei_request("predict", len(texts))
+    queries, texts, query_counts, counts, query_cut, cut, tokenize = await service.measure_pairs(queries, texts)
     specials = service.rerank_tokens.pair_specials
-    pairs = [query_tokens + c + specials for c in counts]
-    if not truncate:
-        if query_tokens > reranker.query_max_length:
-            at_least = "at least " if query is not original_query else ""
-            raise Refusal(VALIDATION, f"query has {at_least}{query_tokens} tokens; the reranker's query limit is "
-                          f"{reranker.query_max_length}. Shorten it, send \"truncate\": true, or start the server "
-                          "with --auto-truncate", param="query")
-        check_lengths(pairs, cut, reranker.max_length, name=name, truncate=False)
+    pairs = [q + c + specials for q, c in zip(query_counts, counts)]
+    check_lengths(query_counts, query_cut, reranker.query_max_length, names=query_names, param=query_param,
+                  truncate=truncate, limit_name="the reranker's query limit")
+    check_lengths(pairs, cut, reranker.max_length, names=text_names, param=param, truncate=truncate)
     used = [min(c, reranker.max_length) for c in pairs]
-    scores, timing = await service.score([(query, text) for text in texts], sum(used))
+    scores, timing = await service.score(list(zip(queries, texts)), sum(used))
+    service.metrics.tei_success("predict", len(texts), total=time.perf_counter() - start, tokenize=tokenize,
+                                queue=timing.queue, inference=timing.inference, lengths=used)
     headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=characters,
                              device=_device(reranker))
     return Answer(scores, used, headers)
+
+
+async def rerank_request(service: Service, query: str, texts: list[str], *, name: str, truncate: bool) -> Answer:
+    """Check, queue and score one query against texts: raw logits, in input order."""
+    return await score_request(service, [query] * len(texts), texts, query_names=["query"] * len(texts),
+                               text_names=[f"{name}[{i}]" for i in range(len(texts))], param=name,
+                               query_param="query", truncate=truncate)
 
 
 def sigmoid(scores: np.ndarray) -> np.ndarray:

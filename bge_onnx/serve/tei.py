@@ -1,7 +1,8 @@
-"""text-embeddings-inference's API: POST /embed, /rerank, /tokenize; GET /info, /health, /metrics.
+"""text-embeddings-inference's API: POST /embed, /rerank, /predict, /similarity, /tokenize, /decode, /embed_sparse,
+/embed_colbert, /embed_all, / and /invocations; GET /info, /health, /ping, /, /metrics.
 
-Request and response shapes follow TEI's router (router/src/http/types.rs); errors are ``{error, error_type}``
-with TEI's error types and status codes, but a failed inference is 500 (TEI: 424).
+Request and response shapes follow TEI 1.9's router (router/src/http/types.rs, server.rs); errors are
+``{error, error_type}`` with TEI's error types and status codes (a failed inference is 424).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from ..checks import describe
 from .limits import (
     AUTH,
     BACKEND,
@@ -30,7 +32,7 @@ from .limits import (
     texts_field,
     utf8_text,
 )
-from .service import Service, embed_request, multi_request, rerank_request, sigmoid
+from .service import Service, embed_request, multi_request, rerank_request, score_request, sigmoid
 
 # refusal kind -> (HTTP status, TEI's error_type)
 STATUS = {
@@ -42,14 +44,16 @@ STATUS = {
     OVERLOADED: (429, "Overloaded"),
     UNHEALTHY: (503, "Unhealthy"),
     NOT_FOUND: (400, "Validation"),
-    BACKEND: (500, "Backend"),
+    BACKEND: (424, "Backend"),
 }
 DTYPES = {"fp32": "float32", "int8": "int8", "fp16": "float16"}
+LABEL = "LABEL_0"  # a reranker's one label, as /info's id2label names it
 
 
 def error_response(refusal: Refusal) -> Response:
     status, error_type = STATUS[refusal.kind]
-    return JSONResponse({"error": refusal.message, "error_type": error_type}, status_code=status)
+    return JSONResponse({"error": refusal.message, "error_type": error_type}, status_code=status,
+                        headers=refusal.headers)
 
 
 def _service(request: Request) -> Service:
@@ -80,10 +84,19 @@ def _dimensions(service: Service, body: dict) -> None:
                                   f"(Matryoshka) vectors; omit it to get all {dim} dimensions", param="dimensions")
 
 
-async def embed(request: Request) -> Response:
-    service = _service(request)
+def _body(handler):
+    """A route that reads the JSON body within --payload-limit and hands it to ``handler(service, body)``."""
+
+    async def endpoint(request: Request) -> Response:
+        service = _service(request)
+        return await handler(service, await read_json(request, service.config.payload_limit))
+
+    return endpoint
+
+
+async def embed(service: Service, body: object) -> Response:
     service.require("embed")
-    body = fields(await read_json(request, service.config.payload_limit), ["inputs"])
+    body = fields(body, ["inputs"])
     texts, _ = texts_field(body.get("inputs"), "inputs", limit=service.config.max_client_batch_size)
     check_direction(body)
     _dimensions(service, body)
@@ -95,10 +108,9 @@ async def embed(request: Request) -> Response:
     return JSONResponse(answer.rows.tolist(), headers=answer.headers)
 
 
-async def _multi(request: Request, output: str) -> tuple[list, dict]:
-    service = _service(request)
+async def _multi(service: Service, body: object, output: str) -> tuple[list, dict]:
     service.require("embed")
-    body = fields(await read_json(request, service.config.payload_limit), ["inputs"])
+    body = fields(body, ["inputs"])
     texts, _ = texts_field(body.get("inputs"), "inputs", limit=service.config.max_client_batch_size)
     check_direction(body)
     prefix = _prompt(service, body)
@@ -107,24 +119,23 @@ async def _multi(request: Request, output: str) -> tuple[list, dict]:
     return answer.rows, answer.headers
 
 
-async def embed_sparse(request: Request) -> Response:
+async def embed_sparse(service: Service, body: object) -> Response:
     """TEI's sparse embeddings: per input, [{"index": token id, "value": weight}] by index (bge-m3's lexical
     weights: each token id's largest weight, > 0, special tokens left out)."""
-    rows, headers = await _multi(request, "sparse")
+    rows, headers = await _multi(service, body, "sparse")
     return JSONResponse([[{"index": int(i), "value": w} for i, w in sorted(weights.items(), key=lambda kv: int(kv[0]))]
                          for weights in rows], headers=headers)
 
 
-async def embed_colbert(request: Request) -> Response:
+async def embed_colbert(service: Service, body: object) -> Response:
     """bge-m3's ColBERT vectors: per input, one L2-normalised vector per token after the first."""
-    rows, headers = await _multi(request, "colbert")
+    rows, headers = await _multi(service, body, "colbert")
     return JSONResponse([vectors.tolist() for vectors in rows], headers=headers)
 
 
-async def rerank(request: Request) -> Response:
-    service = _service(request)
+async def rerank(service: Service, body: object) -> Response:
     service.require("rerank")
-    body = fields(await read_json(request, service.config.payload_limit), ["query", "texts"])
+    body = fields(body, ["query", "texts"])
     query = body.get("query")
     if not isinstance(query, str):
         raise Refusal(VALIDATION, f"query must be a string, got {type(query).__name__}", param="query")
@@ -145,15 +156,139 @@ async def rerank(request: Request) -> Response:
     return JSONResponse(ranks, headers=answer.headers)
 
 
-async def tokenize(request: Request) -> Response:
-    service = _service(request)
-    service.require("embed" if service.embedder is not None else "rerank")
-    body = fields(await read_json(request, service.config.payload_limit), ["inputs"])
+async def tokenize(service: Service, body: object) -> Response:
+    service.require("embed" if service.config.model is not None else "rerank")
+    body = fields(body, ["inputs"])
     texts, _ = texts_field(body.get("inputs"), "inputs", limit=service.config.max_client_batch_size)
     prefix = _prompt(service, body)
     special = flag(body, "add_special_tokens", True)
     counter = service.embed_tokens or service.rerank_tokens
     return JSONResponse(counter.tokens([prefix + t for t in texts], add_special_tokens=special))
+
+
+async def similarity(service: Service, body: object) -> Response:
+    """TEI's /similarity: the cosine of ``source_sentence`` with each of ``sentences``, in their order."""
+    service.require("embed")
+    body = fields(body, ["inputs"])
+    inputs = body.get("inputs")
+    if not isinstance(inputs, dict):
+        raise Refusal(VALIDATION, "inputs must be an object {\"source_sentence\": str, \"sentences\": [str]}, got "
+                      f"{type(inputs).__name__} {describe(inputs)}", param="inputs")
+    source = inputs.get("source_sentence")
+    if not isinstance(source, str):
+        raise Refusal(VALIDATION, f"inputs.source_sentence must be a string, got {type(source).__name__} "
+                      f"{describe(source)}", param="inputs")
+    utf8_text(source, "inputs.source_sentence", "inputs")
+    limit = service.config.max_client_batch_size
+    if limit < 2:
+        raise Refusal(VALIDATION, "similarity needs two texts per request; --max-client-batch-size is 1")
+    # the source counts against the limit, as in TEI
+    sentences, _ = texts_field(inputs.get("sentences"), "inputs.sentences", limit=limit - 1, single_ok=False)
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise Refusal(VALIDATION, f"parameters must be an object, got {describe(parameters)}", param="parameters")
+    check_direction(parameters)
+    prefix = _prompt(service, parameters)
+    truncate = flag(parameters, "truncate", service.config.auto_truncate)
+    texts = [prefix + t for t in (source, *sentences)]
+    answer = await embed_request(service, texts, name="inputs", truncate=truncate, normalize=True)
+    scores = answer.rows[1:] @ answer.rows[0]
+    return JSONResponse([float(s) for s in scores], headers=answer.headers)
+
+
+def _pairs(value: object, limit: int) -> tuple[list[tuple[str, str]], bool]:
+    """/predict's inputs as (query, passage) pairs, and whether it was one: ``[query, passage]`` or a list of
+    them. A lone text is refused: a reranker scores pairs."""
+    def pair(item: object, name: str) -> tuple[str, str]:
+        if isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            for k, text in enumerate(item):
+                utf8_text(text, f"{name}[{k}]", "inputs")
+            return item[0], item[1]
+        if isinstance(item, str) or (isinstance(item, list) and len(item) == 1 and isinstance(item[0], str)):
+            raise Refusal(VALIDATION, f"{name} is one text; this server's reranker scores pairs: send "
+                          "[query, passage]", param="inputs")
+        raise Refusal(VALIDATION, f"{name} must be [query, passage] (two strings), got {describe(item)}",
+                      param="inputs")
+
+    if value is None:
+        raise Refusal(VALIDATION, "inputs is required", param="inputs")
+    if isinstance(value, list) and not value:
+        raise Refusal(EMPTY, "inputs cannot be empty", param="inputs")
+    if isinstance(value, str) or (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+        return [pair(value, "inputs")], True
+    if not isinstance(value, list):
+        raise Refusal(VALIDATION, f"inputs must be [query, passage] or a list of them, got {describe(value)}",
+                      param="inputs")
+    if len(value) > limit:
+        raise Refusal(VALIDATION, f"inputs has {len(value)} items; the limit is {limit} per request "
+                      "(--max-client-batch-size)", param="inputs")
+    return [pair(item, f"inputs[{i}]") for i, item in enumerate(value)], False
+
+
+async def predict(service: Service, body: object) -> Response:
+    """TEI's /predict for a reranker: per pair, [{"score", "label"}] (the sigmoid of its one logit, as TEI gives a
+    single-label model, or the logit with raw_scores)."""
+    service.require("rerank")
+    body = fields(body, ["inputs"])
+    pairs, single = _pairs(body.get("inputs"), service.config.max_client_batch_size)
+    check_direction(body)
+    truncate = flag(body, "truncate", service.config.auto_truncate)
+    raw = flag(body, "raw_scores", False)
+    names = ["inputs" if single else f"inputs[{i}]" for i in range(len(pairs))]
+    answer = await score_request(service, [q for q, _ in pairs], [p for _, p in pairs],
+                                 query_names=[f"{n}[0]" for n in names], text_names=names, param="inputs",
+                                 query_param="inputs", truncate=truncate)
+    scores = answer.rows if raw else sigmoid(answer.rows)
+    rows = [[{"score": float(score), "label": LABEL}] for score in scores]
+    return JSONResponse(rows[0] if single else rows, headers=answer.headers)
+
+
+async def decode(service: Service, body: object) -> Response:
+    """TEI's /decode: token ids back to text, one string per sequence."""
+    service.require("embed" if service.config.model is not None else "rerank")
+    body = fields(body, ["ids"])
+    ids = body.get("ids")
+    if ids is None:
+        raise Refusal(VALIDATION, "ids is required", param="ids")
+    if not isinstance(ids, list):
+        raise Refusal(VALIDATION, f"ids must be a list of token ids or a list of them, got {describe(ids)}",
+                      param="ids")
+    sequences = ids if ids and all(isinstance(x, list) for x in ids) else [ids]
+    if len(sequences) > service.config.max_client_batch_size:
+        raise Refusal(VALIDATION, f"ids has {len(sequences)} sequences; the limit is "
+                      f"{service.config.max_client_batch_size} per request (--max-client-batch-size)", param="ids")
+    counter = service.embed_tokens or service.rerank_tokens
+    for i, sequence in enumerate(sequences):
+        name = "ids" if sequences[0] is ids else f"ids[{i}]"
+        if not sequence:
+            raise Refusal(EMPTY, f"{name} cannot be empty", param="ids")
+        for k, token in enumerate(sequence):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < counter.vocab_size:
+                raise Refusal(VALIDATION, f"{name}[{k}] is {describe(token)}, not a token id of this model "
+                              f"(0 to {counter.vocab_size - 1})", param="ids")
+    special = flag(body, "skip_special_tokens", True)
+    return JSONResponse(counter.decode(sequences, skip_special_tokens=special))
+
+
+async def embed_all(service: Service, body: object) -> Response:
+    """TEI's per-token embeddings: not available, as an exported graph pools inside."""
+    service.require("embed")
+    raise Refusal(NOT_FOUND, "embed_all is not available: this server's graphs pool inside and return one vector "
+                  "per text; use /embed (or /embed_colbert for bge-m3's per-token vectors)")
+
+
+async def post_root(service: Service, body: object) -> Response:
+    """TEI's POST / (and SageMaker's /invocations): the loaded model's task. A similarity body ({"inputs":
+    {"source_sentence", ...}}, huggingface_hub's sentence_similarity) and a rerank body ({"query", "texts"}) are
+    answered as such; otherwise the embedding model embeds, or a reranker alone predicts."""
+    if isinstance(body, dict):
+        if isinstance(body.get("inputs"), dict):
+            return await similarity(service, body)
+        if "query" in body and "texts" in body:
+            return await rerank(service, body)
+    if service.config.model is not None:
+        return await embed(service, body)
+    return await predict(service, body)
 
 
 def _describe(model, *, config) -> dict:
@@ -176,7 +311,7 @@ async def info(request: Request) -> Response:
     if service.embedder is not None:
         model_type = {"embedding": {"pooling": main.pooling.value}}
     else:
-        model_type = {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+        model_type = {"reranker": {"id2label": {"0": LABEL}, "label2id": {LABEL: 0}}}
     independent = service.batch_independent
     isolated = config.isolate_batches and not independent
     if isolated:
@@ -235,12 +370,20 @@ async def metrics(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/embed", embed, methods=["POST"]),
-    Route("/embed_sparse", embed_sparse, methods=["POST"]),
-    Route("/embed_colbert", embed_colbert, methods=["POST"]),
-    Route("/rerank", rerank, methods=["POST"]),
-    Route("/tokenize", tokenize, methods=["POST"]),
+    Route("/embed", _body(embed), methods=["POST"]),
+    Route("/embed_sparse", _body(embed_sparse), methods=["POST"]),
+    Route("/embed_colbert", _body(embed_colbert), methods=["POST"]),
+    Route("/embed_all", _body(embed_all), methods=["POST"]),
+    Route("/rerank", _body(rerank), methods=["POST"]),
+    Route("/predict", _body(predict), methods=["POST"]),
+    Route("/similarity", _body(similarity), methods=["POST"]),
+    Route("/tokenize", _body(tokenize), methods=["POST"]),
+    Route("/decode", _body(decode), methods=["POST"]),
+    Route("/", _body(post_root), methods=["POST"]),
+    Route("/invocations", _body(post_root), methods=["POST"]),
     Route("/info", info, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/ping", health, methods=["GET"]),
+    Route("/", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -32,10 +33,13 @@ class TokenCounter:
         return clipped, counts, [a is not b for a, b in zip(clipped, texts)]
 
     def tokens(self, texts: list[str], *, add_special_tokens: bool) -> list[list[dict]]:
-        """TEI's /tokenize answer: per text, its tokens as {id, text, special, start, stop} (character offsets;
-        a special token has no offsets and its own text)."""
+        """TEI's /tokenize answer: per text, its tokens as {id, text, special, start, stop}, where start and stop
+        are offsets in the text's UTF-8 bytes, as TEI gives them; a special token has no offsets and its own text."""
         out = []
         for text, encoding in zip(texts, self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)):
+            # tokenizers' Python offsets count characters; TEI's (the Rust crate's) count bytes
+            at = range(len(text) + 1) if text.isascii() else [0, *itertools.accumulate(
+                len(c.encode("utf-8")) for c in text)]
             tokens = []
             for token_id, token, special, (start, stop) in zip(
                 encoding.ids, encoding.tokens, encoding.special_tokens_mask, encoding.offsets
@@ -43,7 +47,15 @@ class TokenCounter:
                 if special:
                     tokens.append({"id": token_id, "text": token, "special": True, "start": None, "stop": None})
                 else:
-                    tokens.append({"id": token_id, "text": text[start:stop], "special": False, "start": start,
-                                   "stop": stop})
+                    tokens.append({"id": token_id, "text": text[start:stop], "special": False, "start": at[start],
+                                   "stop": at[stop]})
             out.append(tokens)
         return out
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def decode(self, sequences: list[list[int]], *, skip_special_tokens: bool) -> list[str]:
+        """TEI's /decode answer: each sequence of token ids as text."""
+        return self._tokenizer.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
