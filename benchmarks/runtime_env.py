@@ -130,21 +130,26 @@ def export_precisions(dockerfile: Path) -> list[str]:
 
 
 def build_context(dest: Path) -> Path:
-    """A copy of the checkout as Docker would send it: .dockerignore's patterns left out (no '!' exceptions)."""
+    """A copy of the checkout as Docker would send it: .dockerignore's patterns left out; the last pattern that
+    matches a path decides, and a '!' pattern lets it in."""
     patterns = [line.strip().rstrip("/") for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
                 if line.strip() and not line.startswith("#")]
-    if any(p.startswith("!") for p in patterns):
-        raise SystemExit("benchmarks: .dockerignore exceptions ('!') are not handled here")
+
+    def matches(relative: str, pattern: str) -> bool:
+        if pattern.endswith("/**"):
+            return relative.startswith(pattern[:-2])
+        anywhere = pattern.startswith("**/")
+        core = pattern[3:] if anywhere else pattern
+        parts = relative.split("/")
+        candidates = ["/".join(parts[i:]) for i in range(len(parts))] if anywhere else [relative]
+        return any(fnmatch.fnmatchcase(c, core) for c in candidates)
 
     def ignored(relative: str) -> bool:
+        verdict = False
         for pattern in patterns:
-            anywhere = pattern.startswith("**/")
-            core = pattern[3:] if anywhere else pattern
-            parts = relative.split("/")
-            candidates = ["/".join(parts[i:]) for i in range(len(parts))] if anywhere else [relative]
-            if any(fnmatch.fnmatchcase(c, core) for c in candidates):
-                return True
-        return False
+            if matches(relative, pattern.lstrip("!")):
+                verdict = not pattern.startswith("!")
+        return verdict
 
     def ignore(folder: str, names: list[str]) -> set[str]:
         base = Path(folder).relative_to(ROOT).as_posix()

