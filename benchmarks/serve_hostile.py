@@ -26,12 +26,13 @@ from .serve_load import _free_port, peak_rss_mb, synthetic
 CLIENTS = 8
 
 
-def start(tree: Path | None, model: Path, precision: str, port: int) -> subprocess.Popen:
+def start(tree: Path | None, model: Path, precision: str, port: int, *extra: str) -> subprocess.Popen:
+    """``bge-onnx serve`` from ``tree`` (None: this checkout) on ``port``, once /health answers 200."""
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
     command = [sys.executable, "-m", "bge_onnx", "serve", str(model), "--port", str(port), "--precision", precision,
-               "--max-client-batch-size", "32"]
+               "--max-client-batch-size", "32", *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                cwd=tree or Path.cwd())
     deadline = time.monotonic() + 300

@@ -275,7 +275,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_client_batch_size=args.max_client_batch_size, openai_max_inputs=args.openai_max_inputs,
         max_concurrent_requests=args.max_concurrent_requests, cors_allow_origin=tuple(args.cors_allow_origin or ()),
         payload_limit=args.payload_limit, auto_truncate=args.auto_truncate or _env_flag("BGE_ONNX_AUTO_TRUNCATE"),
-        api_key=args.api_key or None, max_wait_ms=args.max_wait_ms,
+        api_key=args.api_key or None, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
         isolate_batches=args.isolate_batches or _env_flag("BGE_ONNX_ISOLATE_BATCHES"), precision=args.precision,
         revision=args.revision, device=args.device, threads=args.threads, max_length=args.max_length,
     )
@@ -334,6 +334,9 @@ def _serve_parser(commands) -> None:
     serve.add_argument("--max-wait-ms", type=_non_negative_float, default=env("MAX_WAIT_MS", "2"), metavar="MS",
                        help="how long a request that finds the model idle waits for others to batch with "
                             "($BGE_ONNX_MAX_WAIT_MS; default 2)")
+    serve.add_argument("--max-queue-ms", type=_non_negative_float, default=env("MAX_QUEUE_MS", "2000"), metavar="MS",
+                       help="answer 429 (with Retry-After) while the work queued ahead would take longer than this at "
+                            "the model's measured rate; 0: off ($BGE_ONNX_MAX_QUEUE_MS; default 2000)")
     serve.add_argument("--isolate-batches", action="store_true",
                        help="never merge requests: each runs in batches of its own; matters only for the per-batch int8 "
                             "of older exports (a no-op for fp32, fp16 and per-token int8) ($BGE_ONNX_ISOLATE_BATCHES=1)")

@@ -492,6 +492,35 @@ def test_inference_error_answers_that_request_with_424_and_the_server_goes_on(ex
         assert client.post("/embed", json={"inputs": "again"}).status_code == 200
 
 
+def test_admission_by_expected_wait_bounds_latency_and_loses_nothing(exported):
+    """A burst far over what the model does in --max-queue-ms: the excess gets 429 with Retry-After at once, every
+    admitted request its own right vector. (The latency bound this gives is measured in benchmarks serve-hostile.)"""
+    from bge_onnx.serve import ServeConfig, create_app
+
+    class Slow(Embedder):  # 0.1 s per text: a slow CPU, deterministically
+        def encode(self, texts, **options):
+            time.sleep(0.1 * len(texts))
+            return super().encode(texts, **options)
+
+    slow = Slow(exported["bert-cls"], device="cpu", precision="fp32")
+    app = create_app(ServeConfig(str(exported["bert-cls"]), max_wait_ms=0, max_queue_ms=300), embedder=slow)
+    texts = [f"request {i} " + "word " * (i % 7) for i in range(40)]
+    with _client(app) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.05)
+        assert client.post("/embed", json={"inputs": ["warm up: the rate is measured"]}).status_code == 200
+
+        with ThreadPoolExecutor(40) as pool:  # 4 s of work at once: about 0.3 s of it is admitted at a time
+            answers = list(pool.map(lambda text: client.post("/embed", json={"inputs": [text]}), texts))
+    statuses = [response.status_code for response in answers]
+    assert set(statuses) == {200, 429} and statuses.count(429) >= 20, statuses
+    for text, response in zip(texts, answers):
+        if response.status_code == 200:
+            assert_same_vectors(response.json(), slow.encode([text]))
+        else:
+            assert "--max-queue-ms" in response.json()["error"] and int(response.headers["retry-after"]) >= 1
+
+
 @pytest.mark.parametrize("isolate", [False, True])
 def test_batcher_merges_or_isolates_requests(isolate):
     from bge_onnx.serve.batcher import Batcher

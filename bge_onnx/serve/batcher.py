@@ -58,6 +58,8 @@ class Batcher:
         self._run, self.name, self._metrics = run, name, metrics
         self.max_wait, self.isolate = max_wait, isolate
         self._pending: list[_Job] = []
+        self._running_tokens = 0
+        self.rate: float | None = None  # tokens per second of the model's calls, a moving average (None: no call yet)
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"bge-onnx-{name}")
         self._task: asyncio.Task | None = None
@@ -73,6 +75,13 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+
+    @property
+    def backlog(self) -> float:
+        """Seconds of work queued or running, at the measured rate (0 before the first call is measured)."""
+        if self.rate is None:
+            return 0.0
+        return (self._running_tokens + sum(job.tokens for job in self._pending)) / self.rate
 
     async def submit(self, items: Sequence, tokens: int) -> tuple[np.ndarray, Timing]:
         """Queue ``items`` (``tokens`` long in all) and wait for their rows."""
@@ -117,9 +126,12 @@ class Batcher:
         for job in jobs:
             job.timing.queue = start - job.enqueued
             self._metrics.queue_time.labels(self.name).observe(job.timing.queue)
+        tokens = sum(job.tokens for job in jobs)
+        self._running_tokens = tokens
         try:
             rows = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, items)
         except Exception as err:  # noqa: BLE001  any failure of the runtime is answered, never lost
+            self._running_tokens = 0
             if split_on_error:
                 for job in jobs:
                     await self._call([job], split_on_error=False)
@@ -129,6 +141,10 @@ class Batcher:
                     job.future.set_exception(err)
             return
         elapsed = time.perf_counter() - start
+        self._running_tokens = 0
+        if elapsed > 0 and tokens > 0:
+            rate = tokens / elapsed
+            self.rate = rate if self.rate is None else self.rate + 0.3 * (rate - self.rate)
         self._metrics.inference_time.labels(self.name).observe(elapsed)
         self._metrics.batch_texts.labels(self.name).observe(len(items))
         self._metrics.batch_tokens.labels(self.name).observe(sum(job.tokens for job in jobs))

@@ -41,6 +41,8 @@ class ServeConfig:
             otherwise with ``truncate``).
         api_key: when set, every route but GET /health, /ping, / and /metrics needs ``Authorization: Bearer <api_key>``.
         max_wait_ms: how long a request that finds the model idle waits for others to batch with.
+        max_queue_ms: new work is answered 429 while the work queued ahead would take longer than this, at the
+            model's measured rate (0: no such limit, only max_concurrent_requests).
         isolate_batches: run each request in batches of its own, never merged with others' texts, where the
             graph's output depends on its batch (per-batch int8 of older exports); a no-op elsewhere.
     """
@@ -58,6 +60,7 @@ class ServeConfig:
     auto_truncate: bool = False
     api_key: str | None = None
     max_wait_ms: float = 2.0
+    max_queue_ms: float = 2000.0
     isolate_batches: bool = False
     precision: str = "auto"
     revision: str | None = None
@@ -72,8 +75,9 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BgeOnnxError(f"{name} must be a positive int, got {describe(value)}")
-        if self.max_wait_ms < 0:
-            raise BgeOnnxError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
+        for name in ("max_wait_ms", "max_queue_ms"):
+            if not getattr(self, name) >= 0:
+                raise BgeOnnxError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.api_key == "":
             raise BgeOnnxError("api_key is empty: give a key, or leave it unset to serve without one")
 

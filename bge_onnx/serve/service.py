@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from ..pooling import normalize as l2_normalize
 from ..reranker import Reranker
 from ..session import CUDA
 from .batcher import Batcher, Timing
-from .limits import BACKEND, NOT_FOUND, UNHEALTHY, Refusal, ServeConfig, check_lengths
+from .limits import BACKEND, NOT_FOUND, OVERLOADED, UNHEALTHY, Refusal, ServeConfig, check_lengths
 from .metrics import Metrics
 from .tokens import TokenCounter
 
@@ -112,9 +113,8 @@ class Service:
         log.info("bge-onnx serve: ready")
 
     async def stop(self) -> None:
-        for queue in (self._embed_queue, self._rerank_queue, *self._m3_queues.values()):
-            if queue is not None:
-                await queue.stop()
+        for queue in self.queues():
+            await queue.stop()
 
     def require(self, what: str) -> Embedder | Reranker:
         """The embedder ("embed") or reranker ("rerank"), or a refusal: still loading, or not served here."""
@@ -172,7 +172,25 @@ class Service:
         """Raw reranker logits for ``pairs``."""
         return await self._submit(self._rerank_queue, pairs, tokens)
 
+    def queues(self) -> list[Batcher]:
+        return [q for q in (self._embed_queue, self._rerank_queue, *self._m3_queues.values()) if q is not None]
+
+    def admit(self) -> None:
+        """Refuse new work (429) while the work already queued would keep it waiting longer than --max-queue-ms:
+        admission by expected wait, so a burst cannot queue a request for minutes (a count of requests says little
+        when one request holds 1 short text and the next 32 long ones)."""
+        limit = self.config.max_queue_ms / 1000
+        if limit <= 0:
+            return
+        wait = sum(queue.backlog for queue in self.queues())
+        if wait > limit:
+            self.metrics.tei_failure("overloaded")
+            raise Refusal(OVERLOADED, f"the server is overloaded: the work queued takes about {wait:.1f} s, over "
+                          f"the {limit:g} s a request may wait (--max-queue-ms); retry later",
+                          retry_after=max(1, math.ceil(wait - limit)))
+
     async def _submit(self, queue: Batcher, items: list, tokens: int) -> tuple[np.ndarray, Timing]:
+        self.admit()
         try:
             return await queue.submit(items, tokens)
         except Exception as err:

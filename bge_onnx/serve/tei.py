@@ -331,6 +331,7 @@ async def info(request: Request) -> Response:
         "served_model_name": config.model or config.reranker,
         "model_type": model_type,
         "max_concurrent_requests": config.max_concurrent_requests,
+        "max_queue_ms": config.max_queue_ms,
         "max_batch_tokens": main.max_tokens,
         "max_batch_requests": None,
         "max_client_batch_size": config.max_client_batch_size,
