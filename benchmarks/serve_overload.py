@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import http.client
 import json
-import statistics
 import sys
 import threading
 import time
@@ -25,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .harness import Report, log
-from .serve_load import _free_port, synthetic
 from .serve_hostile import start
+from .serve_load import _free_port, synthetic
 
 
 def post(port: int, texts: list[str]) -> tuple[int, object, float]:
@@ -87,7 +86,7 @@ def open_loop(port: int, requests: list[list[str]], expected: list[np.ndarray], 
     counts: dict = {}
     for r in results:
         counts[str(r[0])] = counts.get(str(r[0]), 0) + 1
-    quantile = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")  # noqa: E731
+    quantile = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan")
     return {"requests": n, "rate": rate, "statuses": counts, "p50_s": quantile(0.5), "p99_s": quantile(0.99),
             "max_s": latencies[-1] if latencies else float("nan"),
             "answered_per_s": counts.get("200", 0) / seconds}
@@ -173,7 +172,8 @@ def main(argv: list[str], *, name: str = "serve-overload") -> None:
     burst = data["openai_burst"]
     report.text(f"AsyncOpenAI (max_retries=2) sending 60 requests of 8 texts at once to --max-concurrent-requests 4: "
                 f"{burst['ok']} succeeded, {burst['failed']} failed ({json.dumps(burst['outcomes'])}) in "
-                f"{burst['seconds']:.1f} s; the 429s carry Retry-After, which the client's retries wait for.")
+                f"{burst['seconds']:.1f} s. The 429s carry Retry-After (whole seconds) and retry-after-ms, which the "
+                "client reads first; each refused client is booked a later slot, so the retries come back spread out.")
     report.write()
 
 

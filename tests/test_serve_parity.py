@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from test_serve import LONG, Server, _metric, assert_same_vectors, call
 
 from bge_onnx import Embedder, Reranker
-from test_serve import LONG, Server, _metric, assert_same_vectors, call
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -143,6 +143,7 @@ def test_teis_metric_names(server):
     call(server.base, "POST", "/embed", {"inputs": "counted"})
     call(server.base, "POST", "/embed", {"inputs": []})
     status, text, _ = call(server.base, "GET", "/metrics")
+    assert status == 200
     for name in ('te_request_count{method="single"}', 'te_request_success{method="single"}',
                  'te_request_failure{err="validation"}', "te_request_duration_bucket", "te_embed_count",
                  "te_request_tokenization_duration_bucket", "te_request_queue_duration_bucket",
@@ -176,7 +177,7 @@ def test_openai_input_type_truncate_models_and_the_rerank_name(server, embedder,
 def test_a_body_over_the_limit_is_read_and_answered_413(server):
     # urllib sends its whole body before it reads: the server drains it, so the client sees the 413, not a reset
     raw = b'{"inputs": "' + b"x" * 5_000_000 + b'"}'
-    status, body, headers = call(server.base, "POST", "/embed", raw=raw)
+    status, body, _ = call(server.base, "POST", "/embed", raw=raw)
     assert status == 413 and "the limit is 20000 (--payload-limit)" in body["error"]
     status, body, _ = call(server.base, "POST", "/v1/embeddings", raw=raw)
     assert status == 413 and body["error"]["code"] == "payload_too_large"

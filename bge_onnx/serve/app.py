@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -19,7 +18,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..embedder import Embedder
 from ..reranker import Reranker
 from . import cohere, openai, tei
-from .limits import AUTH, BACKEND, NOT_FOUND, OVERLOADED, UNHEALTHY, Refusal, ServeConfig
+from .limits import (
+    AUTH,
+    BACKEND,
+    NOT_FOUND,
+    OVERLOADED,
+    UNHEALTHY,
+    Refusal,
+    RetryBook,
+    ServeConfig,
+)
 from .metrics import Metrics
 from .service import Service
 
@@ -55,6 +63,7 @@ class Gate:
         self.app, self.config, self.metrics = app, config, metrics
         self.in_flight = 0
         self.latency = 0.1  # seconds a work request takes, a moving average: what Retry-After is made of
+        self._retries = RetryBook()
         self._key = f"Bearer {config.api_key}".encode() if config.api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -135,8 +144,9 @@ class Gate:
             pass
 
     def _retry_after(self) -> int:
-        """Seconds until a slot is likely free: the requests ahead, at the recent pace of one, over the limit."""
-        return max(1, math.ceil(self.latency * self.in_flight / self.config.max_concurrent_requests))
+        """When to come back: a slot frees within one request's time; each refused client after that gets the
+        next of max_concurrent_requests slots per request time."""
+        return self._retries.next(free_in=self.latency, interval=self.latency / self.config.max_concurrent_requests)
 
     def _authorized(self, scope: Scope) -> bool:
         given = dict(scope["headers"]).get(b"authorization", b"")

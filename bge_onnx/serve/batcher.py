@@ -130,7 +130,7 @@ class Batcher:
         self._running_tokens = tokens
         try:
             rows = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, items)
-        except Exception as err:  # noqa: BLE001  any failure of the runtime is answered, never lost
+        except Exception as err:  # any failure of the runtime is answered, never lost
             self._running_tokens = 0
             if split_on_error:
                 for job in jobs:

@@ -18,7 +18,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .limits import (
-    flag,
     AUTH,
     BACKEND,
     BAD_JSON,
@@ -30,6 +29,7 @@ from .limits import (
     VALIDATION,
     Refusal,
     fields,
+    flag,
     read_json,
     texts_field,
 )

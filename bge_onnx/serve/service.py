@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -18,7 +17,16 @@ from ..pooling import normalize as l2_normalize
 from ..reranker import Reranker
 from ..session import CUDA
 from .batcher import Batcher, Timing
-from .limits import BACKEND, NOT_FOUND, OVERLOADED, UNHEALTHY, Refusal, ServeConfig, check_lengths
+from .limits import (
+    BACKEND,
+    NOT_FOUND,
+    OVERLOADED,
+    UNHEALTHY,
+    Refusal,
+    RetryBook,
+    ServeConfig,
+    check_lengths,
+)
 from .metrics import Metrics
 from .tokens import TokenCounter
 
@@ -47,6 +55,7 @@ class Service:
         self.ready = False
         self.error: str | None = None
         self.started = int(time.time())  # /v1/models' "created"
+        self._retries = RetryBook()
 
     def load(self) -> None:
         """Load the models (blocking: run it in a thread)."""
@@ -77,7 +86,7 @@ class Service:
         warnings.filterwarnings("ignore", message=r"\d+ of \d+ (texts|pairs) exceeded max_length", category=UserWarning)
         try:
             await anyio.to_thread.run_sync(self.load)
-        except Exception as err:  # noqa: BLE001  reported on /health and in the log; the CLI exits 1
+        except Exception as err:  # reported on /health and in the log; the CLI exits 1
             self.error = f"{type(err).__name__}: {err}"
             log.error("bge-onnx serve: the model failed to load: %s", self.error)
             if on_failure is not None:
@@ -175,22 +184,22 @@ class Service:
     def queues(self) -> list[Batcher]:
         return [q for q in (self._embed_queue, self._rerank_queue, *self._m3_queues.values()) if q is not None]
 
-    def admit(self) -> None:
+    def admit(self, queue: Batcher, tokens: int) -> None:
         """Refuse new work (429) while the work already queued would keep it waiting longer than --max-queue-ms:
         admission by expected wait, so a burst cannot queue a request for minutes (a count of requests says little
         when one request holds 1 short text and the next 32 long ones)."""
         limit = self.config.max_queue_ms / 1000
         if limit <= 0:
             return
-        wait = sum(queue.backlog for queue in self.queues())
+        wait = sum(q.backlog for q in self.queues())
         if wait > limit:
             self.metrics.tei_failure("overloaded")
+            retry = self._retries.next(free_in=wait - limit, interval=tokens / queue.rate if queue.rate else 0.0)
             raise Refusal(OVERLOADED, f"the server is overloaded: the work queued takes about {wait:.1f} s, over "
-                          f"the {limit:g} s a request may wait (--max-queue-ms); retry later",
-                          retry_after=max(1, math.ceil(wait - limit)))
+                          f"the {limit:g} s a request may wait (--max-queue-ms); retry later", retry_after=retry)
 
     async def _submit(self, queue: Batcher, items: list, tokens: int) -> tuple[np.ndarray, Timing]:
-        self.admit()
+        self.admit(queue, tokens)
         try:
             return await queue.submit(items, tokens)
         except Exception as err:

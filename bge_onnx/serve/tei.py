@@ -32,7 +32,14 @@ from .limits import (
     texts_field,
     utf8_text,
 )
-from .service import Service, embed_request, multi_request, rerank_request, score_request, sigmoid
+from .service import (
+    Service,
+    embed_request,
+    multi_request,
+    rerank_request,
+    score_request,
+    sigmoid,
+)
 
 # refusal kind -> (HTTP status, TEI's error_type)
 STATUS = {
