@@ -332,8 +332,9 @@ def _serve_parser(commands) -> None:
     serve.add_argument("--api-key", default=env("API_KEY"), metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on all but GET /health, /ping, / and /metrics ($BGE_ONNX_API_KEY)")
     serve.add_argument("--max-wait-ms", type=_non_negative_float, default=env("MAX_WAIT_MS", "2"), metavar="MS",
-                       help="how long a request that finds the model idle waits for others to batch with "
-                            "($BGE_ONNX_MAX_WAIT_MS; default 2)")
+                       help="how long a request that finds the model idle waits for others to batch with, when "
+                            "others are on their way (a lone client's request runs at once) ($BGE_ONNX_MAX_WAIT_MS; "
+                            "default 2)")
     serve.add_argument("--max-queue-ms", type=_non_negative_float, default=env("MAX_QUEUE_MS", "2000"), metavar="MS",
                        help="answer 429 (with Retry-After) while the work queued ahead would take longer than this at "
                             "the model's measured rate; 0: off ($BGE_ONNX_MAX_QUEUE_MS; default 2000)")

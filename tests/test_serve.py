@@ -416,17 +416,21 @@ def test_burst_over_the_limit_gets_429_while_others_succeed(guarded, embedder):
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(exported, embedder, tmp_path):
     srv = Server(str(exported["bert-cls"]), "--precision", "fp32", "--max-wait-ms", "1500", log=tmp_path / "log")
     try:
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(1) as pool, socket.create_connection(("127.0.0.1", srv.port)) as slow:
+            # a client still sending its body is company on its way, so the request below waits in the queue for it
+            slow.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 100\r\n\r\n{")
+            time.sleep(0.3)
             pending = pool.submit(call, srv.base, "POST", "/embed", {"inputs": ["still answered"]})
-            time.sleep(0.5)  # the request waits in the queue for company
+            time.sleep(0.5)
             srv.process.send_signal(signal.SIGTERM)
+            slow.close()
             status, body, _ = pending.result(timeout=60)
         assert status == 200
         assert_same_vectors(body, embedder.encode(["still answered"]))
         assert srv.process.wait(30) == 0, (tmp_path / "log").read_text()
     finally:
         srv.stop()
-
 
 
 def test_a_model_that_fails_to_load_stops_the_server_with_exit_1(tmp_path):

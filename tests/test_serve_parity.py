@@ -152,6 +152,7 @@ def test_teis_metric_names(server):
         assert name in text, name
     assert _metric(text, 'te_request_success{method="single"}') >= 1
     assert "bge_onnx_requests_total{" in text  # ours stay
+    assert 'status="499"' not in text  # a connection closed after its answer is not a client that went away
 
 
 def test_openai_input_type_truncate_models_and_the_rerank_name(server, embedder, exported):
@@ -188,23 +189,32 @@ def test_a_request_whose_client_disconnects_is_never_computed(exported, tmp_path
     try:
         _, before, _ = call(srv.base, "GET", "/metrics")
         body = json.dumps({"inputs": ["abandoned"]}).encode()
-        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-            sock.sendall(b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                         b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            time.sleep(0.5)  # it waits in the queue for company (--max-wait-ms 3000)
+        head = b"POST /embed HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", srv.port)) as slow:
+            # a request still sending its body is on its way: the queue waits --max-wait-ms for it ...
+            slow.sendall(head % len(body) + body[:5])
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+                sock.sendall(head % len(body) + body)
+                time.sleep(0.5)  # ... so this one waits in the queue for company; then its client goes away
+            gone = 'bge_onnx_requests_total{route="/embed",status="499"}'
+            deadline = time.monotonic() + 10
+            while _metric(call(srv.base, "GET", "/metrics")[1], gone) < 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        # the slow client went too, mid-body: also 499, nothing logged as a failure
         deadline = time.monotonic() + 10
-        while True:
-            _, after, _ = call(srv.base, "GET", "/metrics")
-            if _metric(after, 'bge_onnx_requests_total{route="/embed",status="499"}') == 1 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert _metric(after, 'bge_onnx_requests_total{route="/embed",status="499"}') == 1, after
-        time.sleep(3.0)  # past the wait: had it stayed queued, the model would have run now
+        while _metric(call(srv.base, "GET", "/metrics")[1], gone) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)  # past the wait: had the first stayed queued, the model would have run now
         _, after, _ = call(srv.base, "GET", "/metrics")
+        assert _metric(after, gone) == 2, after
         key = 'bge_onnx_batch_texts_count{model="embed"}'
         assert _metric(after, key) == _metric(before, key)
         assert _metric(after, 'bge_onnx_queue_depth{model="embed"}') == 0
         assert call(srv.base, "POST", "/embed", {"inputs": "next"})[0] == 200
+        _, after, _ = call(srv.base, "GET", "/metrics")
+        assert _metric(after, gone) == 2 and 'status="500"' not in after
+        assert "Traceback" not in (tmp_path / "log").read_text()
     finally:
         srv.stop()
 
@@ -228,3 +238,17 @@ def test_cors_only_when_asked(exported):
     with TestClient(app) as client:
         response = client.get("/health", headers={"origin": "https://app.example"})
         assert "access-control-allow-origin" not in response.headers
+
+
+def test_json_answers_without_orjson_are_the_same_numbers(monkeypatch):
+    from bge_onnx.serve import render
+
+    rows = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    content = {"data": [{"embedding": rows[1], "index": 1}], "rows": rows, "score": np.float32(0.5)}
+    fast = json.loads(render.JSONResponse(content).body)
+    monkeypatch.setattr(render, "orjson", None)
+    plain = json.loads(render.JSONResponse(content).body)
+    assert np.array_equal(np.asarray(fast["rows"], np.float32), rows)  # float32's shortest form round-trips
+    assert np.array_equal(np.asarray(plain["rows"], np.float32), rows)
+    assert np.array_equal(np.asarray(fast["data"][0]["embedding"], np.float32), rows[1]) and fast["score"] == 0.5
+    assert plain["data"][0]["index"] == 1 and plain["score"] == 0.5

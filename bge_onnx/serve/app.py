@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,9 +59,8 @@ class Gate:
     without bound), the request metrics, and a client's disconnect: a request whose client goes away is cancelled,
     so its texts leave the queue uncomputed. Pure ASGI, so a streamed response or a disconnect is not hidden."""
 
-    def __init__(self, app: ASGIApp, *, config: ServeConfig, metrics: Metrics) -> None:
-        self.app, self.config, self.metrics = app, config, metrics
-        self.in_flight = 0
+    def __init__(self, app: ASGIApp, *, config: ServeConfig, metrics: Metrics, service: Service) -> None:
+        self.app, self.config, self.metrics, self.service = app, config, metrics, service
         self.latency = 0.1  # seconds a work request takes, a moving average: what Retry-After is made of
         self._retries = RetryBook()
         self._key = f"Bearer {config.api_key}".encode() if config.api_key else None
@@ -86,10 +85,10 @@ class Gate:
             refusal = None
             if self._key is not None and not is_open and method != "OPTIONS" and not self._authorized(scope):
                 refusal = Refusal(AUTH, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
-            elif counted and self.in_flight >= self.config.max_concurrent_requests:
+            elif counted and self.service.in_flight >= self.config.max_concurrent_requests:
                 self.metrics.tei_failure("overloaded")
-                refusal = Refusal(OVERLOADED, f"the server is overloaded: {self.in_flight} requests in flight, the "
-                                              f"limit is {self.config.max_concurrent_requests}; retry later",
+                refusal = Refusal(OVERLOADED, f"the server is overloaded: {self.service.in_flight} requests in flight, "
+                                  f"the limit is {self.config.max_concurrent_requests}; retry later",
                                   retry_after=self._retry_after())
             if refusal is not None:
                 await render(path, refusal)(scope, receive, send_status)
@@ -97,13 +96,13 @@ class Gate:
             if not counted:
                 await self.app(scope, receive, send_status)
                 return
-            self.in_flight += 1
+            self.service.in_flight += 1
             self.metrics.in_flight.inc()
             try:
                 if not await self._run_unless_gone(scope, receive, send_status):
                     status[0] = DISCONNECTED
             finally:
-                self.in_flight -= 1
+                self.service.in_flight -= 1
                 self.metrics.in_flight.dec()
                 if status[0] < 400:
                     self.latency += 0.2 * (time.perf_counter() - start - self.latency)
@@ -112,9 +111,16 @@ class Gate:
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
     async def _run_unless_gone(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        """Run the app; once it has read the whole body, a disconnect from the client cancels it (a request waiting
-        in a batching queue then leaves it). False if the client went away first."""
-        body_read = asyncio.Event()
+        """Run the app; once it has read the whole body, a disconnect from the client before the answer starts
+        cancels it (a request waiting in a batching queue then leaves it). False if the client went away first.
+        (After the answer ends, uvicorn's receive() reports a disconnect too: that one must not cancel anything.)"""
+        body_read, gone, started = asyncio.Event(), [], []
+        task = asyncio.current_task()
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started.append(True)
+            await send(message)
 
         async def tracked_receive() -> Message:
             message = await receive()
@@ -122,26 +128,24 @@ class Gate:
                 body_read.set()
             return message
 
-        app = asyncio.ensure_future(self.app(scope, tracked_receive, send))
-        watch = asyncio.ensure_future(self._disconnected(receive, body_read))
+        async def watch() -> None:
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not started:
+                gone.append(True)
+                task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         try:
-            done, _ = await asyncio.wait({app, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if app in done:
-                app.result()
-                return True
-            app.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await app
+            await self.app(scope, tracked_receive, tracked_send)
+            return True
+        except asyncio.CancelledError:
+            if not gone:
+                raise  # the server is stopping, not the client
             return False
         finally:
-            watch.cancel()
-            app.cancel()
-
-    @staticmethod
-    async def _disconnected(receive: Receive, body_read: asyncio.Event) -> None:
-        await body_read.wait()
-        while (await receive())["type"] != "http.disconnect":
-            pass
+            watcher.cancel()
 
     def _retry_after(self) -> int:
         """When to come back: a slot frees within one request's time; each refused client after that gets the
@@ -157,6 +161,11 @@ async def _refusal_handler(request: Request, err: Exception) -> Response:
     assert isinstance(err, Refusal)  # registered for Refusal only
     request.app.state.service.metrics.tei_failure(FAILURES.get(err.kind, "validation"))
     return render(request.url.path, err)
+
+
+async def _gone_handler(request: Request, err: Exception) -> Response:
+    """The client closed its connection while its body was being read: nobody to answer, nothing to log."""
+    return Response(status_code=DISCONNECTED)
 
 
 async def _error_handler(request: Request, err: Exception) -> Response:
@@ -199,11 +208,11 @@ def create_app(
 
     app = Starlette(
         routes=[*tei.ROUTES, *openai.ROUTES, *cohere.ROUTES],
-        exception_handlers={Refusal: _refusal_handler, Exception: _error_handler},
+        exception_handlers={Refusal: _refusal_handler, ClientDisconnect: _gone_handler, Exception: _error_handler},
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(Gate, config=config, metrics=metrics)
+    app.add_middleware(Gate, config=config, metrics=metrics, service=service)
     if config.cors_allow_origin:
         # outside the gate, so a browser's preflight (OPTIONS, without the API key) is answered
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origin), allow_methods=["GET", "POST"],

@@ -41,7 +41,9 @@ class Batcher:
 
     One call runs at a time, in a worker thread, so the event loop keeps answering other requests; onnxruntime
     uses all the threads it was given within that call. A request that finds the model idle waits up to
-    ``max_wait`` seconds for company; requests that arrive during a call wait for it anyway and run together next.
+    ``max_wait`` seconds for company, but only while ``company()`` says other requests are on their way (read and
+    being tokenised): a lone client's request runs at once; requests that arrive during a call wait for it anyway
+    and run together next.
     With ``isolate``, each request gets calls of its own (int8: its vectors then do not depend on other requests).
     If a merged call fails, each of its requests is run alone, so only the one that fails gets the error.
     """
@@ -54,11 +56,13 @@ class Batcher:
         metrics: Metrics,
         max_wait: float,
         isolate: bool,
+        company: Callable[[], bool] = lambda: True,
     ) -> None:
         self._run, self.name, self._metrics = run, name, metrics
-        self.max_wait, self.isolate = max_wait, isolate
+        self.max_wait, self.isolate, self._company = max_wait, isolate, company
         self._pending: list[_Job] = []
         self._running_tokens = 0
+        self._running_jobs = 0
         self.rate: float | None = None  # tokens per second of the model's calls, a moving average (None: no call yet)
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"bge-onnx-{name}")
@@ -75,6 +79,11 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+
+    @property
+    def jobs(self) -> int:
+        """Requests queued or running here."""
+        return len(self._pending) + self._running_jobs
 
     @property
     def backlog(self) -> float:
@@ -98,7 +107,7 @@ class Batcher:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if not self.isolate and self.max_wait > 0:
+            if not self.isolate and self.max_wait > 0 and self._company():
                 # only a request that found the model idle waits; one that waited through a call does not
                 wait = self.max_wait - (time.perf_counter() - self._pending[0].enqueued)
                 if wait > 0 and sum(len(j.items) for j in self._pending) < MAX_MERGED:
@@ -127,11 +136,11 @@ class Batcher:
             job.timing.queue = start - job.enqueued
             self._metrics.queue_time.labels(self.name).observe(job.timing.queue)
         tokens = sum(job.tokens for job in jobs)
-        self._running_tokens = tokens
+        self._running_tokens, self._running_jobs = tokens, len(jobs)
         try:
             rows = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, items)
         except Exception as err:  # any failure of the runtime is answered, never lost
-            self._running_tokens = 0
+            self._running_tokens = self._running_jobs = 0
             if split_on_error:
                 for job in jobs:
                     await self._call([job], split_on_error=False)
@@ -141,7 +150,7 @@ class Batcher:
                     job.future.set_exception(err)
             return
         elapsed = time.perf_counter() - start
-        self._running_tokens = 0
+        self._running_tokens = self._running_jobs = 0
         if elapsed > 0 and tokens > 0:
             rate = tokens / elapsed
             self.rate = rate if self.rate is None else self.rate + 0.3 * (rate - self.rate)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from ..checks import describe
 from .limits import VALIDATION, Refusal, fields, flag, read_json, texts_field, utf8_text
 from .openai import served_name
+from .render import JSONResponse
 from .service import Service, rerank_request, sigmoid
 
 

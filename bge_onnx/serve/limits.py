@@ -42,7 +42,8 @@ class ServeConfig:
         auto_truncate: cut texts over the model's max length instead of refusing them (a request may say
             otherwise with ``truncate``).
         api_key: when set, every route but GET /health, /ping, / and /metrics needs ``Authorization: Bearer <api_key>``.
-        max_wait_ms: how long a request that finds the model idle waits for others to batch with.
+        max_wait_ms: how long a request that finds the model idle waits for others to batch with, when other
+            requests are on their way (read or tokenised, not queued yet); a lone client's request runs at once.
         max_queue_ms: new work is answered 429 while the work queued ahead would take longer than this, at the
             model's measured rate (0: no such limit, only max_concurrent_requests).
         isolate_batches: run each request in batches of its own, never merged with others' texts, where the

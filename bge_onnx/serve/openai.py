@@ -14,7 +14,7 @@ import base64
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .limits import (
@@ -33,6 +33,7 @@ from .limits import (
     read_json,
     texts_field,
 )
+from .render import JSONResponse
 from .service import Service, embed_request
 
 # refusal kind -> (HTTP status, OpenAI's error type, code)
@@ -118,7 +119,7 @@ async def embeddings(request: Request) -> Response:
         if encoding == "base64":
             vector = base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
         else:
-            vector = row.tolist()
+            vector = row
         data.append({"object": "embedding", "embedding": vector, "index": i})
     tokens = int(np.sum(answer.tokens))
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}

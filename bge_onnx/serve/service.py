@@ -32,6 +32,10 @@ from .tokens import TokenCounter
 
 log = logging.getLogger("bge_onnx.serve")
 
+# A request with at most this many characters is tokenised on the event loop (tens of microseconds); a larger one in
+# a worker thread.
+INLINE_CHARS = 2000
+
 
 class Service:
     """The loaded models, their token counters and batching queues; what the routes call."""
@@ -55,6 +59,7 @@ class Service:
         self.ready = False
         self.error: str | None = None
         self.started = int(time.time())  # /v1/models' "created"
+        self.in_flight = 0  # requests on the work routes, counted by the gate (app.Gate)
         self._retries = RetryBook()
 
     def load(self) -> None:
@@ -98,7 +103,7 @@ class Service:
         if self.embedder is not None:
             embedder = self.embedder
             self._embed_queue = Batcher(lambda texts: embedder.encode(texts, normalize=False), name="embed",
-                                        metrics=self.metrics, max_wait=wait, isolate=isolate)
+                                        metrics=self.metrics, max_wait=wait, isolate=isolate, company=self.expecting)
             self._embed_queue.start()
         if self.m3 is not None:
             m3 = self.m3
@@ -109,14 +114,15 @@ class Service:
             def colbert(texts: list[str]) -> list[np.ndarray]:
                 return m3.encode(texts, return_dense=False, return_colbert_vecs=True)["colbert_vecs"]
 
-            self._m3_queues = {output: Batcher(run, name=output, metrics=self.metrics, max_wait=wait, isolate=isolate)
+            self._m3_queues = {output: Batcher(run, name=output, metrics=self.metrics, max_wait=wait, isolate=isolate,
+                                               company=self.expecting)
                                for output, run in (("sparse", lexical), ("colbert", colbert))}
             for queue in self._m3_queues.values():
                 queue.start()
         if self.reranker is not None:
             reranker = self.reranker
             self._rerank_queue = Batcher(lambda pairs: reranker.compute_score(pairs), name="rerank",
-                                         metrics=self.metrics, max_wait=wait, isolate=isolate)
+                                         metrics=self.metrics, max_wait=wait, isolate=isolate, company=self.expecting)
             self._rerank_queue.start()
         self.ready = True
         log.info("bge-onnx serve: ready")
@@ -137,10 +143,14 @@ class Service:
 
     async def measure(self, what: str, texts: list[str], limit: int) -> tuple[list[str], list[int], list[bool], float]:
         """Texts cut to what ``limit`` tokens need, tokens per text, which were cut (TokenCounter.measure), and the
-        seconds it took; in a worker thread (tokenising a large request must not stall the event loop)."""
+        seconds it took; in a worker thread (tokenising a large request must not stall the event loop), but on the
+        loop for a request under INLINE_CHARS, where the hop to a thread costs more than the tokenising."""
         counter = self.embed_tokens if what == "embed" else self.rerank_tokens
         start = time.perf_counter()
-        clipped, counts, cut = await anyio.to_thread.run_sync(counter.measure, texts, limit)
+        if sum(map(len, texts)) <= INLINE_CHARS:
+            clipped, counts, cut = counter.measure(texts, limit)
+        else:
+            clipped, counts, cut = await anyio.to_thread.run_sync(counter.measure, texts, limit)
         elapsed = time.perf_counter() - start
         self.metrics.tokenize_time.labels(what).observe(elapsed)
         return clipped, counts, cut, elapsed
@@ -180,6 +190,11 @@ class Service:
     async def score(self, pairs: list[tuple[str, str]], tokens: int) -> tuple[np.ndarray, Timing]:
         """Raw reranker logits for ``pairs``."""
         return await self._submit(self._rerank_queue, pairs, tokens)
+
+    def expecting(self) -> bool:
+        """Whether requests in flight are on their way to a queue, not in one yet (being read or tokenised): a
+        queue that finds the model idle waits --max-wait-ms for company only then."""
+        return self.in_flight > sum(queue.jobs for queue in self.queues())
 
     def queues(self) -> list[Batcher]:
         return [q for q in (self._embed_queue, self._rerank_queue, *self._m3_queues.values()) if q is not None]

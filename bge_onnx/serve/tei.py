@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
@@ -32,6 +32,7 @@ from .limits import (
     texts_field,
     utf8_text,
 )
+from .render import JSONResponse
 from .service import (
     Service,
     embed_request,
@@ -112,7 +113,7 @@ async def embed(service: Service, body: object) -> Response:
     normalize = flag(body, "normalize", True)
     answer = await embed_request(service, [prefix + t for t in texts], name="inputs", truncate=truncate,
                                  normalize=normalize)
-    return JSONResponse(answer.rows.tolist(), headers=answer.headers)
+    return JSONResponse(answer.rows, headers=answer.headers)
 
 
 async def _multi(service: Service, body: object, output: str) -> tuple[list, dict]:
@@ -137,7 +138,7 @@ async def embed_sparse(service: Service, body: object) -> Response:
 async def embed_colbert(service: Service, body: object) -> Response:
     """bge-m3's ColBERT vectors: per input, one L2-normalised vector per token after the first."""
     rows, headers = await _multi(service, body, "colbert")
-    return JSONResponse([vectors.tolist() for vectors in rows], headers=headers)
+    return JSONResponse([np.ascontiguousarray(vectors) for vectors in rows], headers=headers)
 
 
 async def rerank(service: Service, body: object) -> Response:
