@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bge_onnx import Embedder
-from bge_onnx.cli import default_model
+from bge_onnx.default_model import default_model
 
 from .harness import Report, data_dir, log
 

@@ -1,5 +1,6 @@
 """bge-onnx: BGE embedding models and rerankers on onnxruntime, with the PyTorch model's vectors and no torch."""
 
+from ._version import __version__
 from .embedder import Embedder
 from .errors import (
     BgeOnnxError,
@@ -16,8 +17,6 @@ from .errors import (
 from .m3 import M3Embedder
 from .reranker import Reranker, RerankResult
 from .spec import ModelSpec, Pooling, Precision, Task, read_spec
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BgeOnnxError",

