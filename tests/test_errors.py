@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from bge_onnx import (
-    BgeOnnxError, Embedder, InputError, InputTypeError, ModelFilesError, ModelIntegrityError,
+    BgeOnnxError, ConfigError, Embedder, InputError, InputTypeError, ModelFilesError, ModelIntegrityError,
     ProviderError, Reranker, WrongTaskError,
 )
 
@@ -53,7 +55,7 @@ def test_missing_folder_and_manifest(tmp_path):
         Embedder(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"bge_onnx.json is missing: .* is not a bge-onnx model folder"):
         Embedder(tmp_path)
-    with pytest.raises(ModelFilesError, match="must be a folder path or a hub repo id"):
+    with pytest.raises(InputTypeError, match="must be a folder path or a hub repo id"):
         Embedder(42)
 
 
@@ -149,3 +151,27 @@ def test_cuda_requested_without_cuda_is_an_error_not_a_fallback(exported):
     with pytest.raises(InputError, match=r"device must be 'auto', 'cpu' or 'cuda', got 'tpu'"):
         Embedder(exported["bert-cls"], device="tpu")
     assert Embedder(exported["bert-cls"], device="auto").providers == ["CPUExecutionProvider"]
+
+
+def test_configuration_and_missing_extras_raise_the_promised_classes(exported):
+    """A bad setting is a ConfigError (ValueError), a missing extra a MissingExtraError (ImportError), and an error
+    in a worker process reaches the caller as the same class."""
+    pytest.importorskip("starlette")
+    from bge_onnx.serve import ServeConfig
+    from bge_onnx.workers import WorkerPool
+
+    with pytest.raises(ConfigError, match="serve needs a MODEL"):
+        ServeConfig(None)
+    with pytest.raises(ValueError, match="max_client_batch_size must be a positive int"):
+        ServeConfig("m", max_client_batch_size=0)
+    script = ("import sys; sys.modules['pyarrow'] = None; from bge_onnx.files import _pyarrow; "
+              "from bge_onnx.errors import MissingExtraError\n"
+              "try:\n    _pyarrow()\nexcept MissingExtraError as err:\n    print('ok', err)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert result.stdout.startswith("ok") and 'pip install "bge-onnx[files]"' in result.stdout, result.stderr
+    pool = WorkerPool(exported["bert-cls"], task="embed", processes=2, settings={"precision": "fp32"})
+    try:
+        with pytest.raises(InputTypeError, match=r"worker 1 of 2 .*InputTypeError"):
+            pool.map("encode", [["fine"], ["fine", 42]], {})
+    finally:
+        pool.close()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from starlette.requests import Request
 
 from ..checks import describe
-from ..errors import BgeOnnxError
+from ..errors import BgeOnnxError, ConfigError
 
 # The kinds of refusal; each API family maps them to its own status codes and error bodies (tei.py, openai.py).
 VALIDATION = "validation"  # a wrong type, a bad value, too many inputs, a text over the model's limit
@@ -73,16 +73,16 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.model is None and self.reranker is None:
-            raise BgeOnnxError("serve needs a MODEL to embed with, a --reranker, or both")
+            raise ConfigError("serve needs a MODEL to embed with, a --reranker, or both")
         for name in ("max_client_batch_size", "openai_max_inputs", "max_concurrent_requests", "payload_limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BgeOnnxError(f"{name} must be a positive int, got {describe(value)}")
+                raise ConfigError(f"{name} must be a positive int, got {describe(value)}")
         for name in ("max_wait_ms", "max_queue_ms"):
             if not getattr(self, name) >= 0:
-                raise BgeOnnxError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.api_key == "":
-            raise BgeOnnxError("api_key is empty: give a key, or leave it unset to serve without one")
+            raise ConfigError("api_key is empty: give a key, or leave it unset to serve without one")
 
 
 class Refusal(BgeOnnxError):
