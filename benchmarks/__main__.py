@@ -22,6 +22,7 @@ BENCHMARKS = {
     "serve-hostile": ("serve_hostile", "bge-onnx serve: peak RSS under 8 concurrent ~1.9 MB truncate requests, vs a baseline"),
     "serve-overload": ("serve_overload", "bge-onnx serve at twice its sustainable rate: p50/p99, 429s, none lost or wrong"),
     "serve-one": ("serve_one", "bge-onnx serve, one client, interleaved with in-process encode (and a baseline tree)"),
+    "serve-peer": ("serve_peer", "bge-onnx serve against infinity-emb (torch and optimum engines), same load, interleaved"),
     "gpu": ("gpu", "CUDA: provider start, fp16/fp32 parity, throughput against sentence-transformers on the GPU"),
     "gpu-rerank": ("gpu_rerank", "CUDA: reranker parity and throughput against the CrossEncoder on the GPU"),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .errors import InputError, InputTypeError
+from .errors import BgeOnnxError, InputError, InputTypeError
 
 
 def describe(value: object) -> str:
@@ -13,14 +13,15 @@ def describe(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an int >= 1 (not a bool), else raise InputError naming ``name``.
+def positive_int(name: str, value: object, *, error: type[BgeOnnxError] = InputError) -> int:
+    """Return ``value`` if it is an int >= 1 (not a bool), else raise ``error`` (InputError; ConfigError for a
+    setting) naming ``name``.
 
     >>> positive_int("batch_size", 8)
     8
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive int, got {describe(value)}")
+        raise error(f"{name} must be a positive int, got {describe(value)}")
     return value
 
 

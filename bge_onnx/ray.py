@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import positive_int
 from .embedder import Embedder
 from .errors import InputError, MissingExtraError, install_hint
 from .reranker import Reranker
@@ -85,8 +86,7 @@ def _map(dataset: Any, actor: type, args: tuple, concurrency: int | tuple[int, i
     if len(sizes) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes) \
             or sizes[0] > sizes[1]:
         raise InputError(f"concurrency must be a positive int or a (min, max) pair of them, got {concurrency!r}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+    positive_int("batch_size", batch_size)
     cpus = threads or 1
     if ray.is_initialized():
         total = ray.cluster_resources().get("CPU", 0)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from starlette.requests import Request
 
-from ..checks import describe
+from ..checks import describe, positive_int
 from ..errors import BgeOnnxError, ConfigError
 
 # The kinds of refusal; each API family maps them to its own status codes and error bodies (tei.py, openai.py).
@@ -75,9 +75,7 @@ class ServeConfig:
         if self.model is None and self.reranker is None:
             raise ConfigError("serve needs a MODEL to embed with, a --reranker, or both")
         for name in ("max_client_batch_size", "openai_max_inputs", "max_concurrent_requests", "payload_limit"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {describe(value)}")
+            positive_int(name, getattr(self, name), error=ConfigError)
         for name in ("max_wait_ms", "max_queue_ms"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -233,6 +231,14 @@ def check_lengths(counts: Sequence[int], cut: Sequence[bool], max_length: int, *
                 'Shorten it, send "truncate": true, or start the server with --auto-truncate',
                 param=param,
             )
+
+
+def check_dimensions(body: dict, dim: int) -> None:
+    """``dimensions`` other than the model's own: refused, as BGE models are not trained for truncated vectors."""
+    value = body.get("dimensions")
+    if value is not None and (value != dim or isinstance(value, bool)):
+        raise Refusal(VALIDATION, f"dimensions={value!r} is not supported: this model is not trained for truncated "
+                                  f"(Matryoshka) vectors; omit it to get all {dim} dimensions", param="dimensions")
 
 
 def check_direction(body: dict) -> None:

@@ -28,6 +28,7 @@ from .limits import (
     UNHEALTHY,
     VALIDATION,
     Refusal,
+    check_dimensions,
     fields,
     flag,
     read_json,
@@ -101,11 +102,7 @@ async def embeddings(request: Request) -> Response:
     if encoding not in (None, "float", "base64"):
         raise Refusal(VALIDATION, f"encoding_format must be 'float' or 'base64', got {encoding!r}",
                       param="encoding_format")
-    dimensions = body.get("dimensions")
-    if dimensions is not None and (dimensions != embedder.dim or isinstance(dimensions, bool)):
-        raise Refusal(VALIDATION, f"dimensions={dimensions!r} is not supported: this model is not trained for "
-                                  f"truncated (Matryoshka) vectors; omit it to get all {embedder.dim} dimensions",
-                      param="dimensions")
+    check_dimensions(body, embedder.dim)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise Refusal(VALIDATION, f"user must be a string, got {type(user).__name__}", param="user")

@@ -25,6 +25,7 @@ from .limits import (
     UNHEALTHY,
     VALIDATION,
     Refusal,
+    check_dimensions,
     check_direction,
     fields,
     flag,
@@ -81,17 +82,6 @@ def _prompt(service: Service, body: dict) -> str:
     return embedder.query_instruction
 
 
-def _dimensions(service: Service, body: dict) -> None:
-    """``dimensions`` other than the model's own: refused, as BGE models are not trained for truncated vectors."""
-    value = body.get("dimensions")
-    if value is None:
-        return
-    dim = service.require("embed").dim
-    if value != dim or isinstance(value, bool):
-        raise Refusal(VALIDATION, f"dimensions={value!r} is not supported: this model is not trained for truncated "
-                                  f"(Matryoshka) vectors; omit it to get all {dim} dimensions", param="dimensions")
-
-
 def _body(handler):
     """A route that reads the JSON body within --payload-limit and hands it to ``handler(service, body)``."""
 
@@ -107,7 +97,7 @@ async def embed(service: Service, body: object) -> Response:
     body = fields(body, ["inputs"])
     texts, _ = texts_field(body.get("inputs"), "inputs", limit=service.config.max_client_batch_size)
     check_direction(body)
-    _dimensions(service, body)
+    check_dimensions(body, service.require("embed").dim)
     prefix = _prompt(service, body)
     truncate = flag(body, "truncate", service.config.auto_truncate)
     normalize = flag(body, "normalize", True)
