@@ -14,13 +14,21 @@ from .errors import InputError, ModelFilesError, ModelIntegrityError
 TOKENIZER_FILE = "tokenizer.json"
 
 # A text is cut to a prefix before it is tokenised in full: tokenising 2 MB of text to keep its first 512 tokens
-# took a server from 250 MB to 1.1 GB. A cut can change the tokens of the word it falls in (a WordPiece word over
-# 100 characters is one [UNK], its first 90 characters are many pieces; a Unigram segmentation can shift near the
-# cut), so a prefix is taken only where a prefix half as long gives the same first tokens: the cut's effect then
-# does not reach them. The shorter prefix has CLIP_CHARS characters per token wanted and must hold CLIP_MARGIN
-# tokens beyond the limit; where it holds fewer (long words, runs of spaces) or the two disagree, both double.
+# took a server from 250 MB to 1.1 GB. A cut can change the tokens before it: a WordPiece word over 100 characters is
+# one [UNK] but its first 90 characters are many pieces, and a Unigram (SentencePiece) segmentation of an unbroken
+# run is found over the whole run, so its first pieces can change with where the run ends. So a text is cut only at
+# a space (U+0020: a word boundary for WordPiece, byte-level BPE and Metaspace alike), and only where a prefix about
+# half as long, also ending at a space, gives the same first tokens. The shorter prefix ends within its last half of
+# CLIP_CHARS characters per token wanted and must hold CLIP_MARGIN tokens beyond the limit; where it holds fewer,
+# has no space there, or the two disagree, both double. A text with no spaces (a CJK paragraph for bge-m3) is then
+# tokenised whole, as before.
 CLIP_MARGIN = 16
 CLIP_CHARS = 8
+
+
+def _cut(text: str, chars: int) -> int:
+    """Where to cut ``text`` near ``chars`` characters: the last space in its second half, or -1."""
+    return text.rfind(" ", chars // 2, chars)
 
 
 def clip(tokenizer: Tokenizer, texts: Sequence[str], limit: int) -> list[str]:
@@ -33,15 +41,16 @@ def clip(tokenizer: Tokenizer, texts: Sequence[str], limit: int) -> list[str]:
     out = list(texts)
     todo = [i for i, text in enumerate(texts) if len(text) > 2 * chars]
     while todo:
-        short = tokenizer.encode_batch_fast([texts[i][:chars] for i in todo], add_special_tokens=False)
-        long = tokenizer.encode_batch_fast([texts[i][: 2 * chars] for i in todo], add_special_tokens=False)
-        left = []
-        for i, a, b in zip(todo, short, long):
+        cuts = {i: (_cut(texts[i], chars), _cut(texts[i], 2 * chars)) for i in todo}
+        tried = [i for i in todo if min(cuts[i]) > 0]
+        short = tokenizer.encode_batch_fast([texts[i][: cuts[i][0]] for i in tried], add_special_tokens=False)
+        long = tokenizer.encode_batch_fast([texts[i][: cuts[i][1]] for i in tried], add_special_tokens=False)
+        done = set()
+        for i, a, b in zip(tried, short, long):
             if len(a) >= need and a.ids[:need] == b.ids[:need]:
-                out[i] = texts[i][: 2 * chars]
-            elif len(texts[i]) > 4 * chars:
-                left.append(i)
-        todo, chars = left, 2 * chars
+                out[i] = texts[i][: cuts[i][1]]
+                done.add(i)
+        todo, chars = [i for i in todo if i not in done and len(texts[i]) > 4 * chars], 2 * chars
     return out
 
 
@@ -101,7 +110,10 @@ class TextTokenizer:
         """Tokenise with special tokens, cut at max_length; return encodings and how many were cut."""
         try:
             # _fast: without character offsets, which nothing here uses (docs/decisions.md)
-            encodings = self._truncating.encode_batch_fast(self.clip(texts, self.max_length))
+            clipped = self.clip(texts, self.max_length)
+            if any(a is not b for a, b in zip(clipped, texts)):  # a lone surrogate past the cut is still refused
+                check_encodable(texts, name=name, start=start)
+            encodings = self._truncating.encode_batch_fast(clipped)
         except TypeError as err:
             _raise_unencodable(texts, name, err, start)
         cut = sum(1 for e in encodings if e.overflowing)
@@ -128,11 +140,13 @@ class TextTokenizer:
         queries = [q for q, _ in pairs]
         passages = [p for _, p in pairs]
         try:
+            check_encodable(queries, name="queries", start=start)
             query_encodings = self._plain.encode_batch_fast(self.clip(queries, query_max_length),
                                                             add_special_tokens=False)
         except TypeError as err:
             _raise_unencodable(queries, "queries", err, start)
         try:
+            check_encodable(passages, name="passages", start=start)
             passage_encodings = self._plain.encode_batch_fast(self.clip(passages, self.max_length),
                                                               add_special_tokens=False)
         except TypeError as err:

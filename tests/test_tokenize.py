@@ -61,7 +61,22 @@ def test_a_clipped_text_keeps_the_whole_texts_first_tokens(tokenizers, family):
             if short is not text:
                 assert text.startswith(short) and len(b) >= limit + CLIP_MARGIN, (family, limit, i)
         # ordinary words: the first prefix tried is enough, whatever the text's size
-        assert len(clipped[-6]) == 2 * (limit + CLIP_MARGIN) * CLIP_CHARS
+        assert (limit + CLIP_MARGIN) * CLIP_CHARS < len(clipped[-6]) <= 2 * (limit + CLIP_MARGIN) * CLIP_CHARS
+        assert clipped[-5] is texts[-5] and clipped[-2] is texts[-2]  # no space to cut at: tokenised whole
+
+
+def test_a_unigram_run_is_never_cut_inside():
+    """A Unigram segmentation of an unbroken run is found over the whole run: cut inside it, its first pieces can
+    change (here "a" x 961: the whole run starts [a][aa][aa]..., a prefix of it [aa][aa]...)."""
+    from tokenizers import models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.Unigram([("<unk>", 0.0), ("\u2581", -1.0), ("a", -2.0), ("aa", -3.0),
+                                          ("\u2581a", -1.5)], unk_id=0, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    texts = ["a" * 961, "a" * 961 + " b" * 500, " ".join("a" * n for n in range(1, 400)), "a " * 3000 + "a" * 961]
+    for limit in (4, 8, 64):
+        for text, short in zip(texts, clip(tokenizer, texts, limit)):
+            assert tokenizer.encode(short).ids[:limit] == tokenizer.encode(text).ids[:limit], (limit, text[:20])
 
 
 def test_short_texts_come_back_as_they_are(tokenizers):

@@ -143,6 +143,7 @@ class Gate:
         except asyncio.CancelledError:
             if not gone:
                 raise  # the server is stopping, not the client
+            task.uncancel()  # our own cancel, handled: the task goes on to record the request
             return False
         finally:
             watcher.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +64,11 @@ class Batcher:
         self._pending: list[_Job] = []
         self._running_tokens = 0
         self._running_jobs = 0
-        self.rate: float | None = None  # tokens per second of the model's calls, a moving average (None: no call yet)
+        # (tokens, seconds) of the latest calls, and what they say a call costs: a fixed part and a part per token
+        # (tokens / elapsed alone would take a run of short calls' overhead for slowness and overestimate a long
+        # request's wait many times over)
+        self._calls: collections.deque[tuple[int, float]] = collections.deque(maxlen=64)
+        self.overhead, self.per_token = 0.0, None
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"bge-onnx-{name}")
         self._task: asyncio.Task | None = None
@@ -82,15 +87,33 @@ class Batcher:
 
     @property
     def jobs(self) -> int:
-        """Requests queued or running here."""
-        return len(self._pending) + self._running_jobs
+        """Requests queued (whose clients are still there) or running here."""
+        return sum(not job.future.done() for job in self._pending) + self._running_jobs
 
     @property
     def backlog(self) -> float:
-        """Seconds of work queued or running, at the measured rate (0 before the first call is measured)."""
-        if self.rate is None:
+        """Seconds of work queued or running, at the measured cost of a call (0 before the first call)."""
+        tokens = self._running_tokens + sum(job.tokens for job in self._pending if not job.future.done())
+        return self.seconds(tokens) if tokens else 0.0
+
+    def seconds(self, tokens: int) -> float:
+        """What a call of ``tokens`` tokens is expected to take (0 before the first call is measured)."""
+        if self.per_token is None:
             return 0.0
-        return (self._running_tokens + sum(job.tokens for job in self._pending)) / self.rate
+        return self.overhead + tokens * self.per_token
+
+    def _measured(self, tokens: int, elapsed: float) -> None:
+        """Fit seconds = overhead + tokens x per_token to the latest calls (least squares; the mean cost per token
+        while their sizes are all alike)."""
+        self._calls.append((tokens, elapsed))
+        sizes = np.array([t for t, _ in self._calls], dtype=np.float64)
+        times = np.array([s for _, s in self._calls], dtype=np.float64)
+        if len(self._calls) >= 4 and sizes.std() > 0.1 * sizes.mean():
+            slope, intercept = np.polyfit(sizes, times, 1)
+            if slope > 0:
+                self.per_token, self.overhead = float(slope), max(float(intercept), 0.0)
+                return
+        self.per_token, self.overhead = float(times.sum() / sizes.sum()), 0.0
 
     async def submit(self, items: Sequence, tokens: int) -> tuple[np.ndarray, Timing]:
         """Queue ``items`` (``tokens`` long in all) and wait for their rows."""
@@ -143,7 +166,8 @@ class Batcher:
             self._running_tokens = self._running_jobs = 0
             if split_on_error:
                 for job in jobs:
-                    await self._call([job], split_on_error=False)
+                    if not job.future.done():  # its client may have gone meanwhile
+                        await self._call([job], split_on_error=False)
                 return
             for job in jobs:
                 if not job.future.done():
@@ -152,8 +176,7 @@ class Batcher:
         elapsed = time.perf_counter() - start
         self._running_tokens = self._running_jobs = 0
         if elapsed > 0 and tokens > 0:
-            rate = tokens / elapsed
-            self.rate = rate if self.rate is None else self.rate + 0.3 * (rate - self.rate)
+            self._measured(tokens, elapsed)
         self._metrics.inference_time.labels(self.name).observe(elapsed)
         self._metrics.batch_texts.labels(self.name).observe(len(items))
         self._metrics.batch_tokens.labels(self.name).observe(sum(job.tokens for job in jobs))

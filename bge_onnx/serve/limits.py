@@ -110,6 +110,9 @@ class Refusal(BgeOnnxError):
 DRAIN = 64_000_000
 
 
+MAX_RETRY_AFTER = 60.0
+
+
 class RetryBook:
     """Retry-After values that spread refused clients over the time the server needs for them, like appointments:
     each refusal books the next free slot after the ones already booked. One value for all (the first version:
@@ -123,7 +126,9 @@ class RetryBook:
         """Seconds to tell a refused client: at least ``free_in`` from now (when the server expects room), plus
         ``interval`` (one such request's share of the server) after the last client booked."""
         now = time.monotonic()
-        self._until = max(self._until, now + free_in) + interval
+        # at most a minute ahead: clients that never come back must not push the next ones out for ever (and
+        # OpenAI's clients ignore a Retry-After over 60 s)
+        self._until = min(max(self._until, now + free_in) + interval, now + MAX_RETRY_AFTER)
         return self._until - now
 
 
@@ -134,7 +139,9 @@ async def read_json(request: Request, limit: int) -> object:
     too_large = None
     if declared is not None and declared.isdigit() and int(declared) > limit:
         too_large = f"the body has {int(declared)} bytes; the limit is {limit} (--payload-limit)"
-        if int(declared) > DRAIN:  # not worth reading: the client would not get to the answer anyway
+        if int(declared) > DRAIN or request.headers.get("expect", "").lower() == "100-continue":
+            # not worth reading: the client would not get to the answer anyway, or it waits for our word before
+            # it sends the body (curl does for large bodies), and a 413 now saves it sending
             raise Refusal(PAYLOAD, too_large)
     body = bytearray()
     read = 0

@@ -208,8 +208,7 @@ class Service:
             return
         wait = sum(q.backlog for q in self.queues())
         if wait > limit:
-            self.metrics.tei_failure("overloaded")
-            retry = self._retries.next(free_in=wait - limit, interval=tokens / queue.rate if queue.rate else 0.0)
+            retry = self._retries.next(free_in=wait - limit, interval=queue.seconds(tokens))
             raise Refusal(OVERLOADED, f"the server is overloaded: the work queued takes about {wait:.1f} s, over "
                           f"the {limit:g} s a request may wait (--max-queue-ms); retry later", retry_after=retry)
 
@@ -243,6 +242,7 @@ async def embed_request(service: Service, texts: list[str], *, name: str, trunca
                   truncate=truncate)
     used = [min(c, embedder.max_length) for c in counts]
     rows, timing = await service.embed(texts, sum(used))
+    finite(rows)
     service.metrics.tei_success("embed", len(texts), total=time.perf_counter() - start, tokenize=tokenize,
                                 queue=timing.queue, inference=timing.inference, lengths=used)
     if normalize:
@@ -286,6 +286,7 @@ async def score_request(service: Service, queries: list[str], texts: list[str], 
     check_lengths(pairs, cut, reranker.max_length, names=text_names, param=param, truncate=truncate)
     used = [min(c, reranker.max_length) for c in pairs]
     scores, timing = await service.score(list(zip(queries, texts)), sum(used))
+    finite(scores)
     service.metrics.tei_success("predict", len(texts), total=time.perf_counter() - start, tokenize=tokenize,
                                 queue=timing.queue, inference=timing.inference, lengths=used)
     headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=characters,
@@ -298,6 +299,13 @@ async def rerank_request(service: Service, query: str, texts: list[str], *, name
     return await score_request(service, [query] * len(texts), texts, query_names=["query"] * len(texts),
                                text_names=[f"{name}[{i}]" for i in range(len(texts))], param=name,
                                query_param="query", truncate=truncate)
+
+
+def finite(rows: np.ndarray) -> None:
+    """Refuse to answer NaN or infinity (a broken graph or a float16 overflow): JSON has no such numbers, and orjson
+    would write them as null."""
+    if not np.isfinite(rows).all():
+        raise Refusal(BACKEND, "inference failed: the model gave NaN or infinite values")
 
 
 def sigmoid(scores: np.ndarray) -> np.ndarray:

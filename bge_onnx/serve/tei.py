@@ -7,6 +7,7 @@ Request and response shapes follow TEI 1.9's router (router/src/http/types.rs, s
 
 from __future__ import annotations
 
+import anyio
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
@@ -161,7 +162,10 @@ async def tokenize(service: Service, body: object) -> Response:
     prefix = _prompt(service, body)
     special = flag(body, "add_special_tokens", True)
     counter = service.embed_tokens or service.rerank_tokens
-    return JSONResponse(counter.tokens([prefix + t for t in texts], add_special_tokens=special))
+    # in a worker thread: a large request's tokens with their offsets take a while, and the event loop must go on
+    tokens = await anyio.to_thread.run_sync(
+        lambda: counter.tokens([prefix + t for t in texts], add_special_tokens=special))
+    return JSONResponse(tokens)
 
 
 async def similarity(service: Service, body: object) -> Response:
