@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .harness import Report, log
-from .serve_load import _free_port, peak_rss_mb, synthetic
+from .serve_load import _free_port, peak_rss_mb, synthetic, wait_healthy
 
 CLIENTS = 8
 
@@ -35,20 +35,8 @@ def start(tree: Path | None, model: Path, precision: str, port: int, *extra: str
                "--max-client-batch-size", "32", *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                                cwd=tree or Path.cwd())
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"serve_hostile: the server exited {process.returncode}: {' '.join(command)}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return process
-        except OSError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("serve_hostile: the server was not healthy within 300 s")
+    wait_healthy(process, port, " ".join(command))
+    return process
 
 
 def post(port: int, body: bytes) -> tuple[int, object]:

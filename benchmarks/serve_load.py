@@ -57,20 +57,26 @@ def start_server(args: argparse.Namespace, port: int, *extra: str) -> subprocess
                args.precision, "--max-client-batch-size", str(max(args.texts_per_request, 1)), "--auto-truncate",
                *(["--isolate-batches"] if args.isolate_batches else []), *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+    wait_healthy(process, port, " ".join(command))
+    return process
+
+
+def wait_healthy(process: subprocess.Popen, port: int, label: str, seconds: float = 300) -> None:
+    """Return once GET /health on ``port`` answers 200; exit the benchmark if ``process`` ends or time runs out."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"serve_load: the server exited {process.returncode}: {' '.join(command)}")
+            raise SystemExit(f"benchmarks: the server exited {process.returncode}: {label}")
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             connection.request("GET", "/health")
             if connection.getresponse().status == 200:
-                return process
+                return
         except OSError:
             pass
         time.sleep(0.2)
     process.kill()
-    raise SystemExit("serve_load: the server was not healthy within 300 s")
+    raise SystemExit(f"benchmarks: the server was not healthy within {seconds:.0f} s: {label}")
 
 
 def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:

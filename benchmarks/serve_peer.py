@@ -30,26 +30,9 @@ import numpy as np
 
 from .corpora import corpora
 from .harness import Report, log, versions
-from .serve_load import _free_port
+from .serve_load import _free_port, wait_healthy
 
 TEXTS_PER_REQUEST = 4
-
-
-def wait_healthy(process: subprocess.Popen, port: int, label: str, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"serve_peer: {label} exited {process.returncode}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise SystemExit(f"serve_peer: {label} was not healthy within {seconds:.0f} s")
 
 
 class Contestant:

@@ -11,12 +11,15 @@ import time
 
 import numpy as np
 import pytest
+import test_serve
 from test_serve import LONG, Server, _metric, assert_same_vectors, call
 
-from bge_onnx import Embedder, Reranker
+from bge_onnx import Embedder
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
+
+embedder, reranker = test_serve.embedder, test_serve.reranker  # the same fp32 models, as fixtures here too
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +29,6 @@ def server(exported, tmp_path_factory):
                  "--max-client-batch-size", "8", "--payload-limit", "20000", log=log)
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def embedder(exported):
-    return Embedder(exported["bert-cls"], device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def reranker(exported):
-    return Reranker(exported["bert-rerank"], device="cpu", precision="fp32")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
