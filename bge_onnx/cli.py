@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 from .checks import positive_int
@@ -17,31 +16,6 @@ from .errors import BgeOnnxError, ConfigError, InputError, MissingExtraError, in
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _read_inputs(stream, fmt: str, key: str) -> Iterator[str]:
-    """Texts from a binary stream, lazily: one per line, or JSONL (a JSON string or an object with ``key``)."""
-    for number, raw in enumerate(stream, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InputError(f"stdin line {number} is not valid UTF-8 ({err.reason} at byte {err.start})") from err
-        line = line[:-1] if line.endswith("\n") else line
-        line = line[:-1] if line.endswith("\r") else line
-        if fmt == "lines":
-            yield line
-            continue
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as err:
-            raise InputError(f"stdin line {number} is not valid JSON: {err}") from err
-        if isinstance(item, dict):
-            item = item.get(key)
-        if not isinstance(item, str):
-            raise InputError(f"stdin line {number}: expected a JSON string or an object with a string {key!r}")
-        yield item
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -98,8 +72,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise InputError("--resume continues a file: pass -o FILE")
     model = args.model or default_model()
     embedder = Embedder(model, **_runtime_kwargs(args))
-    # ids go out with the vectors when the rows have any: read from a file, or --id-field named
-    writer = files.WRITERS[out_format](args.output, embedder.dim, with_ids=path is not None or bool(args.id_field))
+    # ids go out with the vectors when the rows have any: read from a file or JSONL on stdin (as from a JSONL file:
+    # a row's "id", else its line number), or --id-field named
+    with_ids = path is not None or bool(args.id_field) or source.fmt == "jsonl"
+    writer = files.WRITERS[out_format](args.output, embedder.dim, with_ids=with_ids)
     summary = files.embed_rows(
         embedder, source, writer, resume=args.resume, rejects=args.rejects,
         prefix=embedder.query_instruction if args.queries else "", batch_size=args.batch_size,
@@ -113,10 +89,17 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
+    from . import files
     from .reranker import Reranker
 
     reranker = Reranker(args.model, **_runtime_kwargs(args))
-    passages = list(_read_inputs(sys.stdin.buffer, args.input, "text"))
+    # the same reader as embed's stdin: the same formats, the same messages for a bad line
+    source = files.Source(None, "txt" if args.input == "lines" else "jsonl")
+    passages = []
+    for row in source.rows():
+        if isinstance(row, files.BadRow):
+            raise InputError(source.message(row))
+        passages.append(row.text)
     results = reranker.rerank(args.query, passages, top_k=args.top_k, normalize=args.normalize, batch_size=args.batch_size)
     for result in results:
         sys.stdout.write(json.dumps({"index": result.index, "score": result.score, "text": result.text}, ensure_ascii=False) + "\n")

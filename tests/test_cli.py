@@ -56,6 +56,30 @@ def test_embed_jsonl_in_npy_out_and_queries(exported, tmp_path):
     assert np.load(out).shape == (1, 32)
 
 
+def test_jsonl_on_stdin_keeps_ids_as_a_jsonl_file_does(exported, tmp_path):
+    folder = str(exported["bert-mean"])
+    lines = '{"text": "an object", "id": 7}\n"a json string"\n{"text": "no id"}\n'
+    piped = cli("embed", folder, "--input", "jsonl", stdin=lines)
+    src = tmp_path / "in.jsonl"
+    src.write_text(lines, encoding="utf-8")
+    filed = cli("embed", folder, "--input", str(src))
+    assert piped.returncode == filed.returncode == 0, piped.stderr + filed.stderr
+    rows, from_file = ([json.loads(line) for line in r.stdout.decode().splitlines()] for r in (piped, filed))
+    assert [r["id"] for r in rows] == [r["id"] for r in from_file] == [7, 2, 3]  # its "id", else the line number
+    np.testing.assert_allclose([r["embedding"] for r in rows], [r["embedding"] for r in from_file], atol=1e-6)
+
+
+def test_rerank_reads_stdin_as_embed_does(exported):
+    folder = str(exported["bert-rerank"])
+    result = cli("rerank", folder, "--query", "q", "--input", "jsonl", stdin='{"text": "ok"}\n{not json}\n')
+    assert result.returncode == 1 and b"bge-onnx: error: stdin line 2 is not valid JSON" in result.stderr
+    result = cli("rerank", folder, "--query", "q", stdin=b"fine\nbad \xff byte\n")
+    assert result.returncode == 1 and b"stdin line 2 is not valid UTF-8 (invalid start byte at byte 4)" in result.stderr
+    result = cli("rerank", folder, "--query", "q", stdin="one\ntwo\n")
+    assert result.returncode == 0 and sorted(json.loads(x)["text"] for x in result.stdout.decode().splitlines()) == [
+        "one", "two"]
+
+
 def test_embed_bad_input_exits_1_with_the_line(exported):
     result = cli("embed", str(exported["bert-mean"]), "--input", "jsonl", stdin='"ok"\n{not json}\n')
     assert result.returncode == 1 and result.stdout == b""
