@@ -108,16 +108,22 @@ class TextTokenizer:
 
     def encode_texts(self, texts: list[str], *, name: str = "texts", start: int = 0) -> tuple[list[Encoding], int]:
         """Tokenise with special tokens, cut at max_length; return encodings and how many were cut."""
-        try:
-            # _fast: without character offsets, which nothing here uses (docs/decisions.md)
-            clipped = self.clip(texts, self.max_length)
-            if any(a is not b for a, b in zip(clipped, texts)):  # a lone surrogate past the cut is still refused
-                check_encodable(texts, name=name, start=start)
-            encodings = self._truncating.encode_batch_fast(clipped)
-        except TypeError as err:
-            _raise_unencodable(texts, name, err, start)
+        encodings = self._encode(self._truncating, texts, self.max_length, name=name, start=start, special=True)
         cut = sum(1 for e in encodings if e.overflowing)
         return encodings, cut
+
+    def _encode(self, tokenizer: Tokenizer, texts: list[str], limit: int, *, name: str, start: int,
+                special: bool) -> list[Encoding]:
+        """``texts`` cut to what ``limit`` tokens need (clip), then tokenised; a text that is not valid Unicode is
+        named, also where the cut would have dropped the bad part."""
+        try:
+            clipped = self.clip(texts, limit)
+            if any(a is not b for a, b in zip(clipped, texts)):  # a lone surrogate past the cut is still refused
+                check_encodable(texts, name=name, start=start)
+            # _fast: without character offsets, which nothing here uses (docs/decisions.md)
+            return tokenizer.encode_batch_fast(clipped, add_special_tokens=special)
+        except TypeError as err:
+            _raise_unencodable(texts, name, err, start)
 
     def clip(self, texts: Sequence[str], limit: int) -> list[str]:
         """``texts`` with each long one cut to a prefix that tokenises to the same first ``limit`` tokens."""
@@ -139,18 +145,10 @@ class TextTokenizer:
         """
         queries = [q for q, _ in pairs]
         passages = [p for _, p in pairs]
-        try:
-            check_encodable(queries, name="queries", start=start)
-            query_encodings = self._plain.encode_batch_fast(self.clip(queries, query_max_length),
-                                                            add_special_tokens=False)
-        except TypeError as err:
-            _raise_unencodable(queries, "queries", err, start)
-        try:
-            check_encodable(passages, name="passages", start=start)
-            passage_encodings = self._plain.encode_batch_fast(self.clip(passages, self.max_length),
-                                                              add_special_tokens=False)
-        except TypeError as err:
-            _raise_unencodable(passages, "passages", err, start)
+        query_encodings = self._encode(self._plain, queries, query_max_length, name="queries", start=start,
+                                       special=False)
+        passage_encodings = self._encode(self._plain, passages, self.max_length, name="passages", start=start,
+                                         special=False)
         encodings = []
         cut = 0
         for query, passage in zip(query_encodings, passage_encodings):
