@@ -179,10 +179,10 @@ class Batcher:
             self._measured(tokens, elapsed)
         self._metrics.inference_time.labels(self.name).observe(elapsed)
         self._metrics.batch_texts.labels(self.name).observe(len(items))
-        self._metrics.batch_tokens.labels(self.name).observe(sum(job.tokens for job in jobs))
+        self._metrics.batch_tokens.labels(self.name).observe(tokens)
         self._metrics.batch_requests.labels(self.name).observe(len(jobs))
         self._metrics.te_batch_next_size.observe(len(items))
-        self._metrics.te_batch_next_tokens.observe(sum(job.tokens for job in jobs))
+        self._metrics.te_batch_next_tokens.observe(tokens)
         at = 0
         for job in jobs:
             job.timing.inference = elapsed
