@@ -34,7 +34,6 @@ from . import parity, probes
 from .precision import add_variant
 from .rewrite import fuse
 from .staging import (
-    EXTERNAL_DATA_BYTES,
     MODEL_FILE,
     check_out,
     extra_precisions,
@@ -104,10 +103,9 @@ def optimize_model(
     try:
         with tempfile.TemporaryDirectory(prefix=".source.", dir=staging.parent) as work:
             graph = _only_output(folder / found[0], Path(work) / "source.onnx", source.output)
-            external = sum((folder / f).stat().st_size for f in [found[0], *found[1]]) > EXTERNAL_DATA_BYTES
             fused, first_token = fuse(
                 graph, staging / MODEL_FILE, num_heads=config["num_attention_heads"], hidden_size=config["hidden_size"],
-                external_data=external, pooling=source.pooling if source.task is Task.EMBED else None,
+                external_data=True, pooling=source.pooling if source.task is Task.EMBED else None,
             )
         log("fused " + (", ".join(f"{count} {op}" for op, count in fused.items()) or "nothing")
             + ("; the last layer computes only the first token after its attention" if first_token else ""))

@@ -97,7 +97,7 @@ def export_model(
     precisions: Sequence[str] = ("fp32",),
     allow_below_gate: bool = False,
     overwrite: bool = False,
-    external_data: bool | None = None,
+    external_data: bool = True,
     flash_attention: bool = True,
     log: Callable[[str], None] | None = stderr,
 ) -> ModelSpec:
@@ -113,7 +113,8 @@ def export_model(
         precisions: graphs to write besides fp32: "int8" (CPU, dynamic quantisation) and/or "fp16" (CUDA).
             Each is measured against fp32 on the gate set and refused below its gate (see precision.GATES).
         allow_below_gate: keep an int8/fp16 graph below its gate (marked so; precision="auto" skips it).
-        external_data: keep weights in a side file; default only above 1.5 GB.
+        external_data: weights in a side file (model.onnx.data) that onnxruntime maps from disk: a faster load,
+            and the pages are shared between processes. False writes one self-contained graph (below 2 GB).
         flash_attention: bge-m3 with its heads: batches without padding (a long text alone) run onnxruntime's
             flash attention (rewrite.flash_attention); False keeps the fused Attention for every batch.
         log: where progress lines go (stderr by default; None for silence).

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 import bge_onnx
 from bge_onnx.errors import ExportError, ParityError
@@ -20,6 +19,7 @@ from bge_onnx.spec import ModelSpec, Precision, Task, Variant, read_spec, sha256
 from bge_onnx.tokenize import TextTokenizer, pad_batch
 
 from . import pertoken, probes
+from .staging import save_graph
 
 # Quality gates against the fp32 graph on probes.GATE_TEXTS / GATE_PAIRS. For embeddings: cosine of each text's
 # vector to its fp32 vector, and the Spearman correlation of all pairwise similarities (what a similarity
@@ -74,7 +74,7 @@ def quantize_int8(folder: Path, src: Path, dst: Path, recipe: pertoken.Recipe) -
     model = onnx.load(str(src))
     inputs = [i.name for i in model.graph.input]
     made = pertoken.quantize(model, recipe, calibration_batches(folder, spec, inputs))
-    onnx.save(model, str(dst))
+    save_graph(model, dst)
     return made
 
 
@@ -83,11 +83,10 @@ def convert_fp16(src: Path, dst: Path) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
-    big = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer) / 2 > 1.5e9
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns for every constant it clamps into fp16 range (mask values)
         half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
-    onnx.save(half, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
+    save_graph(half, dst)
     # Only those present: in the fused graph softmax lives inside Attention, which runs in fp16 like the rest.
     present = {node.op_type for node in model.graph.node}
     return {"fp32_ops": sorted(op for op in FP16_KEEP_FP32 if op in present)}

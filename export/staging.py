@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import onnx
+
 import bge_onnx
 from bge_onnx.errors import ExportError
 from bge_onnx.spec import Precision
@@ -41,12 +43,30 @@ def place(staging: Path, out: Path, overwrite: bool) -> None:
             shutil.rmtree(out)
         else:
             raise ExportError(f"{out} already exists and is not empty; pass overwrite=True (--force) to replace it")
+    readable(staging)
     os.replace(staging, out)
 
 
 
-# Above this many bytes of weights the graph is saved with its weights in a side file (protobuf's 2 GB cap).
-EXTERNAL_DATA_BYTES = 1_500_000_000
+def save_graph(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Save ``model`` to ``path`` with its weights in the side file ``path.name + ".data"``, which onnxruntime maps
+    from disk: the load copies nothing, and processes on one host share the pages (docs/decisions.md section 14).
+    Returns the names written. ``model``'s tensors point to the side file afterwards."""
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing side file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
+    return [path.name, data.name]
+
+
+def readable(folder: Path) -> None:
+    """Give every file in ``folder`` the mode a plain open() would (umask applied): onnx creates a side file
+    private to its owner (0600), which a container's non-root user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def extra_precisions(precisions: Sequence[str]) -> list[Precision]:

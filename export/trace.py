@@ -14,7 +14,6 @@ from bge_onnx.spec import Pooling, Task
 
 from .heads import OUTPUT_AXES, OUTPUTS, M3Body
 from .rewrite import fuse
-from .staging import EXTERNAL_DATA_BYTES
 
 
 class _Encoder(torch.nn.Module):
@@ -51,7 +50,7 @@ def export_graph(
     task: Task,
     with_token_types: bool,
     pooling: Pooling | None = None,
-    external_data: bool | None = None,
+    external_data: bool = True,
     heads: tuple[torch.nn.Module, torch.nn.Module] | None = None,
     flash: bool = False,
 ) -> tuple[list[str], dict[str, int], bool]:
@@ -65,8 +64,6 @@ def export_graph(
     Returns the file names written (graph, and weights if separate), the count of each fused op, and whether the
     last layer was cut to the first token.
     """
-    if external_data is None:
-        external_data = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
     with tempfile.TemporaryDirectory(prefix=".trace.", dir=path.parent) as work:
         traced = Path(work) / "traced.onnx"
         trace_model(model, traced, task=task, with_token_types=with_token_types, heads=heads, pooling=pooling)

@@ -56,7 +56,7 @@ def test_repo_id_downloads_only_what_the_runtime_needs(hub, exported, tmp_path):
     local = Embedder(exported["bert-cls"], device="cpu").encode(["hub text", "another"])
     np.testing.assert_allclose(np.load(tmp_path / "v.npy"), local, atol=1e-6)
     fetched = {r.split("/resolve/main/")[-1] for r in hub.requests if r.startswith("GET")}
-    assert fetched == {"bge_onnx.json", "tokenizer.json", "model.onnx"}
+    assert fetched == {"bge_onnx.json", "tokenizer.json", "model.onnx", "model.onnx.data"}
 
     # later loads work from the cache with the hub gone (serverless cold starts, offline hosts)
     hub.requests.clear()
@@ -119,7 +119,7 @@ def test_auto_precision_downloads_only_the_chosen_variant_and_a_cached_load_make
         result = _load("acme/tiny-int8", tmp_path / "v.npy", tmp_path / "hf", endpoint)
         assert result.returncode == 0, result.stdout + result.stderr
         fetched = {r.split("/resolve/main/")[-1] for r in server.requests if r.startswith("GET")}
-        assert fetched == {"bge_onnx.json", "tokenizer.json", "model_int8.onnx"}  # not the fp32 graph
+        assert fetched == {"bge_onnx.json", "tokenizer.json", "model_int8.onnx", "model_int8.onnx.data"}  # not fp32
     finally:
         server.shutdown()
         server.server_close()
@@ -169,7 +169,7 @@ def test_pull_fills_the_cache_for_local_files_only_loads(hub, exported, tmp_path
     assert result.returncode == 0, result.stderr
     folder = Path(result.stdout.strip())
     assert folder.is_dir() and COMMIT in folder.name
-    assert {p.name for p in folder.iterdir()} == {"bge_onnx.json", "tokenizer.json", "model.onnx"}
+    assert {p.name for p in folder.iterdir()} == {"bge_onnx.json", "tokenizer.json", "model.onnx", "model.onnx.data"}
 
     silent = Silent()  # after a pull: no network, with local_files_only or without
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -142,15 +143,26 @@ def test_unsupported_architecture(checkpoints, tmp_path):
         export_model(folder, tmp_path / "out", log=None)
 
 
-def test_external_weights_file(checkpoints, exported, tmp_path):
-    out = tmp_path / "ext"
-    spec = export_model(checkpoints["bert-mean"], out, log=None, external_data=True)
-    variant = spec.variants["fp32"]
-    assert variant.data_files and all((out / f).is_file() for f in variant.data_files)
-    assert set(variant.data_files) <= set(spec.files)
-    texts = ["external weights", "still the same model"]
-    inline = Embedder(exported["bert-mean"], device="cpu").encode(texts)
-    np.testing.assert_allclose(Embedder(out, device="cpu").encode(texts), inline, atol=1e-6)
+def test_weights_in_a_side_file_by_default(checkpoints, int8_exported, tmp_path):
+    # the default layout: each graph's weights in GRAPH.data, which onnxruntime maps from disk (issue 23)
+    for precision, graph in (("fp32", "model.onnx"), ("int8", "model_int8.onnx")):
+        variant = read_spec(int8_exported["bert-mean"]).variants[precision]
+        assert variant.all_files == [graph, graph + ".data"]
+        assert (int8_exported["bert-mean"] / graph).stat().st_size < 0.1 * (int8_exported["bert-mean"] / (graph + ".data")).stat().st_size
+    out = tmp_path / "inline"
+    spec = export_model(checkpoints["bert-mean"], out, log=None, external_data=False)
+    assert spec.variants["fp32"].data_files == () and not (out / "model.onnx.data").exists()
+    texts = ["inline weights", "still the same model"]
+    mapped = Embedder(int8_exported["bert-mean"], device="cpu", precision="fp32").encode(texts)
+    np.testing.assert_allclose(Embedder(out, device="cpu").encode(texts), mapped, atol=1e-6)
+
+
+def test_every_file_is_readable_by_others(exported):
+    # onnx writes a side file 0600; a container's non-root user must still read a folder built as root
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in exported["bert-mean"].iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
 
 
 def test_instruction_and_length_overrides(checkpoints, tmp_path):
