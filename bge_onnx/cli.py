@@ -106,6 +106,30 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from . import adopt, hub
+    from .spec import MANIFEST, read_spec, verify_files
+
+    model = args.model or default_model()
+    folder = hub.resolve(model, revision=args.revision, local_files_only=True)
+    in_cache = folder.parent.name == "snapshots"
+    if not (folder / MANIFEST).is_file() and adopt.find_graph(folder) is not None:
+        names = adopt.needed_files(folder)
+        hub.verify_hub_files(folder, names, full=True)
+        for name in names:
+            state = "ok" if (folder / name).is_symlink() else "unchecked (no hash from the hub)"
+            print(f"{state}\t{name}")
+        return 0
+    spec = read_spec(folder)
+    for name in spec.files:
+        if in_cache and not (folder / name).exists():
+            print(f"not downloaded\t{name}")
+            continue
+        verify_files(folder, spec, [name], full=True)
+        print(f"ok\t{name}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import hub
     from .folder import read_any_spec
@@ -426,6 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--revision", help="hub revision")
     info.add_argument("--json", action="store_true", help="print the raw manifest")
     info.set_defaults(run=_cmd_info)
+
+    verify = commands.add_parser(
+        "verify", help="hash every file of a model folder against its manifest",
+        description="Hash every file of MODEL in full against the sha256 its manifest records (for an ONNX export "
+                    "without a manifest, against the hub's hashes) and print one line per file: ok, or not "
+                    "downloaded for a hub cache's other variants. A load hashes a file only when it changed since "
+                    "its last full check (docs/decisions.md section 14); this re-hashes all. Exit status 1 and the "
+                    "file's name when one does not match. Never uses the network.")
+    verify.add_argument("model", nargs="?", metavar="MODEL", help=f"model folder or hub id (default: {DEFAULT_MODEL_NAME})")
+    verify.add_argument("--revision", help="hub revision")
+    verify.set_defaults(run=_cmd_verify)
 
     pull = commands.add_parser("pull", help="download a hub repo's files into the cache and print its folder",
                                description="Fill the hub cache with a bge-onnx repo (a container build step): the "

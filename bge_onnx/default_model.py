@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
+from .cache import cache_dir
 from .errors import BgeOnnxError, MissingExtraError, install_hint
 from .spec import MANIFEST
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
-CACHE_ENV = "BGE_ONNX_CACHE"
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    """Where the default model is exported: $BGE_ONNX_CACHE, else $XDG_CACHE_HOME/bge-onnx, else ~/.cache/bge-onnx."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bge-onnx"
 
 
 def export_function():

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import adopt
+from .cache import Stamps, identity
 from .errors import InputTypeError, ModelFilesError, ModelIntegrityError
 from .spec import MANIFEST, ModelSpec, read_spec, sha256_file
 from .tokenize import TOKENIZER_FILE
@@ -217,23 +218,28 @@ def _complete(snapshot: Path, files_for: Callable[[ModelSpec], list[str]]) -> bo
     )
 
 
-def verify_hub_files(folder: Path, names: list[str]) -> None:
+def verify_hub_files(folder: Path, names: list[str], *, full: bool = False) -> None:
     """Check files of a hub cache snapshot against the hub's own hashes, recorded at download as their blob names.
 
     huggingface_hub stores each file as blobs/ETAG, with a link to it from the snapshot; the ETag of a file in
     Git LFS (every graph and weight file) is its sha256, that of a small file its git blob sha1. A download is
     written beside the blob and renamed only when complete, so an interrupted one is never linked. Files that are
-    not links to such blobs (a local folder, a cache without symlinks) are not checked here.
+    not links to such blobs (a local folder, a cache without symlinks) are not checked here. As for verify_files,
+    a blob that matched and has not changed since is not hashed again unless ``full``.
 
     Raises:
         ModelIntegrityError: a file's content no longer matches its hash.
     """
+    stamps = Stamps(folder)
     for name in names:
         path = Path(folder) / name
         if not path.is_symlink():
             continue
         blob = path.resolve()
         expected = blob.name
+        before = identity(blob)
+        if not full and stamps.vouches(name, expected, before):
+            continue
         if _SHA256.match(expected):
             actual = sha256_file(blob)
         elif _COMMIT.match(expected):
@@ -246,6 +252,8 @@ def verify_hub_files(folder: Path, names: list[str]) -> None:
                 f"{actual[:12]}…): the cached file is corrupt. Delete {blob} and load again, or run "
                 "`bge-onnx pull` for the repo."
             )
+        stamps.add(name, expected, before)
+    stamps.save()
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

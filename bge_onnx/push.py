@@ -91,7 +91,7 @@ def push(
     folder = Path(folder).expanduser()
     spec = read_spec(folder)
     names = files_to_push(folder, spec)
-    verify_files(folder, spec, names[:-1])
+    verify_files(folder, spec, names[:-1], full=True)
     card = model_card(spec, repo_id, revision=revision).encode("utf-8")
 
     # here, not at the top: only a push needs huggingface_hub's upload side

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .cache import Stamps, identity
 from .checks import positive_int
 from .errors import ModelFilesError, ModelIntegrityError
 
@@ -189,13 +190,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_files(folder: Path, spec: ModelSpec, names: list[str]) -> None:
+def verify_files(folder: Path, spec: ModelSpec, names: list[str], *, full: bool = False) -> None:
     """Check that each named file exists and matches its sha256 in the manifest.
+
+    A file that matched before and whose identity (cache.identity: inode, size, mtime, ctime) has not changed
+    since is not hashed again, unless ``full`` (``bge-onnx verify``, push); each full match is stamped.
 
     Raises:
         ModelFilesError: a file is missing.
         ModelIntegrityError: a file is not listed in the manifest or its content changed.
     """
+    stamps = Stamps(folder)
     for name in names:
         path = Path(folder) / name
         if not path.is_file():
@@ -205,6 +210,9 @@ def verify_files(folder: Path, spec: ModelSpec, names: list[str]) -> None:
         expected = spec.files.get(name)
         if expected is None:
             raise ModelIntegrityError(f"{path} has no sha256 in {MANIFEST}; re-export the model.")
+        before = identity(path)
+        if not full and stamps.vouches(name, expected, before):
+            continue
         actual = sha256_file(path)
         if actual != expected:
             raise ModelIntegrityError(
@@ -212,3 +220,5 @@ def verify_files(folder: Path, spec: ModelSpec, names: list[str]) -> None:
                 f"(expected {expected[:12]}…, found {actual[:12]}…): the file is corrupt or was "
                 "changed after export. Re-export or re-download the model."
             )
+        stamps.add(name, expected, before)
+    stamps.save()

@@ -88,3 +88,18 @@ def model_copy(exported, tmp_path):
 def sentences() -> list[str]:
     """Everyday sentences written by the tests themselves (a clone has no data set beside it)."""
     return ordinary_sentences(500)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """bge-onnx's cache (verification stamps, the default model's export) in the run's temporary folder, for every
+    test and the processes they start: a run never reads or writes the user's ~/.cache/bge-onnx."""
+    import os
+
+    before = os.environ.get("BGE_ONNX_CACHE")
+    os.environ["BGE_ONNX_CACHE"] = str(tmp_path_factory.mktemp("bge-onnx-cache"))
+    yield
+    if before is None:
+        os.environ.pop("BGE_ONNX_CACHE", None)
+    else:
+        os.environ["BGE_ONNX_CACHE"] = before
