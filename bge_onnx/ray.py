@@ -15,6 +15,7 @@ from .checks import positive_int
 from .embedder import Embedder
 from .errors import InputError, MissingExtraError, install_hint
 from .reranker import Reranker
+from .session import SHARE_WEIGHTS_ENV
 
 __all__ = ["embed_dataset", "rerank_dataset"]
 
@@ -41,10 +42,17 @@ def _strings(table: Any, column: str) -> list[str]:
     return values
 
 
+def share_weights() -> None:
+    """Actors on one node share the weights' pages (each actor is a process of its own), unless
+    $BGE_ONNX_SHARE_WEIGHTS says otherwise (docs/decisions.md section 14)."""
+    os.environ.setdefault(SHARE_WEIGHTS_ENV, "1")
+
+
 class _EmbedActor:
     """One Embedder per actor, loaded when the actor starts; each batch gets a column of vectors."""
 
     def __init__(self, model: str, kind: str, columns: tuple[str, str], options: dict[str, Any]) -> None:
+        share_weights()
         embedder = Embedder(model, **options)
         self.encode = {"passage": embedder.encode_corpus, "query": embedder.encode_queries,
                        "text": embedder.encode}[kind]
@@ -62,6 +70,7 @@ class _RerankActor:
     """One Reranker per actor; each batch gets a column of scores."""
 
     def __init__(self, model: str, columns: tuple[str, str, str], normalize: bool, options: dict[str, Any]) -> None:
+        share_weights()
         self.reranker = Reranker(model, **options)
         self.columns, self.normalize = columns, normalize
 

@@ -9,6 +9,8 @@ Settings come from the environment, read when the model loads (a failed load is 
                                the network (fill the cache at build time with `bge-onnx pull`); 0 allows downloads
     BGE_ONNX_MAX_TEXTS         most texts per request (default 128), read on every call
     BGE_ONNX_THREADS           CPU threads (default: the CPUs the process may use)
+    BGE_ONNX_SPIN              0 (default here): onnxruntime's threads sleep between calls instead of spinning;
+                               1 spins, as onnxruntime does by default
 
 A request is ``{"texts": [str, ...], "kind": "text" | "query" | "passage", "normalize": bool}`` (kind defaults to
 "text": embedded as is; "query" puts the model's query instruction first; normalize defaults to true). It comes
@@ -34,6 +36,7 @@ import time
 from .checks import check_texts, describe
 from .embedder import Embedder
 from .errors import BgeOnnxError, ConfigError, InputError
+from .session import SPIN_ENV
 
 MODEL_ENV = "BGE_ONNX_MODEL"
 PRECISION_ENV = "BGE_ONNX_PRECISION"
@@ -118,6 +121,7 @@ def _load() -> tuple[str, Embedder]:
     if not name:
         raise ConfigError(f"${MODEL_ENV} is not set: set it to an exported model folder or a hub repo id")
     start = time.perf_counter()
+    os.environ.setdefault(SPIN_ENV, "0")  # a warm function waits between calls, billed: no spinning there
     embedder = Embedder(
         name,
         precision=os.environ.get(PRECISION_ENV) or "auto",

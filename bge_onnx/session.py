@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from .checks import positive_int
 from .errors import (
+    ConfigError,
     InputError,
     ModelFilesError,
     ModelIntegrityError,
@@ -25,6 +26,13 @@ from .errors import (
 )
 
 THREADS_ENV = "BGE_ONNX_THREADS"
+# "0": onnxruntime's threads wait for work asleep instead of spinning (its default, kept by the library), so an idle
+# process burns no CPU; the server and the serverless handler default to 0 (docs/decisions.md section 14).
+SPIN_ENV = "BGE_ONNX_SPIN"
+# "1": weights stay in the pages mapped from the model's data file instead of being repacked per process, so that
+# processes on one host share them (at a cost in speed; docs/decisions.md section 14). Worker processes and Ray
+# actors set it.
+SHARE_WEIGHTS_ENV = "BGE_ONNX_SHARE_WEIGHTS"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -79,6 +87,18 @@ def resolve_threads(threads: int | None) -> int:
     except ValueError:
         value = env
     return positive_int(f"${THREADS_ENV}", value)
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A 0/1 switch from the environment ($BGE_ONNX_SPIN, $BGE_ONNX_SHARE_WEIGHTS); ``default`` when unset or empty.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ConfigError(f"${name} must be 0 or 1, got {value!r}")
+    return value == "1" if value else default
 
 
 def conflicting_runtimes(installed: Iterable[str] | None = None) -> bool:
@@ -162,6 +182,12 @@ class Session:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        self.spins = env_flag(SPIN_ENV, default=True)
+        if not self.spins:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.shares_weights = env_flag(SHARE_WEIGHTS_ENV)
+        if self.shares_weights:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import errors
 from .errors import BgeOnnxError, caller_stacklevel
+from .session import SHARE_WEIGHTS_ENV
 
 _HEADER = struct.Struct("<Q")
 
@@ -43,6 +44,13 @@ def _receive(stream: BinaryIO) -> Any:
     return pickle.loads(stream.read(size))  # from a child this process started, never from outside
 
 
+def _worker_env() -> dict[str, str]:
+    """The workers' environment: unbuffered, and sharing the weights' pages unless $BGE_ONNX_SHARE_WEIGHTS says
+    otherwise (N copies of the prepacked weights cost more memory than the unpacked kernels cost time on batches;
+    docs/decisions.md section 14)."""
+    return {SHARE_WEIGHTS_ENV: "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 class WorkerPool:
     """``processes`` workers holding one model folder each, loaded once; closed by :meth:`close` or at exit."""
 
@@ -52,7 +60,7 @@ class WorkerPool:
         self._children = [
             subprocess.Popen([sys.executable, "-c", "from bge_onnx.workers import main; main()",
                               json.dumps({"folder": str(folder), "task": task, **settings})],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_worker_env())
             for _ in range(processes)
         ]
         self._finalizer = weakref.finalize(self, _stop, list(self._children))

@@ -76,3 +76,13 @@ def test_workers_from_a_script_without_a_main_guard(exported, tmp_path):
     # no `if __name__ == "__main__"`, no close(): the workers must not re-run the script, and must stop at exit
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_workers_share_the_weights_unless_told_otherwise(monkeypatch):
+    # N worker processes on one host read one mapped copy of the weights (issue 23), unless the user set it to 0
+    from bge_onnx.workers import _worker_env
+
+    monkeypatch.delenv("BGE_ONNX_SHARE_WEIGHTS", raising=False)
+    assert _worker_env()["BGE_ONNX_SHARE_WEIGHTS"] == "1"
+    monkeypatch.setenv("BGE_ONNX_SHARE_WEIGHTS", "0")
+    assert _worker_env()["BGE_ONNX_SHARE_WEIGHTS"] == "0"

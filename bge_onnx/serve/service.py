@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from ..embedder import Embedder
 from ..m3 import M3Embedder
 from ..pooling import normalize as l2_normalize
 from ..reranker import Reranker
-from ..session import CUDA
+from ..session import CUDA, SPIN_ENV
 from .batcher import Batcher, Timing
 from .limits import (
     BACKEND,
@@ -65,6 +66,8 @@ class Service:
     def load(self) -> None:
         """Load the models (blocking: run it in a thread)."""
         config = self.config
+        # a server waits between requests: its threads sleep there instead of spinning, unless $BGE_ONNX_SPIN=1
+        os.environ.setdefault(SPIN_ENV, "0")
         options = {"device": config.device, "threads": config.threads, "max_length": config.max_length,
                    "precision": config.precision, "revision": config.revision}
         if config.max_batch_tokens is not None:
