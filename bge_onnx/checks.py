@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 
-from .errors import BgeOnnxError, InputError, InputTypeError
+from .errors import BgeOnnxError, ConfigError, InputError, InputTypeError
 
 
 def describe(value: object) -> str:
@@ -23,6 +24,23 @@ def positive_int(name: str, value: object, *, error: type[BgeOnnxError] = InputE
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise error(f"{name} must be a positive int, got {describe(value)}")
     return value
+
+
+def env_flag(name: str, *, default: bool = False) -> bool:
+    """A yes/no setting from the environment: 1/true/yes/on or 0/false/no/off (any case); ``default`` when unset
+    or empty.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"${name} must be 1/true/yes/on or 0/false/no/off, got {value!r}")
 
 
 def check_texts(texts: object, *, name: str = "texts", start: int = 0) -> list[str]:

@@ -9,9 +9,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from .checks import positive_int
+from .checks import env_flag, positive_int
 from .default_model import DEFAULT_MODEL_NAME, default_model, export_function
-from .errors import BgeOnnxError, ConfigError, InputError, MissingExtraError, install_hint
+from .errors import BgeOnnxError, InputError, MissingExtraError, install_hint
 
 
 def _say(message: str) -> None:
@@ -70,17 +70,25 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise InputError("refusing to write binary .npy to a terminal; redirect stdout or use -o FILE")
     if args.resume and args.output is None:
         raise InputError("--resume continues a file: pass -o FILE")
+    if args.resume and args.force:
+        raise InputError("--resume continues FILE.partial and --force discards it: pass one of them")
     model = args.model or default_model()
     embedder = Embedder(model, **_runtime_kwargs(args))
     # ids go out with the vectors when the rows have any: read from a file or JSONL on stdin (as from a JSONL file:
     # a row's "id", else its line number), or --id-field named
     with_ids = path is not None or bool(args.id_field) or source.fmt == "jsonl"
     writer = files.WRITERS[out_format](args.output, embedder.dim, with_ids=with_ids)
-    summary = files.embed_rows(
-        embedder, source, writer, resume=args.resume, rejects=args.rejects,
-        prefix=embedder.query_instruction if args.queries else "", batch_size=args.batch_size,
-        normalize=not args.no_normalize, progress=sys.stderr.isatty(),
-    )
+    try:
+        summary = files.embed_rows(
+            embedder, source, writer, resume=args.resume, force=args.force, rejects=args.rejects,
+            prefix=embedder.query_instruction if args.queries else "", batch_size=args.batch_size,
+            normalize=not args.no_normalize, progress=sys.stderr.isatty(),
+        )
+    except KeyboardInterrupt:
+        if writer.partial is not None and writer.partial.exists():
+            _say(f"bge-onnx: interrupted; {writer.rows} vectors are kept in {writer.partial}: run the same command "
+                 "with --resume to continue from there")
+        raise
     if args.output or args.rejects:
         resumed = f" ({summary.resumed} of them by an earlier run)" if summary.resumed else ""
         rejected = f"; {summary.rejected} bad rows rejected to {args.rejects}" if args.rejects else ""
@@ -203,15 +211,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 # bge-onnx serve. Every flag may come from a BGE_ONNX_* variable instead (a container sets those); a flag wins.
-def _env_flag(name: str) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(f"${name} must be 1/true/yes or 0/false/no, got {value!r}")
-
-
 def _non_negative_float(value: str) -> float:
     try:
         number = float(value)
@@ -236,9 +235,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.model, reranker=args.reranker, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens,
         max_client_batch_size=args.max_client_batch_size, openai_max_inputs=args.openai_max_inputs,
         max_concurrent_requests=args.max_concurrent_requests, cors_allow_origin=tuple(args.cors_allow_origin or ()),
-        payload_limit=args.payload_limit, auto_truncate=args.auto_truncate or _env_flag("BGE_ONNX_AUTO_TRUNCATE"),
+        payload_limit=args.payload_limit, auto_truncate=args.auto_truncate or env_flag("BGE_ONNX_AUTO_TRUNCATE"),
         api_key=args.api_key or None, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
-        isolate_batches=args.isolate_batches or _env_flag("BGE_ONNX_ISOLATE_BATCHES"), precision=args.precision,
+        isolate_batches=args.isolate_batches or env_flag("BGE_ONNX_ISOLATE_BATCHES"), precision=args.precision,
         revision=args.revision, device=args.device, threads=args.threads, max_length=args.max_length,
     )
     server: uvicorn.Server | None = None
@@ -429,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("-o", "--output", metavar="FILE", help="write here (.npy, .jsonl or .parquet) instead of stdout")
     embed.add_argument("--resume", action="store_true",
                        help="continue from the rows in FILE.partial left by an interrupted run with the same input")
+    embed.add_argument("--force", action="store_true",
+                       help="discard FILE.partial left by an interrupted run and start over (without --resume or "
+                            "--force, an existing FILE.partial is an error)")
     embed.add_argument("--rejects", metavar="FILE",
                        help="write bad rows here (JSONL: line, reason, row) and go on instead of stopping")
     embed.add_argument("--no-normalize", action="store_true", help="keep raw pooled vectors")

@@ -4,6 +4,7 @@ parquet) that rename into place only when complete, resuming, and rejected rows.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -190,6 +191,14 @@ class Writer:
     def close(self) -> None:
         """Close without finishing: the partial output stays for --resume."""
 
+    def discard(self) -> None:
+        """Close and remove the partial output (a run that failed before writing a row leaves nothing behind)."""
+        self.close()
+        if self.partial is not None and self.partial.is_dir():
+            shutil.rmtree(self.partial)
+        elif self.partial is not None:
+            self.partial.unlink(missing_ok=True)
+
 
 class NpyWriter(Writer):
     """float32 (n, dim): a fixed-size header, then rows as they come; the header gets the real n at the end. The
@@ -348,6 +357,53 @@ class ParquetWriter(Writer):
 WRITERS = {"npy": NpyWriter, "jsonl": JsonlWriter, "parquet": ParquetWriter}
 
 
+class Ledger:
+    """OUT.partial.rows: an 8-byte fingerprint of each row whose vector the partial output holds, in order, so that
+    --resume can check that the input still has the same rows in the same place. A chunk's fingerprints are written
+    before its vectors, so the ledger never holds fewer rows than the partial output."""
+
+    size = 8
+
+    def __init__(self, writer: Writer) -> None:
+        self.path = None if writer.partial is None else Path(str(writer.partial) + ".rows")
+        self.file = None
+
+    @classmethod
+    def fingerprint(cls, row: Row, prefix: str) -> bytes:
+        """The row as it is embedded: its id and its text (with the query instruction, if any)."""
+        data = json.dumps([row.id, prefix + row.text], ensure_ascii=False, default=repr).encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(data, digest_size=cls.size).digest()
+
+    def read(self, rows: int, partial: Path) -> bytes:
+        """The first ``rows`` fingerprints, for a resumed run (the ledger is cut there: the rest is written again)."""
+        try:
+            with open(self.path, "r+b") as file:
+                data = file.read(rows * self.size)
+                file.truncate(rows * self.size)
+        except FileNotFoundError:
+            data = b""
+        if len(data) < rows * self.size:
+            raise InputError(f"{partial} holds {rows} rows but {self.path} does not list them (an older bge-onnx "
+                             "wrote it, or it was removed), so --resume cannot check the input; run with --force to "
+                             "start over")
+        return data
+
+    def open(self, *, resume: bool) -> None:
+        if self.path is not None:
+            self.file = open(self.path, "ab" if resume else "wb")  # noqa: SIM115 (open across add() calls; close() closes it)
+
+    def add(self, fingerprints: list[bytes]) -> None:
+        if self.file is not None:
+            self.file.write(b"".join(fingerprints))
+            self.file.flush()
+
+    def close(self, *, remove: bool) -> None:
+        if self.file is not None:
+            self.file.close()
+        if remove and self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
 def output_format(path: str | None, fmt: str | None) -> str:
     """--format if given, else the output file's extension, else jsonl."""
     if fmt:
@@ -376,6 +432,7 @@ def embed_rows(
     writer: Writer,
     *,
     resume: bool = False,
+    force: bool = False,
     rejects: str | None = None,
     prefix: str = "",
     batch_size: int | None = None,
@@ -386,22 +443,38 @@ def embed_rows(
 
     A bad row raises InputError naming its line, unless ``rejects`` names a file: then it is written there
     (one JSON object per line: line, reason, row) and skipped. With ``resume``, the rows that the writer already
-    holds are read again but not embedded.
+    holds are read again but not embedded, each checked against the ledger of the rows written; without it, an
+    existing partial output is an error unless ``force`` (then it is discarded).
     """
+    ledger = Ledger(writer)
+    partial = writer.partial
+    if partial is not None and not resume and not force and (partial.exists() or ledger.path.exists()):
+        raise InputError(f"{partial} holds the output of an interrupted run: --resume continues it, --force "
+                         "discards it and starts over")
     done = writer.start(resume=resume)
     rows = source.rows()
     last_skipped = 0
+    finished = False
     try:
+        expected = ledger.read(done, partial) if done else b""
         skipped = 0
         while skipped < done:  # a resumed run: pass over the rows already written, without embedding them
             row = next(rows, None)
             if row is None:
-                raise InputError(f"{writer.partial} holds {done} rows but {source.name} has only {skipped}; "
-                                 "it is not this input's partial output: remove it or run without --resume")
+                raise InputError(f"{partial} holds {done} rows but {source.name} has only {skipped}; "
+                                 "it is not this input's partial output: run with --force to start over")
             last_skipped = row.number
-            skipped += isinstance(row, Row)
-        reject_file = _open_rejects(rejects, resume=resume, after=last_skipped) if rejects else None
-        rejected = [0]
+            if isinstance(row, Row):
+                at = slice(skipped * Ledger.size, (skipped + 1) * Ledger.size)
+                if Ledger.fingerprint(row, prefix) != expected[at]:
+                    raise InputError(
+                        f"{source.name} line {row.number} is not the row {partial} holds in its place (row "
+                        f"{skipped + 1}): the input or its order changed since the interrupted run. Resume with the "
+                        "input it had, or run with --force to start over")
+                skipped += 1
+        ledger.open(resume=done > 0)
+        reject_file, kept = _open_rejects(rejects, resume=resume, after=last_skipped) if rejects else (None, 0)
+        rejected = [kept]
         ids: collections.deque = collections.deque()
 
         def texts() -> Iterator[str]:
@@ -412,7 +485,7 @@ def embed_rows(
                     reject_file.write(json.dumps({"line": row.number, "reason": row.reason, "row": row.raw}) + "\n")
                     rejected[0] += 1
                     continue
-                ids.append(row.id)
+                ids.append((row.id, Ledger.fingerprint(row, prefix)))
                 yield prefix + row.text
 
         bar = _progress_bar(source) if progress else None
@@ -420,7 +493,9 @@ def embed_rows(
             chunks = embedder.encode_iter(texts(), batch_size=batch_size, chunk_size=CHUNK, normalize=normalize,
                                           show_progress=progress and bar is None)
             for vectors in chunks:
-                writer.write([ids.popleft() for _ in range(len(vectors))], vectors)
+                chunk = [ids.popleft() for _ in range(len(vectors))]
+                ledger.add([fingerprint for _, fingerprint in chunk])
+                writer.write([id_ for id_, _ in chunk], vectors)
                 if reject_file is not None:
                     reject_file.flush()
                 if bar is not None:
@@ -431,20 +506,27 @@ def embed_rows(
             if reject_file is not None:
                 reject_file.close()
         writer.finish()
+        finished = True
     finally:
-        writer.close()
+        if not finished and writer.rows == 0:  # nothing to resume from: leave nothing behind
+            writer.discard()
+            ledger.close(remove=True)
+        else:
+            writer.close()
+            ledger.close(remove=finished)
     return Summary(written=writer.rows, resumed=done, rejected=rejected[0])
 
 
 def _open_rejects(path: str, *, resume: bool, after: int):
-    """The rejects file: new, or on resume kept up to line ``after`` (later lines are read, and rejected, again)."""
+    """The rejects file and the rejects it keeps: new, or on resume kept up to line ``after`` (later lines are read,
+    and rejected, again)."""
     if resume and os.path.isfile(path):
         with open(path, encoding="utf-8") as old:
             kept = [line for line in old if line.endswith("\n") and json.loads(line)["line"] <= after]
         file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (the caller closes it)
         file.writelines(kept)
-        return file
-    return open(path, "w", encoding="utf-8")
+        return file, len(kept)
+    return open(path, "w", encoding="utf-8"), 0
 
 
 def _progress_bar(source: Source):

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-from .checks import check_texts, describe
+from .checks import check_texts, describe, env_flag
 from .embedder import Embedder
 from .errors import BgeOnnxError, ConfigError, InputError
 from .session import SPIN_ENV
@@ -126,23 +126,12 @@ def _load() -> tuple[str, Embedder]:
         name,
         precision=os.environ.get(PRECISION_ENV) or "auto",
         revision=os.environ.get(REVISION_ENV) or None,
-        local_files_only=_flag(LOCAL_FILES_ONLY_ENV, default=True),
+        local_files_only=env_flag(LOCAL_FILES_ONLY_ENV, default=True),
     )
     # one line per load, on stderr (the function's log): how a cold start shows itself
     print(f"bge-onnx: loaded {name} ({embedder.precision.value}) in {time.perf_counter() - start:.2f} s",
           file=sys.stderr, flush=True)
     return name, embedder
-
-
-def _flag(variable: str, *, default: bool) -> bool:
-    value = os.environ.get(variable, "").strip().lower()
-    if not value:
-        return default
-    if value in ("1", "true", "yes"):
-        return True
-    if value in ("0", "false", "no"):
-        return False
-    raise ConfigError(f"${variable} must be 1 or 0, got {value!r}")
 
 
 def _max_texts() -> int:

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .checks import positive_int
+from .checks import env_flag, positive_int
 from .errors import (
-    ConfigError,
     InputError,
     ModelFilesError,
     ModelIntegrityError,
@@ -26,8 +25,9 @@ from .errors import (
 )
 
 THREADS_ENV = "BGE_ONNX_THREADS"
-# "0": onnxruntime's threads wait for work asleep instead of spinning (its default, kept by the library), so an idle
-# process burns no CPU; the server and the serverless handler default to 0 (docs/decisions.md section 14).
+# "0": onnxruntime's threads sleep while they wait for work instead of spinning (onnxruntime's default, which the
+# library keeps), so an idle process burns no CPU; the server and the serverless handler default to 0
+# (docs/decisions.md section 14).
 SPIN_ENV = "BGE_ONNX_SPIN"
 # "1": weights stay in the pages mapped from the model's data file instead of being repacked per process, so that
 # processes on one host share them (at a cost in speed; docs/decisions.md section 14). Worker processes and Ray
@@ -37,7 +37,18 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # bge-onnx goes too: it requires onnxruntime, which a later pip run would put back beside onnxruntime-gpu
-GPU_FIX = "pip uninstall -y bge-onnx bge-onnx-gpu onnxruntime onnxruntime-gpu && pip install bge-onnx-gpu"
+# bge-onnx-gpu is not on PyPI yet: it installs from a checkout's gpu/ folder
+GPU_FIX = ("pip uninstall -y bge-onnx bge-onnx-gpu onnxruntime onnxruntime-gpu && pip install ./gpu (in a bge-onnx "
+           "checkout)")
+
+
+def has_nvidia_gpu(root: Path = Path("/")) -> bool:
+    """Whether the NVIDIA driver shows a GPU here (Linux: /proc/driver/nvidia/gpus or /dev/nvidia0; elsewhere we
+    cannot tell and say yes)."""
+    if not (root / "proc").is_dir():
+        return True
+    gpus = root / "proc" / "driver" / "nvidia" / "gpus"
+    return (gpus.is_dir() and any(gpus.iterdir())) or (root / "dev" / "nvidia0").exists()
 
 
 class Device(str, enum.Enum):
@@ -87,18 +98,6 @@ def resolve_threads(threads: int | None) -> int:
     except ValueError:
         value = env
     return positive_int(f"${THREADS_ENV}", value)
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    """A 0/1 switch from the environment ($BGE_ONNX_SPIN, $BGE_ONNX_SHARE_WEIGHTS); ``default`` when unset or empty.
-
-    Raises:
-        ConfigError: any other value.
-    """
-    value = os.environ.get(name, "").strip()
-    if value not in ("", "0", "1"):
-        raise ConfigError(f"${name} must be 0 or 1, got {value!r}")
-    return value == "1" if value else default
 
 
 def conflicting_runtimes(installed: Iterable[str] | None = None) -> bool:
@@ -152,6 +151,11 @@ def choose_providers(device: str | Device, available: Iterable[str] | None = Non
         load_cuda_libraries()
         return [CUDA, CPU]
     if device is Device.CUDA:
+        if not has_nvidia_gpu():
+            raise ProviderError(
+                "device='cuda' but this machine shows no NVIDIA GPU (no /proc/driver/nvidia/gpus, no /dev/nvidia0); "
+                "run on the CPU with device='cpu' or 'auto'"
+            )
         hint = "they have overwritten each other; fix: " if conflict else "install the GPU build: "
         raise ProviderError(
             f"device='cuda' but onnxruntime offers no CUDAExecutionProvider (available: {available}); "

@@ -105,9 +105,9 @@ def test_verify_help_and_a_missing_folder(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["BGE_ONNX_SPIN", "BGE_ONNX_SHARE_WEIGHTS"])
-def test_switches_accept_0_or_1(exported, monkeypatch, name):
-    monkeypatch.setenv(name, "yes")
-    with pytest.raises(ConfigError, match=rf"\${name} must be 0 or 1, got 'yes'"):
+def test_switches_refuse_what_is_not_yes_or_no(exported, monkeypatch, name):
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(ConfigError, match=rf"\${name} must be 1/true/yes/on or 0/false/no/off, got 'maybe'"):
         Embedder(exported["bert-mean"], device="cpu")
 
 

@@ -104,7 +104,12 @@ def test_bad_rows_stop_the_run_naming_the_line_and_leave_no_output(model, tmp_pa
 
     lines[1049] = '{"txt": "x"}'
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    result = cli("embed", model, "--input", str(src), "-o", str(out))
+    result = cli("embed", model, "--input", str(src), "-o", str(out))  # the partial output is never wiped unasked
+    assert result.returncode == 1
+    assert f"{out}.partial holds the output of an interrupted run: --resume continues it, --force discards it".encode() \
+        in result.stderr
+    assert (tmp_path / "out.npy.partial").stat().st_size == 128 + 1024 * 32 * 4
+    result = cli("embed", model, "--input", str(src), "-o", str(out), "--force")
     assert b"line 1050: expected a JSON string or an object with a string 'text', got no 'text' field" in result.stderr
 
     txt = tmp_path / "in.txt"
@@ -113,6 +118,8 @@ def test_bad_rows_stop_the_run_naming_the_line_and_leave_no_output(model, tmp_pa
     assert result.returncode == 1 and f"{txt} line 3 is not valid UTF-8 (invalid start byte at byte 4)".encode() \
         in result.stderr
     assert not (tmp_path / "t.parquet").exists()
+    # nothing was written before the bad row: nothing is left to resume from
+    assert not (tmp_path / "t.parquet.partial").exists() and not (tmp_path / "t.parquet.partial.rows").exists()
 
 
 def test_lone_surrogate_on_stdin_names_the_line(model):
@@ -177,6 +184,8 @@ def test_interrupted_run_leaves_no_output_and_resumes(model, encoder, tmp_path):
     assert not out.exists() and partial.is_file()
     written = (partial.stat().st_size - 128) // (32 * 4)
     assert 0 < written < len(items)
+    said = process.stderr.read()
+    assert f"interrupted; {written} vectors are kept in {partial}: run the same command with --resume".encode() in said
     with open(partial, "ab") as file:  # as if killed in the middle of a row: --resume drops the piece
         file.write(b"\x00" * 10)
     result = cli("embed", model, "--input", str(src), "-o", str(out), "--resume")
@@ -217,3 +226,50 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert 'Parquet files need pyarrow' in result.stderr and 'pip install "bge-onnx[files]"' in result.stderr
+
+
+@pytest.mark.parametrize("target", ["npy", "jsonl", "parquet"])
+def test_resume_refuses_an_input_that_changed(model, encoder, tmp_path, target):
+    # the same rows in another order would have scrambled the output (duplicated and missing ids) and exited 0
+    rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(texts(2300))]
+    src, out = tmp_path / "in.jsonl", tmp_path / f"out.{target}"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows[:2100]) + '{"text": 1}\n', encoding="utf-8")
+    assert cli("embed", model, "--input", str(src), "-o", str(out)).returncode == 1
+    moved = rows[1:] + rows[:1]
+    src.write_text("".join(json.dumps(r) + "\n" for r in moved), encoding="utf-8")
+    result = cli("embed", model, "--input", str(src), "-o", str(out), "--resume")
+    assert result.returncode == 1 and not out.exists()
+    assert f"{src} line 1 is not the row {out}.partial holds in its place (row 1): the input or its order " \
+        "changed".encode() in result.stderr
+    moved = rows[:1500] + [{"id": "d1500", "text": "edited"}] + rows[1501:]
+    src.write_text("".join(json.dumps(r) + "\n" for r in moved), encoding="utf-8")
+    result = cli("embed", model, "--input", str(src), "-o", str(out), "--resume")
+    assert result.returncode == 1 and b"line 1501 is not the row" in result.stderr
+    result = cli("embed", model, "--input", str(src), "-o", str(out), "--resume", "--force")
+    assert result.returncode == 1 and b"pass one of them" in result.stderr
+    result = cli("embed", model, "--input", str(src), "-o", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    ids, vectors = read_output(out)
+    assert ids is None or ids == [r["id"] for r in moved]
+    np.testing.assert_allclose(vectors, encoder.encode([r["text"] for r in moved]), atol=1e-6)
+    assert not (tmp_path / f"out.{target}.partial").exists() and not (tmp_path / f"out.{target}.partial.rows").exists()
+
+
+def test_resumed_reject_count_agrees_with_the_rejects_file(model, tmp_path):
+    rows = [json.dumps({"id": i, "text": t}) for i, t in enumerate(texts(2200))]
+    for k in (10, 20, 2150):
+        rows[k] = '{"id": %d, "text": null}' % k
+    stopper = rows[1500]
+    rows[1500] = '{"id": "a string among ints", "text": "x"}'  # Parquet's id column takes one type: the run stops
+    src, out, rejects = tmp_path / "in.jsonl", tmp_path / "out.parquet", tmp_path / "rejects.jsonl"
+    src.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    result = cli("embed", model, "--input", str(src), "-o", str(out), "--rejects", str(rejects))
+    assert result.returncode == 1 and b"ids must all be of one type for Parquet" in result.stderr
+    assert [json.loads(line)["line"] for line in rejects.read_text(encoding="utf-8").splitlines()] == [11, 21]
+    rows[1500] = stopper
+    src.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    result = cli("embed", model, "--input", str(src), "-o", str(out), "--resume", "--rejects", str(rejects))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line)["line"] for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert lines == [11, 21, 2151]
+    assert f"wrote 2197 vectors to {out} (1024 of them by an earlier run); 3 bad rows rejected".encode() in result.stderr
