@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +22,8 @@ class Embedder(ModelHandle):
     """Turns texts into the same vectors as the PyTorch model, without torch.
 
     Args:
-        model: an exported model folder (``bge-onnx export``) or a hub repo id holding one.
+        model: an exported model folder (``bge-onnx export``) or a hub repo id holding one; default the packaged
+            all-MiniLM-L6-v2, as for the CLI (the default-model extra; exported to the cache on first use).
         device: "auto" (CUDA when usable, else CPU), "cpu", or "cuda" (an error if CUDA is unusable).
         threads: CPU threads; default $BGE_ONNX_THREADS, else the CPUs this process may use.
         max_length: token limit per text; default the model's (e.g. 512 for BGE, 256 for all-MiniLM-L6-v2).
@@ -43,6 +45,12 @@ class Embedder(ModelHandle):
     """
 
     task = Task.EMBED
+
+    def _default_model(self) -> Path:
+        """No model given: the packaged all-MiniLM-L6-v2, as the CLI does (exported to the cache on first use)."""
+        from .default_model import default_model
+
+        return default_model()
 
     @property
     def dim(self) -> int:

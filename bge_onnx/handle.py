@@ -11,7 +11,7 @@ import numpy as np
 
 from .batching import MAX_TOKENS_CPU, MAX_TOKENS_CUDA, Progress, Tokenize, run_chunks, warn_truncated
 from .checks import positive_int
-from .errors import InputError
+from .errors import InputError, InputTypeError
 from .folder import batch_independent, open_model
 from .hub import looks_like_repo_id
 from .pooling import reducer
@@ -27,7 +27,7 @@ class ModelHandle:
 
     def __init__(
         self,
-        model: str | os.PathLike[str],
+        model: str | os.PathLike[str] | None = None,
         *,
         device: str = "auto",
         threads: int | None = None,
@@ -38,6 +38,8 @@ class ModelHandle:
         revision: str | None = None,
         local_files_only: bool = False,
     ) -> None:
+        if model is None:
+            model = self._default_model()
         self.batch_size = positive_int("batch_size", batch_size)
         if max_tokens is not None:
             positive_int("max_tokens", max_tokens)
@@ -59,6 +61,12 @@ class ModelHandle:
         self._tokenize_ahead = on_cuda
         self._reduce = reducer(self._model.spec)
         self._workers: WorkerPool | None = None
+
+    def _default_model(self) -> str | os.PathLike[str]:
+        """The model when none is given: none, except for Embedder (the CLI's default)."""
+        name = type(self).__name__
+        raise InputTypeError(f"{name}() needs a model: a folder exported by bge-onnx or a hub repo id holding one, "
+                             f"e.g. {name}('bge-small-en-v1.5-onnx')")
 
     def _run_chunks(
         self,

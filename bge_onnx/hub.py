@@ -108,15 +108,19 @@ def download(
     snapshot = None if refresh else cached_snapshot(repo_id, revision)
     if snapshot is not None and _complete(snapshot, files_for):
         return snapshot
-    if local_files_only:
+    from huggingface_hub import constants
+
+    if local_files_only or constants.HF_HUB_OFFLINE:
+        why = "local_files_only=True forbids" if local_files_only else "HF_HUB_OFFLINE=1 is set, which forbids"
         raise ModelFilesError(
             f"hub repo {repo_id!r}" + (f" at revision {revision!r}" if revision else "") + " is not in the local "
-            "cache, or only in part, and local_files_only=True forbids the network; fill the cache first with "
-            f"`bge-onnx pull {repo_id}{' --revision ' + revision if revision else ''}`, or pass a local folder."
+            f"cache, or only in part, and {why} the network; fill the cache first with "
+            f"`bge-onnx pull {repo_id}{' --revision ' + revision if revision else ''}` (where the hub is reachable, "
+            "HF_HUB_OFFLINE unset), or pass a local folder."
         )
 
     # here, not at the top: importing huggingface_hub's downloader costs ~0.15 s, which a cached load never pays
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -126,20 +130,19 @@ def download(
         RevisionNotFoundError,
     )
 
-    if not constants.HF_HUB_OFFLINE:
-        # One request that answers or fails within the timeout: when no file is cached, huggingface_hub retries a
-        # timed-out request with a 60 s timeout, five times, so a network that drops packets took minutes to fail.
-        try:
-            get_hf_file_metadata(hf_hub_url(repo_id, MANIFEST, revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-        except HfHubHTTPError:
-            pass  # the hub answered (maybe "no such file"): the downloads below say what it means
-        except Exception as err:  # no answer at all, whatever the HTTP stack calls it
-            raise ModelFilesError(
-                f"cannot reach the hub at {constants.ENDPOINT} to download {repo_id!r} "
-                f"({type(err).__name__}: {err or 'no answer'} within HF_HUB_ETAG_TIMEOUT="
-                f"{constants.HF_HUB_ETAG_TIMEOUT} s), and it is not in the local cache. Check the network or "
-                "HF_ENDPOINT, fill the cache beforehand with `bge-onnx pull`, or pass a local folder."
-            ) from err
+    # One request that answers or fails within the timeout: when no file is cached, huggingface_hub retries a
+    # timed-out request with a 60 s timeout, five times, so a network that drops packets took minutes to fail.
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, MANIFEST, revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError:
+        pass  # the hub answered (maybe "no such file"): the downloads below say what it means
+    except Exception as err:  # no answer at all, whatever the HTTP stack calls it
+        raise ModelFilesError(
+            f"cannot reach the hub at {constants.ENDPOINT} to download {repo_id!r} "
+            f"({type(err).__name__}: {err or 'no answer'} within HF_HUB_ETAG_TIMEOUT="
+            f"{constants.HF_HUB_ETAG_TIMEOUT} s), and it is not in the local cache. Check the network or "
+            "HF_ENDPOINT, fill the cache beforehand with `bge-onnx pull`, or pass a local folder."
+        ) from err
 
     def fetch(filename: str, *, optional: bool = False) -> Path | None:
         try:

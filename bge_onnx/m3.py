@@ -45,7 +45,7 @@ class M3Embedder(ModelHandle):
 
     def __init__(
         self,
-        model: str | os.PathLike[str],
+        model: str | os.PathLike[str] | None = None,
         *,
         device: str = "auto",
         threads: int | None = None,

@@ -47,7 +47,7 @@ class Reranker(ModelHandle):
 
     def __init__(
         self,
-        model: str | os.PathLike[str],
+        model: str | os.PathLike[str] | None = None,
         *,
         device: str = "auto",
         threads: int | None = None,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bge_onnx import (
@@ -146,7 +148,13 @@ def test_cuda_requested_without_cuda_is_an_error_not_a_fallback(exported):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has CUDA: the error path cannot be reached")  # never on CI's CPU machine
-    with pytest.raises(ProviderError, match=r"device='cuda' but onnxruntime offers no CUDAExecutionProvider.*pip install bge-onnx-gpu"):
+    from bge_onnx.session import has_nvidia_gpu
+
+    if has_nvidia_gpu():  # a GPU without onnxruntime-gpu: the fix is the GPU build, from the checkout
+        message = r"device='cuda' but onnxruntime offers no CUDAExecutionProvider.*pip install ./gpu \(in a bge-onnx checkout\)"
+    else:  # no GPU at all (CI): no install line, which could not help
+        message = r"device='cuda' but this machine shows no NVIDIA GPU .*run on the CPU with device='cpu'"
+    with pytest.raises(ProviderError, match=message):
         Embedder(exported["bert-cls"], device="cuda")
     with pytest.raises(InputError, match=r"device must be 'auto', 'cpu' or 'cuda', got 'tpu'"):
         Embedder(exported["bert-cls"], device="tpu")
@@ -175,3 +183,26 @@ def test_configuration_and_missing_extras_raise_the_promised_classes(exported):
             pool.map("encode", [["fine"], ["fine", 42]], {})
     finally:
         pool.close()
+
+
+def test_no_model_is_the_default_model_for_an_embedder_and_an_error_otherwise(minilm_onnx, monkeypatch, tmp_path):
+    # as the CLI: Embedder() runs the packaged all-MiniLM-L6-v2 from the cache (exported there on first use)
+    from bge_onnx import M3Embedder, Reranker
+
+    shutil.copytree(minilm_onnx, tmp_path / "cache" / "all-MiniLM-L6-v2")
+    monkeypatch.setenv("BGE_ONNX_CACHE", str(tmp_path / "cache"))
+    text = ["the default model, from Python"]
+    np.testing.assert_allclose(Embedder(device="cpu").encode(text), Embedder(minilm_onnx, device="cpu").encode(text),
+                               atol=1e-6)
+    for cls in (Reranker, M3Embedder):
+        with pytest.raises(InputTypeError, match=rf"{cls.__name__}\(\) needs a model: a folder exported by bge-onnx"):
+            cls(device="cpu")
+
+
+def test_nvidia_gpu_is_read_from_the_driver_files(tmp_path):
+    from bge_onnx.session import has_nvidia_gpu
+
+    (tmp_path / "proc").mkdir()
+    assert not has_nvidia_gpu(tmp_path)
+    (tmp_path / "proc" / "driver" / "nvidia" / "gpus" / "0000:01:00.0").mkdir(parents=True)
+    assert has_nvidia_gpu(tmp_path)

@@ -74,6 +74,8 @@ def test_unknown_repo_and_offline_miss(hub, tmp_path):
     assert "HF_TOKEN" in result.stdout
     result = _load("acme/tiny-bge", tmp_path / "v.npy", tmp_path / "empty-cache", endpoint, offline=True)
     assert result.returncode == 1 and "is not in the local cache" in result.stdout
+    assert "HF_HUB_OFFLINE=1 is set, which forbids the network" in result.stdout
+    assert "`bge-onnx pull acme/tiny-bge`" in result.stdout and "check the network" not in result.stdout
 
 
 _EXPORT = """
