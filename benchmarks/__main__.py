@@ -23,6 +23,9 @@ BENCHMARKS = {
     "serve-overload": ("serve_overload", "bge-onnx serve at twice its sustainable rate: p50/p99, 429s, none lost or wrong"),
     "serve-one": ("serve_one", "bge-onnx serve, one client, interleaved with in-process encode (and a baseline tree)"),
     "serve-peer": ("serve_peer", "bge-onnx serve against infinity-emb (torch and optimum engines), same load, interleaved"),
+    "idle": ("idle", "onnxruntime's threads spinning after a run or not: idle CPU, short-query CPU, throughput, library and server"),
+    "phases": ("phases", "a cold load by phase: imports, hashes, tokenizer, session (parse, optimise, prepack), first run"),
+    "share": ("share", "weights shared between processes: PSS of 1, 2 and 4 processes per folder layout"),
     "gpu": ("gpu", "CUDA: provider start, fp16/fp32 parity, throughput against sentence-transformers on the GPU"),
     "gpu-rerank": ("gpu_rerank", "CUDA: reranker parity and throughput against the CrossEncoder on the GPU"),
 }

@@ -4,12 +4,15 @@ Each contestant is a set of fresh processes that load the model once and then, o
 the corpus (every N-th text, so the shares have alike lengths); the time is from the signal to the last answer.
 Rounds alternate the contestants (A B A B ...); the ratio is taken within each round, then its median. This is the
 measurement behind `workers=` (issue 15): whether splitting a large input over processes beats intra-op threads.
+N processes run twice: with onnxruntime's prepacked weights (a copy per process) and with the weights shared
+($BGE_ONNX_SHARE_WEIGHTS=1, prepacking off), as `workers=N` runs them (issue 23; their memory: results/share.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,11 +45,13 @@ for line in sys.stdin:
 class Contestant:
     """``processes`` fresh processes with ``threads`` threads each, holding their share of one corpus."""
 
-    def __init__(self, corpus_file: Path, corpus: str, processes: int, threads: int, model: Path, precision: str):
+    def __init__(self, corpus_file: Path, corpus: str, processes: int, threads: int, model: Path, precision: str,
+                 share: bool):
+        env = {**os.environ, "BGE_ONNX_SHARE_WEIGHTS": "1" if share else "0"}
         self.procs = [
             subprocess.Popen([sys.executable, "-c", CHILD, str(corpus_file), corpus, str(k), str(processes),
                               str(threads), str(model), precision], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+                             text=True, env=env)
             for k in range(processes)
         ]
         for proc in self.procs:
@@ -68,6 +73,11 @@ class Contestant:
             proc.wait()
 
 
+def label(layout: tuple[int, int, bool]) -> str:
+    processes, threads, share = layout
+    return f"{processes} x {threads}" + (", weights shared (as workers=N)" if share else "")
+
+
 def main(argv: list[str], *, name: str = "workers") -> None:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks {name}", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a bge-onnx model folder with fp32 and int8")
@@ -78,7 +88,9 @@ def main(argv: list[str], *, name: str = "workers") -> None:
     args = parser.parse_args(argv)
 
     cpus = usable_cpus()
-    layouts = [(1, cpus), *[(n, max(1, cpus // n)) for n in range(2, cpus + 1) if cpus % n == 0]]
+    # (processes, threads, weights shared): workers=N shares them ($BGE_ONNX_SHARE_WEIGHTS=1 in its processes)
+    splits = [(n, max(1, cpus // n)) for n in range(2, cpus + 1) if cpus % n == 0]
+    layouts = [(1, cpus, False), *[(n, t, share) for n, t in splits for share in (False, True)]]
     report = Report(name, "All cores: N worker processes against one process with N threads", argv,
                     models={"MODEL": args.model})
     picked = corpora(args.texts)
@@ -86,14 +98,15 @@ def main(argv: list[str], *, name: str = "workers") -> None:
     work = Path(tempfile.mkdtemp(prefix="bge-onnx-workers-"))
     (work / "corpora.json").write_text(json.dumps(texts), encoding="utf-8")
     report.text(f"{cpus} usable CPUs. Layouts (processes x threads): "
-                + ", ".join(f"{p} x {t}" for p, t in layouts)
+                + ", ".join(label(layout) for layout in layouts)
                 + f". {args.rounds} interleaved rounds; speed is 1 x {cpus}'s time over the layout's, per round, "
                 "then the median (above 1: the layout is faster). Model load is not timed (workers start once).")
     rows, data = [], []
     for precision in args.precision:
         for corpus, items in texts.items():
             log(f"{precision} {corpus}")
-            contestants = {layout: Contestant(work / "corpora.json", corpus, *layout, args.model, precision)
+            contestants = {layout: Contestant(work / "corpora.json", corpus, layout[0], layout[1], args.model,
+                                                 precision, layout[2])
                            for layout in layouts}
             seconds = {layout: [] for layout in layouts}
             for _ in range(args.rounds):
@@ -104,10 +117,10 @@ def main(argv: list[str], *, name: str = "workers") -> None:
             base = seconds[layouts[0]]
             for layout, times in seconds.items():
                 speed = statistics.median(b / t for b, t in zip(base, times))
-                rows.append([precision, corpus, f"{layout[0]} x {layout[1]}",
+                rows.append([precision, corpus, label(layout),
                              f"{len(items) / statistics.median(times):.1f}", f"{speed:.2f}x"])
                 data.append({"precision": precision, "corpus": corpus, "processes": layout[0], "threads": layout[1],
-                             "seconds": times, "speed_vs_one_process": speed})
+                             "shared_weights": layout[2], "seconds": times, "speed_vs_one_process": speed})
     report.table(["precision", "corpus", "processes x threads", "texts/s", f"speed vs 1 x {cpus}"], rows)
     report.data = {"cpus": cpus, "rounds": args.rounds, "runs": data}
     if args.try_out:

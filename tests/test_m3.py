@@ -58,6 +58,9 @@ def _flag_python() -> Path:
         subprocess.run([str(building / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                         f"torch=={torch.__version__.split('+')[0]}", *FLAG_REQUIREMENTS], check=True)
         building.rename(venv)
+        for old in root.glob("flagembedding-*"):  # built for other requirements: one venv is kept, not one a change
+            if old != venv:
+                shutil.rmtree(old, ignore_errors=True)
     return python
 
 
