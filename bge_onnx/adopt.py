@@ -111,12 +111,14 @@ def pooling_config_file(folder: Path) -> str | None:
     return None if module is None else f"{module.get('path', '1_Pooling')}/config.json"
 
 
-def find_graph(folder: Path) -> tuple[str, tuple[str, ...]] | None:
-    """The graph of an export folder (relative path) and its separate weight files, or None."""
-    for graph in GRAPH_FILES:
-        if (Path(folder) / graph).is_file():
-            data = tuple(graph + suffix for suffix in DATA_SUFFIXES if (Path(folder) / (graph + suffix)).is_file())
-            return graph, data
+def find_graph(folder: Path, graph: str | None = None) -> tuple[str, tuple[str, ...]] | None:
+    """The graph of an export folder (relative path) and its separate weight files, or None: ``graph`` when given
+    (one of several in a sentence-transformers export's onnx/), else the first of GRAPH_FILES there."""
+    for candidate in (graph,) if graph else GRAPH_FILES:
+        if (Path(folder) / candidate).is_file():
+            data = tuple(candidate + suffix for suffix in DATA_SUFFIXES
+                         if (Path(folder) / (candidate + suffix)).is_file())
+            return candidate, data
     return None
 
 

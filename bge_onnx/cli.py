@@ -50,6 +50,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
             precisions=args.precision,
             allow_below_gate=args.allow_below_gate,
             overwrite=args.force,
+            graph=args.file,
             log=None if args.quiet else _say,
         )
     except ImportError as err:  # onnx, or sympy that onnxruntime's optimiser imports when it runs
@@ -403,7 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an ONNX export (an official repo's onnx/ folder, an optimum or sentence-transformers "
                     "export; local folder or hub id) to a bge-onnx folder: fusions, pooling in the graph, the "
                     "first-token cut, gated int8/fp16, a manifest. Checked against the source graph itself.")
-    _conversion_options(optimize, "source")
+    _conversion_options(optimize, "source (or a .onnx file in one)")
+    optimize.add_argument("--file", metavar="GRAPH",
+                          help="the fp32 graph to start from, relative to SRC (e.g. onnx/model_O1.onnx; default "
+                               "onnx/model.onnx, else model.onnx)")
     optimize.set_defaults(run=_cmd_optimize)
 
     embed = commands.add_parser(

@@ -189,11 +189,13 @@ def _open_export(
 
 
 def describe_export(
-    folder: Path, name: str, session: Session | None = None, **overrides: Pooling | int | str | None
+    folder: Path, name: str, session: Session | None = None, *, graph: str | None = None,
+    **overrides: Pooling | int | str | None
 ) -> ModelSpec:
     """The ModelSpec of an export folder without a manifest (adopt.describe, which takes ``overrides``: pooling,
-    max_length, query_instruction), its graph's inputs and outputs read from ``session`` or a CPU session."""
-    graph, data_files = adopt.find_graph(folder)
+    max_length, query_instruction), its graph (``graph``, else adopt.find_graph's) and that graph's inputs and
+    outputs read from ``session`` or a CPU session."""
+    graph, data_files = adopt.find_graph(folder, graph)
     session = session or Session(folder / graph, device="cpu", threads=1)
     return adopt.describe(
         folder, graph=graph, data_files=data_files, inputs=session.input_names, outputs=session.outputs,

@@ -33,6 +33,7 @@ def resolve(
     files_for: Callable[[ModelSpec], list[str]] = lambda spec: [],
     local_files_only: bool = False,
     refresh: bool = False,
+    graph: str | None = None,
 ) -> Path:
     """Return the local folder for ``model``: an existing path as is, else a hub repo downloaded to the cache.
 
@@ -55,7 +56,8 @@ def resolve(
     name = os.fspath(model)
     if not looks_like_repo_id(name):
         raise ModelFilesError(f"model folder {name!r} does not exist (and is not a hub repo id 'owner/name')")
-    return download(name, revision=revision, files_for=files_for, local_files_only=local_files_only, refresh=refresh)
+    return download(name, revision=revision, files_for=files_for, local_files_only=local_files_only, refresh=refresh,
+                    graph=graph)
 
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -89,6 +91,7 @@ def download(
     files_for: Callable[[ModelSpec], list[str]] = lambda spec: [],
     local_files_only: bool = False,
     refresh: bool = False,
+    graph: str | None = None,
 ) -> Path:
     """Fetch a repo's files: a bge-onnx export's manifest, then only the files ``files_for(spec)`` names; a repo
     without a manifest (an official BAAI repo's onnx/ folder, an optimum or sentence-transformers export): its
@@ -106,7 +109,7 @@ def download(
         ModelIntegrityError: the manifest is not valid.
     """
     snapshot = None if refresh else cached_snapshot(repo_id, revision)
-    if snapshot is not None and _complete(snapshot, files_for):
+    if snapshot is not None and _complete(snapshot, files_for, graph):
         return snapshot
     from huggingface_hub import constants
 
@@ -185,10 +188,11 @@ def download(
         return folder
     # no manifest: an export that is not ours; its graph first, so that a repo without one fails before
     # anything else is fetched
-    graph = next((g for g in adopt.GRAPH_FILES if fetch(g, optional=True) is not None), None)
+    wanted = (graph,) if graph else adopt.GRAPH_FILES
+    graph = next((g for g in wanted if fetch(g, optional=True) is not None), None)
     if graph is None:
         raise ModelFilesError(
-            f"hub repo {repo_id!r} has neither {MANIFEST} nor an ONNX graph ({' or '.join(adopt.GRAPH_FILES)}): "
+            f"hub repo {repo_id!r} has neither {MANIFEST} nor an ONNX graph ({' or '.join(wanted)}): "
             f"it holds no ONNX model. Export it with `bge-onnx export {repo_id} --out DIR` and load DIR."
         )
     for suffix in adopt.DATA_SUFFIXES:
@@ -203,12 +207,12 @@ def download(
     return folder
 
 
-def _complete(snapshot: Path, files_for: Callable[[ModelSpec], list[str]]) -> bool:
+def _complete(snapshot: Path, files_for: Callable[[ModelSpec], list[str]], graph: str | None = None) -> bool:
     """Whether a cached snapshot holds all a load reads: for an export without a manifest, every file it may read
     is either there or known to be absent (huggingface_hub marks a file the hub said it lacks under .no_exist)."""
     if (snapshot / MANIFEST).is_file():
         return all((snapshot / filename).is_file() for filename in files_for(read_spec(snapshot)))
-    found = adopt.find_graph(snapshot)
+    found = adopt.find_graph(snapshot, graph)
     if found is None:
         return False
     absent = snapshot.parent.parent / ".no_exist" / snapshot.name

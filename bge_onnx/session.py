@@ -125,8 +125,11 @@ def load_cuda_libraries() -> None:
             preload(msvc=False)
 
 
-def choose_providers(device: str | Device, available: Iterable[str] | None = None) -> list[str]:
-    """The execution providers to ask for, in order; raises when the device cannot be served.
+def choose_providers(
+    device: str | Device, available: Iterable[str] | None = None, *, gpu: bool | None = None
+) -> list[str]:
+    """The execution providers to ask for, in order; raises when the device cannot be served. ``available``: the
+    providers onnxruntime offers, ``gpu``: whether an NVIDIA GPU is present (default: asked of this machine).
 
     Raises:
         InputError: unknown device.
@@ -151,7 +154,7 @@ def choose_providers(device: str | Device, available: Iterable[str] | None = Non
         load_cuda_libraries()
         return [CUDA, CPU]
     if device is Device.CUDA:
-        if not has_nvidia_gpu():
+        if not (has_nvidia_gpu() if gpu is None else gpu):
             raise ProviderError(
                 "device='cuda' but this machine shows no NVIDIA GPU (no /proc/driver/nvidia/gpus, no /dev/nvidia0); "
                 "run on the CPU with device='cpu' or 'auto'"

@@ -55,13 +55,18 @@ def optimize_model(
     precisions: Sequence[str] = ("fp32",),
     allow_below_gate: bool = False,
     overwrite: bool = False,
+    graph: str | None = None,
     log: Callable[[str], None] | None = stderr,
 ) -> ModelSpec:
     """Convert an existing ONNX export to a bge-onnx model folder, without torch.
 
     Args:
         src: a folder holding onnx/model.onnx (or model.onnx) with its tokenizer.json and config.json, or a hub
-            repo id of one (only the graph, its weights, tokenizer and configs are downloaded).
+            repo id of one (only the graph, its weights, tokenizer and configs are downloaded), or a .onnx file
+            in such a folder (the graph to start from).
+        graph: the graph to start from, relative to the folder (e.g. onnx/model_O1.onnx, one of the several a
+            sentence-transformers export writes); default onnx/model.onnx, else model.onnx. It must be fp32: an
+            already quantised graph is refused (optimize writes and gates its own int8).
         out: the folder to create; it must not exist or be empty unless ``overwrite``.
         pooling, max_length, query_instruction: override what the source's sentence-transformers files or the
             registry say.
@@ -82,17 +87,22 @@ def optimize_model(
     out = Path(out)
     check_out(out, overwrite)
     name = os.fspath(src)
-    folder = hub.resolve(name, revision=revision)
+    if name.endswith(".onnx") and Path(name).is_file():
+        name, graph = graph_in_folder(Path(name))
+    folder = hub.resolve(name, revision=revision, graph=graph)
     if (folder / MANIFEST).is_file():
         raise ExportError(f"{folder} is a bge-onnx folder already ({MANIFEST}); load it as it is")
-    found = adopt.find_graph(folder)
+    found = adopt.find_graph(folder, graph)
     if found is None:
+        graphs = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.onnx"))
         raise ModelFilesError(
-            f"{folder} has no ONNX graph ({' or '.join(adopt.GRAPH_FILES)}); convert a checkpoint with "
-            "`bge-onnx export SRC --out DIR` (needs torch)"
+            f"{folder} has no ONNX graph {graph or ' or '.join(adopt.GRAPH_FILES)}"
+            + (f" (it has {', '.join(graphs)}: pick one with --file)" if graphs else "")
+            + "; convert a checkpoint with `bge-onnx export SRC --out DIR` (needs torch)"
         )
-    source = describe_export(folder, name, pooling=Pooling(pooling) if pooling else None, max_length=max_length,
-                             query_instruction=query_instruction)
+    refuse_quantised(folder / found[0])
+    source = describe_export(folder, name, graph=found[0], pooling=Pooling(pooling) if pooling else None,
+                             max_length=max_length, query_instruction=query_instruction)
     if source.task is Task.EMBED and source.output not in adopt.TOKEN_OUTPUTS:
         raise ExportError(f"{folder / found[0]} outputs pooled vectors ({source.output}); bge-onnx optimises a "
                           "graph that outputs token states (last_hidden_state)")
@@ -147,6 +157,33 @@ def optimize_model(
         shutil.rmtree(staging, ignore_errors=True)
     log(f"wrote {out}")
     return spec
+
+
+def graph_in_folder(path: Path) -> tuple[str, str]:
+    """A .onnx file given as the source: its export folder (where config.json is: the file's own, or the one
+    above for onnx/NAME.onnx) and the graph's path in it."""
+    path = path.resolve()
+    for folder in (path.parent, path.parent.parent):
+        if (folder / adopt.CONFIG_FILE).is_file():
+            return str(folder), path.relative_to(folder).as_posix()
+    raise ModelFilesError(f"{path} is not in an export folder: neither {path.parent} nor {path.parent.parent} has "
+                          f"{adopt.CONFIG_FILE} (and the tokenizer) beside it")
+
+
+# the ops of onnxruntime's quantisation (dynamic, QDQ, QOperator) and of per-token int8 graphs
+QUANTISED_OPS = {"DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
+                 "QAttention", "QGemm", "DynamicQuantizeMatMul", "MatMulNBits", "QEmbedLayerNormalization"}
+
+
+def refuse_quantised(path: Path) -> None:
+    """optimize starts from fp32: refuse a graph that is already quantised, with the way out."""
+    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node} & QUANTISED_OPS
+    if ops:
+        raise ExportError(
+            f"{path} is already quantised ({', '.join(sorted(ops))}): optimize starts from an fp32 graph and writes "
+            "and gates its own int8. Point it at the export's fp32 graph (--file onnx/model.onnx), or load this "
+            "graph as it is."
+        )
 
 
 def _only_output(path: Path, target: Path, output: str) -> Path:

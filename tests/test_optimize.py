@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,3 +85,35 @@ def test_overrides_and_bad_sources(official, exported, checkpoints, tmp_path):
         optimize_model(checkpoints["bert-cls"], tmp_path / "none", log=None)
     with pytest.raises(ExportError, match="already exists and is not empty"):
         optimize_model(official["bert-cls"], tmp_path / "mean", log=None)
+
+
+def test_a_graph_picked_by_file_or_path_and_a_quantised_one_refused(official, tmp_path):
+    # a sentence-transformers export keeps several graphs in onnx/ (model.onnx, model_O1.onnx, model_qint8_*.onnx)
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder = Path(shutil.copytree(official["bert-mean"], tmp_path / "st"))
+    shutil.copyfile(folder / "onnx" / "model.onnx", folder / "onnx" / "model_O1.onnx")
+    quantize_dynamic(folder / "onnx" / "model.onnx", folder / "onnx" / "model_qint8.onnx", weight_type=QuantType.QInt8)
+    texts = ["one graph of several", "picked by name"]
+    reference = Embedder(official["bert-mean"], device="cpu").encode(texts)
+
+    by_file = optimize_model(folder, tmp_path / "by-file", graph="onnx/model_O1.onnx", log=None)
+    assert by_file.source["graph"] == "onnx/model_O1.onnx"
+    np.testing.assert_allclose(Embedder(tmp_path / "by-file", device="cpu").encode(texts), reference, atol=1e-5)
+    by_path = optimize_model(folder / "onnx" / "model_O1.onnx", tmp_path / "by-path", log=None)
+    assert by_path.source["graph"] == "onnx/model_O1.onnx" and by_path.source["path"] == str(folder.resolve())
+
+    with pytest.raises(ExportError, match=r"model_qint8.onnx is already quantised \(.*MatMulInteger.*\): optimize "
+                                          r"starts from an fp32 graph .* \(--file onnx/model.onnx\)"):
+        optimize_model(folder, tmp_path / "q", graph="onnx/model_qint8.onnx", log=None)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ModelFilesError, match=r"has no ONNX graph onnx/model_O9.onnx \(it has onnx/model.onnx, "
+                                              r"onnx/model_O1.onnx, onnx/model_qint8.onnx: pick one with --file\)"):
+        optimize_model(folder, tmp_path / "none", graph="onnx/model_O9.onnx", log=None)
+
+    # the command line, torch-free
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH, "optimize", str(folder), "--out", str(tmp_path / "cli"),
+                             "--file", "onnx/model_qint8.onnx", "-q"], capture_output=True, text=True)
+    assert result.returncode == 1 and "is already quantised" in result.stderr and "Report this" not in result.stderr

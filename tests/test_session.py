@@ -63,8 +63,10 @@ def test_provider_choice():
     assert S.choose_providers("auto", [cuda, cpu]) == [cuda, cpu]
     assert S.choose_providers("auto", [cpu]) == [cpu]
     assert S.choose_providers("cuda", [cuda, cpu]) == [cuda, cpu]
-    with pytest.raises(ProviderError, match="no CUDAExecutionProvider"):
-        S.choose_providers("cuda", [cpu])
+    with pytest.raises(ProviderError, match=r"no CUDAExecutionProvider .*install the GPU build: .*pip install \./gpu"):
+        S.choose_providers("cuda", [cpu], gpu=True)
+    with pytest.raises(ProviderError, match="this machine shows no NVIDIA GPU .*run on the CPU"):
+        S.choose_providers("cuda", [cpu], gpu=False)
 
 
 def test_both_runtimes_installed_is_detected():
@@ -77,7 +79,7 @@ def test_both_runtimes_installed_is_reported(monkeypatch):
     monkeypatch.setattr(S, "conflicting_runtimes", lambda installed=None: True)
     with pytest.warns(RuntimeWarning, match="both onnxruntime and onnxruntime-gpu are installed.*Fix: pip uninstall"):
         assert S.choose_providers("auto", [S.CPU]) == [S.CPU]
-    with pytest.raises(ProviderError, match="they have overwritten each other; fix: "
-                       "pip uninstall -y bge-onnx bge-onnx-gpu onnxruntime onnxruntime-gpu && pip install bge-onnx-gpu"):
+    with pytest.raises(ProviderError, match=r"they have overwritten each other; fix: "
+                       r"pip uninstall -y bge-onnx bge-onnx-gpu onnxruntime onnxruntime-gpu && pip install \./gpu"):
         with pytest.warns(RuntimeWarning):
-            S.choose_providers("cuda", [S.CPU])
+            S.choose_providers("cuda", [S.CPU], gpu=True)
