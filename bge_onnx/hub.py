@@ -84,6 +84,30 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     return snapshot if snapshot.is_dir() else None
 
 
+def probe(repo_id: str, filename: str, revision: str | None, *, fix: str) -> None:
+    """One request that answers or fails within HF_HUB_ETAG_TIMEOUT, before a download: when nothing is cached,
+    huggingface_hub retries a timed-out request with a 60 s timeout, five times, so a network that drops packets
+    took minutes to fail. Any answer from the hub (even "no such file") passes; the download says what it means.
+
+    Raises:
+        ModelFilesError: no answer in time; the message ends with ``fix``.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError:
+        pass
+    except Exception as err:  # no answer at all, whatever the HTTP stack calls it
+        raise ModelFilesError(
+            f"cannot reach the hub at {constants.ENDPOINT} to download {repo_id!r} "
+            f"({type(err).__name__}: {err or 'no answer'} within HF_HUB_ETAG_TIMEOUT="
+            f"{constants.HF_HUB_ETAG_TIMEOUT} s), and it is not in the local cache. Check the network or "
+            f"HF_ENDPOINT, {fix}."
+        ) from err
+
+
 def download(
     repo_id: str,
     *,
@@ -123,7 +147,7 @@ def download(
         )
 
     # here, not at the top: importing huggingface_hub's downloader costs ~0.15 s, which a cached load never pays
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -133,19 +157,7 @@ def download(
         RevisionNotFoundError,
     )
 
-    # One request that answers or fails within the timeout: when no file is cached, huggingface_hub retries a
-    # timed-out request with a 60 s timeout, five times, so a network that drops packets took minutes to fail.
-    try:
-        get_hf_file_metadata(hf_hub_url(repo_id, MANIFEST, revision=revision), timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except HfHubHTTPError:
-        pass  # the hub answered (maybe "no such file"): the downloads below say what it means
-    except Exception as err:  # no answer at all, whatever the HTTP stack calls it
-        raise ModelFilesError(
-            f"cannot reach the hub at {constants.ENDPOINT} to download {repo_id!r} "
-            f"({type(err).__name__}: {err or 'no answer'} within HF_HUB_ETAG_TIMEOUT="
-            f"{constants.HF_HUB_ETAG_TIMEOUT} s), and it is not in the local cache. Check the network or "
-            "HF_ENDPOINT, fill the cache beforehand with `bge-onnx pull`, or pass a local folder."
-        ) from err
+    probe(repo_id, MANIFEST, revision, fix="fill the cache beforehand with `bge-onnx pull`, or pass a local folder")
 
     def fetch(filename: str, *, optional: bool = False) -> Path | None:
         try:

