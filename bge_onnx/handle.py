@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from typing import TypeVar
@@ -172,10 +173,19 @@ def given_or_opened(
     local_files_only: bool,
 ) -> Handle:
     """What an adapter (LangChain, LlamaIndex) runs on: the ``given`` Embedder/Reranker to share, or ``cls`` opened
-    from ``model`` with these options; exactly one of ``model`` and ``given`` (named ``name``) must be given."""
+    from ``model`` with these options; exactly one of ``model`` and ``given`` (named ``name``) must be given, and
+    the load options only with ``model`` (a built one was loaded with its own)."""
     if (model is None) == (given is None):
         raise InputError(f"give either model= (a folder or repo id) or {name}= (an already built one), not both or none")
     if given is not None:
+        options = {"device": device, "precision": precision, "threads": threads, "max_length": max_length,
+                   "batch_size": batch_size, "max_tokens": max_tokens, "revision": revision,
+                   "local_files_only": local_files_only}
+        defaults = inspect.signature(ModelHandle.__init__).parameters
+        beside = [key for key, value in options.items() if value != defaults[key].default]
+        if beside:
+            raise InputError(f"{', '.join(f'{key}=' for key in beside)} given beside {name}=, which was loaded with "
+                             f"its own options: pass them when building the {cls.__name__}, or give model= instead")
         return given
     return cls(model, device=device, precision=precision, threads=threads, max_length=max_length,
                batch_size=batch_size, max_tokens=max_tokens, revision=revision, local_files_only=local_files_only)

@@ -259,6 +259,12 @@ def test_model_or_built_one(exported):
         LlamaIndexRerank()
     with pytest.raises(ValueError, match="either model= .* or reranker="):
         LangChainRerank()
+    # options beside a built one were ignored without a word
+    for make in (BgeOnnxEmbeddings, BgeOnnxEmbedding):
+        with pytest.raises(ValueError, match=r"precision=, threads= given beside embedder=, which was loaded with its "
+                                             r"own options: pass them when building the Embedder"):
+            make(embedder=embedder, precision="int8", threads=2)
+        assert make(embedder=embedder, device="auto").embedder is embedder  # a default is not an option given
 
 
 # imports
