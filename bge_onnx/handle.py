@@ -157,6 +157,13 @@ class ModelHandle:
 Handle = TypeVar("Handle", bound=ModelHandle)
 
 
+def model_or_name(model: str | os.PathLike[str] | None, model_name: str | None) -> str | os.PathLike[str] | None:
+    """An adapter's model, given as ``model`` or as ``model_name`` (the frameworks' own name for it), not both."""
+    if model is not None and model_name is not None:
+        raise InputError(f"give model= or model_name= (the same thing), not both: got {model!r} and {model_name!r}")
+    return model if model is not None else model_name
+
+
 def given_or_opened(
     cls: type[Handle],
     model: str | os.PathLike[str] | None,

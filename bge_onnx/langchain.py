@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .checks import describe
 from .embedder import Embedder
-from .handle import given_or_opened
+from .handle import given_or_opened, model_or_name
 from .errors import InputTypeError, MissingExtraError, install_hint
 from .reranker import Reranker
 
@@ -29,6 +29,7 @@ class BgeOnnxEmbeddings(Embeddings):
 
     Args:
         model: an exported model folder or hub repo id (as for ``Embedder``); or give ``embedder=`` instead.
+        model_name: the same as ``model``, under the name of LangChain's HuggingFaceEmbeddings and FastEmbedEmbeddings.
         embedder: an already built ``Embedder`` to share (then the other options must be left out).
         device, precision, threads, max_length, batch_size, max_tokens, revision, local_files_only: as for
             :class:`bge_onnx.Embedder`.
@@ -44,6 +45,7 @@ class BgeOnnxEmbeddings(Embeddings):
         self,
         model: str | os.PathLike[str] | None = None,
         *,
+        model_name: str | None = None,
         embedder: Embedder | None = None,
         device: str = "auto",
         precision: str = "auto",
@@ -55,7 +57,7 @@ class BgeOnnxEmbeddings(Embeddings):
         local_files_only: bool = False,
     ) -> None:
         embedder = given_or_opened(
-            Embedder, model, embedder, name="embedder", device=device, precision=precision, threads=threads,
+            Embedder, model_or_name(model, model_name), embedder, name="embedder", device=device, precision=precision, threads=threads,
             max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
             local_files_only=local_files_only,
         )

@@ -8,7 +8,7 @@ from typing import Any
 
 from .checks import check_texts, describe
 from .embedder import Embedder
-from .handle import given_or_opened
+from .handle import given_or_opened, model_or_name
 from .errors import InputError, InputTypeError, MissingExtraError, install_hint
 from .reranker import Reranker
 
@@ -36,22 +36,35 @@ class BgeOnnxEmbedding(BaseEmbedding):
 
     Args:
         model: an exported model folder or hub repo id (as for ``Embedder``); or give ``embedder=`` instead.
-        embedder: an already built ``Embedder`` to share.
+        model_name: the same as ``model``, under the name LlamaIndex's own embeddings use (and ``to_dict`` writes).
+        embedder: an already built ``Embedder`` to share (then the load options must be left out).
         embed_batch_size: texts LlamaIndex hands over per call; default the Embedder's batch_size (the Embedder
             itself batches by tokens within it).
         device, precision, threads, max_length, batch_size, max_tokens, revision, local_files_only: as for
             :class:`bge_onnx.Embedder`.
 
+    ``to_dict()`` records the model and its load options (those of a given Embedder: its folder, the precision it
+    chose, its limits), so that ``from_dict`` loads the same model again.
+
     >>> Settings.embed_model = BgeOnnxEmbedding(model="bge-small-onnx")  # doctest: +SKIP
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    max_length: int | None = None
+    batch_size: int = 256
+    max_tokens: int | None = None
+    revision: str | None = None
+    local_files_only: bool = False
     _embedder: Embedder = PrivateAttr()
 
     def __init__(
         self,
         model: str | os.PathLike[str] | None = None,
         *,
+        model_name: str | None = None,
         embedder: Embedder | None = None,
         embed_batch_size: int | None = None,
         device: str = "auto",
@@ -62,15 +75,25 @@ class BgeOnnxEmbedding(BaseEmbedding):
         max_tokens: int | None = None,
         revision: str | None = None,
         local_files_only: bool = False,
+        num_workers: int | None = None,
+        embeddings_cache: Any = None,
     ) -> None:
+        model = model_or_name(model, model_name)
         embedder = given_or_opened(
             Embedder, model, embedder, name="embedder", device=device, precision=precision, threads=threads,
             max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
             local_files_only=local_files_only,
         )
+        if model is None:  # a given Embedder: record what reloads it
+            on_cuda = "CUDAExecutionProvider" in embedder.providers
+            model, device, precision = embedder.folder, "cuda" if on_cuda else "cpu", embedder.precision.value
+            threads, max_length = embedder._model.session.threads, embedder.max_length
+            batch_size, max_tokens = embedder.batch_size, embedder.max_tokens
         super().__init__(
-            model_name=str(model) if model is not None else "bge-onnx",
-            embed_batch_size=embed_batch_size or embedder.batch_size,
+            model_name=os.fspath(model), embed_batch_size=embed_batch_size or embedder.batch_size,
+            num_workers=num_workers, device=device, precision=precision, threads=threads, max_length=max_length,
+            batch_size=batch_size, max_tokens=max_tokens, revision=revision, local_files_only=local_files_only,
+            **({} if embeddings_cache is None else {"embeddings_cache": embeddings_cache}),
         )
         self._embedder = embedder
 

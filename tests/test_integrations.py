@@ -301,3 +301,24 @@ def test_import_bge_onnx_loads_no_adapter(exported):
     assert "bge_onnx.embedder" in loaded  # the check sees real imports
     assert not {m for m in loaded if m.split(".")[0] in ("langchain_core", "llama_index", "pydantic")}
     assert loaded.isdisjoint({"bge_onnx.langchain", "bge_onnx.llama_index", "bge_onnx.ray"})
+
+
+def test_model_name_and_llama_index_round_trip(exported):
+    # the frameworks' own classes take model_name=; LlamaIndex's to_dict/from_dict must load the same model again
+    folder = str(exported["bert-cls"])
+    texts = ["a round trip", "through to_dict"]
+    built = BgeOnnxEmbedding(model_name=folder, device="cpu", precision="fp32", max_length=64)
+    again = BgeOnnxEmbedding.from_dict(built.to_dict())
+    assert (again.embedder.folder, again.embedder.max_length, again.precision) == (exported["bert-cls"], 64, "fp32")
+    np.testing.assert_allclose(again.get_text_embedding_batch(texts), built.get_text_embedding_batch(texts), atol=1e-6)
+    shared = BgeOnnxEmbedding(embedder=Embedder(folder, device="cpu", max_length=32))
+    from_shared = BgeOnnxEmbedding.from_dict(shared.to_dict())
+    assert from_shared.embedder.folder == exported["bert-cls"] and from_shared.embedder.max_length == 32
+    np.testing.assert_allclose(from_shared.get_query_embedding("q"), shared.get_query_embedding("q"), atol=1e-6)
+
+    by_name = BgeOnnxEmbeddings(model_name=folder, device="cpu")
+    np.testing.assert_allclose(by_name.embed_documents(texts), Embedder(folder, device="cpu").encode_corpus(texts),
+                               atol=1e-6)
+    for make in (BgeOnnxEmbeddings, BgeOnnxEmbedding):
+        with pytest.raises(ValueError, match="give model= or model_name= \\(the same thing\\), not both"):
+            make(folder, model_name=folder)
