@@ -140,7 +140,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import hub
+    from . import card, hub
     from .folder import read_any_spec
 
     model = args.model or default_model()
@@ -149,25 +149,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(spec.to_dict(), indent=2, ensure_ascii=False))
         return 0
-    lines = [
-        f"folder:            {folder}",
-        f"task:              {spec.task.value} ({spec.architecture})",
-    ]
-    if spec.pooling:
-        lines.append(f"pooling:           {spec.pooling.value}, normalise {'yes' if spec.normalize else 'no'}")
-        lines.append(f"dimension:         {spec.dim}")
-        lines.append(f"query instruction: {spec.query_instruction!r}" if spec.query_instruction else "query instruction: none")
-    if spec.heads:
-        lines.append(f"bge-m3 outputs:    dense, lexical weights, ColBERT vectors ({spec.heads.get('colbert_dim')} dims): "
-                     "bge_onnx.M3Embedder")
-    lines.append(f"max length:        {spec.max_length} tokens (the model takes up to {spec.max_positions})")
-    lines.append(f"source:            {spec.source.get('id')} @ {spec.source.get('revision') or 'local files'}")
-    for name, variant in spec.variants.items():
-        size = sum((folder / f).stat().st_size for f in variant.all_files if (folder / f).is_file())
-        meaning = INT8_KINDS.get(variant.activations, "not known to this version of bge-onnx")
-        kind = f"activations {variant.activations} ({meaning}); " if name == "int8" else ""
-        lines.append(f"variant {name}:      {variant.file} ({size / 1e6:.1f} MB); {kind}{_describe_parity(variant.parity)}")
-    lines.append("versions:          " + ", ".join(f"{k} {v}" for k, v in spec.versions.items()))
+    lines = card.summary(folder, spec)
     print("\n".join(lines))
     return 0
 
@@ -313,28 +295,6 @@ def _serve_parser(commands) -> None:
                        help="token limit per text ($BGE_ONNX_MAX_LENGTH; default the model's)")
     serve.add_argument("--revision", default=env("REVISION"), help="hub revision when MODEL is a repo id ($BGE_ONNX_REVISION)")
     serve.set_defaults(run=_cmd_serve)
-
-
-INT8_KINDS = {"per-token": "a text's vector depends on the text alone",
-              "per-batch": "older export: a vector moves slightly with its batch; re-export for per-token int8"}
-
-
-def _describe_parity(parity: dict) -> str:
-    gate = parity.get("gate")
-    if not gate:  # fp32: against PyTorch
-        fused = parity.get("fused_ops") or {}
-        figures = ", ".join(
-            f"{k} {v:.7g}" if isinstance(v, float) else f"{k} {v}" for k, v in parity.items() if k != "fused_ops"
-        )
-        ops = ", ".join(f"{count} {op}" for op, count in fused.items()) or "none"
-        return f"parity with PyTorch: {figures or 'not checked'}; fused ops: {ops}"
-    figures = ", ".join(f"{k} {parity[k]:.5f} (gate {limit})" for k, limit in gate.items() if k in parity)
-    verdict = "within its gate" if parity.get("passed") else "BELOW its gate (auto skips it)"
-    where = parity.get("note") or (f"measured on {parity['device']}" if parity.get("device") else "")
-    if parity.get("cpu"):  # the kernels, and so the rounding, depend on the CPU (VNNI or not, for int8)
-        where += f"; CPU {parity['cpu']}"
-    note = f"; {where}" if where else ""
-    return f"vs fp32 on {parity.get('texts', '?')} texts: {figures}; {verdict}; recipe {parity.get('recipe')}{note}"
 
 
 def _positive_int(value: str) -> int:

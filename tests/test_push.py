@@ -17,7 +17,8 @@ import yaml
 from hubserver import Hub, hub_env
 
 from bge_onnx.hub import looks_like_repo_id
-from bge_onnx.push import _NOT_FIGURES, model_card, push
+from bge_onnx.card import _NOT_FIGURES, model_card
+from bge_onnx.push import push
 from bge_onnx.spec import MANIFEST, read_spec, sha256_file
 
 TOKEN = "hf_test_write_token"
