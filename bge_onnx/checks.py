@@ -26,6 +26,19 @@ def positive_int(name: str, value: object, *, error: type[BgeOnnxError] = InputE
     return value
 
 
+# what every refusal of an unencodable text says to do
+CLEAN_HINT = "text.encode('utf-8', 'replace').decode('utf-8')"
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8 (a lone surrogate, from a JSON escape such as "\\ud800"), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"cannot be encoded as UTF-8 ({err.reason} at position {err.start})"
+    return None
+
+
 def env_flag(name: str, *, default: bool = False) -> bool:
     """A yes/no setting from the environment: 1/true/yes/on or 0/false/no/off (any case); ``default`` when unset
     or empty.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import CLEAN_HINT, describe, utf8_problem
 from .errors import InputError, MissingExtraError, install_hint
 
 INPUT_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -101,12 +102,10 @@ class Source:
     def _text(self, number: int, id_: object, text: object, raw: object) -> Row | BadRow:
         if not isinstance(text, str):
             return BadRow(number, f"expected a JSON string or an object with a string {self.text_field!r}, got "
-                                  f"{type(text).__name__} {_describe(text)}", raw)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:  # a lone surrogate, from a JSON escape such as "\ud800"
-            return BadRow(number, f"cannot be encoded as UTF-8 ({err.reason} at position {err.start}); clean it "
-                                  "first, e.g. text.encode('utf-8', 'replace').decode('utf-8')", raw)
+                                  f"{type(text).__name__} {describe(text)}", raw)
+        problem = utf8_problem(text)
+        if problem:
+            return BadRow(number, f"{problem}; clean it first, e.g. {CLEAN_HINT}", raw)
         return Row(number, number if id_ is None else id_, text)
 
     def _line_rows(self, stream) -> Iterator[Row | BadRow]:
@@ -160,11 +159,6 @@ class Source:
                 number += 1
                 yield self._text(number, id_, text, {self.text_field: text, "id": id_})
             self.position += len(texts)
-
-
-def _describe(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class Writer:

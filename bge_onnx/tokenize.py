@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from .checks import describe
+from .checks import CLEAN_HINT, describe, utf8_problem
 from .errors import InputError, ModelFilesError, ModelIntegrityError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -57,14 +57,9 @@ def clip(tokenizer: Tokenizer, texts: Sequence[str], limit: int) -> list[str]:
 def _raise_unencodable(texts: Sequence[str], name: str, err: Exception, start: int = 0) -> None:
     """Find the text that the tokenizer refused (a lone surrogate) and name it."""
     for i, text in enumerate(texts):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as bad:
-            raise InputError(
-                f"{name}[{start + i}] cannot be encoded as UTF-8 ({bad.reason} at position {bad.start}): "
-                f"{describe(text)}. Clean it first, e.g. "
-                "text.encode('utf-8', 'replace').decode('utf-8')"
-            ) from err
+        problem = utf8_problem(text)
+        if problem:
+            raise InputError(f"{name}[{start + i}] {problem}: {describe(text)}. Clean it first, e.g. {CLEAN_HINT}") from err
     raise err
 
 

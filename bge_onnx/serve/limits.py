@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from starlette.requests import Request
 
-from ..checks import describe, positive_int
+from ..checks import describe, positive_int, utf8_problem
 from ..errors import BgeOnnxError, ConfigError
 
 # The kinds of refusal; each API family maps them to its own status codes and error bodies (tei.py, openai.py).
@@ -173,11 +173,9 @@ def fields(body: object, allowed: Sequence[str]) -> dict:
 def utf8_text(text: str, label: str, name: str) -> str:
     """``text``, refused when it cannot be encoded as UTF-8: a lone surrogate ("\\ud800") is valid JSON that no
     tokenizer takes, and must get a 4xx like any bad input, not an error that drops the connection."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise Refusal(VALIDATION, f"{label} cannot be encoded as UTF-8 ({err.reason} at position {err.start}): "
-                      f"{describe(text)}; send valid Unicode text", param=name) from None
+    problem = utf8_problem(text)
+    if problem:
+        raise Refusal(VALIDATION, f"{label} {problem}: {describe(text)}; send valid Unicode text", param=name)
     return text
 
 
