@@ -103,14 +103,21 @@ def run_sorted(
     fit in memory fails at once rather than at the end.
     """
     out = np.empty((len(encodings), width), dtype=np.float32)
-    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
-    names = session.input_names
-    for rows in token_batches([len(encodings[i]) for i in order], batch_size=batch_size, max_tokens=max_tokens):
-        rows = [order[i] for i in rows]
-        feeds = pad_batch([encodings[i] for i in rows], pad_id=pad_id, input_names=names)
+    for rows, feeds in sorted_batches(encodings, pad_id=pad_id, input_names=session.input_names,
+                                      batch_size=batch_size, max_tokens=max_tokens):
         out[rows] = reduce(session.run(feeds), feeds)
         progress.advance(len(rows))
     return out
+
+
+def sorted_batches(
+    encodings: Sequence[Encoding], *, pad_id: int, input_names: list[str], batch_size: int, max_tokens: int
+) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+    """(the encodings' indexes, padded feeds) per batch: sorted by length, longest first, within the budgets."""
+    order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
+    for rows in token_batches([len(encodings[i]) for i in order], batch_size=batch_size, max_tokens=max_tokens):
+        rows = [order[i] for i in rows]
+        yield rows, pad_batch([encodings[i] for i in rows], pad_id=pad_id, input_names=input_names)
 
 
 def tokenize_ahead(items: Sequence, tokenize: Tokenize, *, ahead: bool) -> Iterator[tuple[int, list[Encoding], int]]:

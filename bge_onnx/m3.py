@@ -8,14 +8,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tokenizers import Encoding
 
-from .batching import Progress, token_batches, warn_truncated
+from .batching import Progress, sorted_batches, tokenize_ahead, warn_truncated
 from .checks import check_pairs, check_texts, describe, positive_int
 from .errors import InputError, InputTypeError, ModelFilesError
 from .handle import ModelHandle
 from .pooling import normalize as l2_normalize
 from .spec import Task
-from .tokenize import TextTokenizer, pad_batch
+from .tokenize import TextTokenizer
 
 # BGEM3FlagModel's default token limit for queries and passages (bge-m3 itself takes 8192: pass max_length=8192)
 FLAG_MAX_LENGTH = 512
@@ -168,30 +169,36 @@ class M3Embedder(ModelHandle):
         names = self._outputs(dense, sparse, colbert)
         batch_size = self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
         tokenizer = self._tokenizer(max_length)
-        encodings, cut = tokenizer.encode_texts(items, name="sentences")
-        warn_truncated(cut, len(items), tokenizer.max_length, "sentences")
         vectors = np.zeros((len(items), self.dim), dtype=np.float32)
         lexical: list[Lexical] = [{} for _ in items]
         multi: list[np.ndarray] = [np.zeros((0, self._heads.get("colbert_dim", 0)), np.float32) for _ in items]
         progress = Progress(len(items), label="embedded", enabled=show_progress)
-        order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
         session, pad_id = self._model.session, self._model.spec.pad_token_id
-        for rows in token_batches([len(encodings[i]) for i in order], batch_size=batch_size, max_tokens=self.max_tokens):
-            rows = [order[i] for i in rows]
-            feeds = pad_batch([encodings[i] for i in rows], pad_id=pad_id, input_names=session.input_names)
-            outputs = iter(session.run_outputs(names, feeds))
-            pooled = self._reduce(next(outputs), feeds) if dense else None  # official graphs: pooled here
-            weights = next(outputs) if sparse else None
-            tokens = next(outputs) if colbert else None
-            for k, i in enumerate(rows):
-                n = len(encodings[i])
-                if pooled is not None:
-                    vectors[i] = pooled[k]
-                if weights is not None:
-                    lexical[i] = self._lexical(feeds["input_ids"][k, :n], weights[k, :n])
-                if tokens is not None:
-                    multi[i] = np.array(tokens[k, : n - 1], dtype=np.float32)
-            progress.advance(len(rows))
+
+        def tokenize(chunk: Sequence[str], start: int) -> tuple[list[Encoding], int]:
+            return tokenizer.encode_texts(list(chunk), name="sentences", start=start)
+
+        truncated = 0
+        # as Embedder: tokenised chunk by chunk (each sorted by length on its own), so a large input's encodings
+        # are never all held at once
+        for at, encodings, cut in tokenize_ahead(items, tokenize, ahead=False):
+            truncated += cut
+            for rows, feeds in sorted_batches(encodings, pad_id=pad_id, input_names=session.input_names,
+                                              batch_size=batch_size, max_tokens=self.max_tokens):
+                outputs = iter(session.run_outputs(names, feeds))
+                pooled = self._reduce(next(outputs), feeds) if dense else None  # official graphs: pooled here
+                weights = next(outputs) if sparse else None
+                tokens = next(outputs) if colbert else None
+                for k, row in enumerate(rows):
+                    i, n = at + row, len(encodings[row])
+                    if pooled is not None:
+                        vectors[i] = pooled[k]
+                    if weights is not None:
+                        lexical[i] = self._lexical(feeds["input_ids"][k, :n], weights[k, :n])
+                    if tokens is not None:
+                        multi[i] = np.array(tokens[k, : n - 1], dtype=np.float32)
+                progress.advance(len(rows))
+        warn_truncated(truncated, len(items), tokenizer.max_length, "sentences")
         return {
             "dense_vecs": l2_normalize(vectors) if dense else None,
             "lexical_weights": lexical if sparse else None,

@@ -181,6 +181,21 @@ def test_same_dense_as_embedder_and_one_text(m3, ours):
                                        "lexical_weights": None, "colbert_vecs": None}
 
 
+def test_an_input_larger_than_a_tokenizing_chunk(ours):
+    # tokenised 2048 texts at a time, as Embedder: every text keeps its own outputs, in the caller's order
+    model, _ = ours
+    texts = [TEXTS[i % len(TEXTS)] for i in range(2100)]
+    with pytest.warns(UserWarning, match=r"exceeded max_length=512"):
+        whole = model.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    with pytest.warns(UserWarning, match=r"exceeded max_length=512"):
+        alone = model.encode(TEXTS, return_sparse=True, return_colbert_vecs=True)
+    for i in (0, 5, 2047, 2048, 2099):
+        j = i % len(TEXTS)
+        np.testing.assert_allclose(whole["dense_vecs"][i], alone["dense_vecs"][j], atol=1e-6)
+        assert whole["lexical_weights"][i].keys() == alone["lexical_weights"][j].keys()
+        np.testing.assert_allclose(whole["colbert_vecs"][i], alone["colbert_vecs"][j], atol=1e-5)
+
+
 def test_bad_input(ours, official):
     model = ours[0]
     empty = model.encode([], return_sparse=True, return_colbert_vecs=True)
