@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputTypeError
+from .errors import InputError, InputTypeError
 from .batching import Progress
 from .checks import check_texts, describe, positive_int
 from .handle import ModelHandle
 from .tokenize import check_encodable
 from .workers import join, split
 from .pooling import normalize as l2_normalize
+from .storage import OutputDtype, convert, ranges_of
+from .storage import output_dtype as output_dtype_of
 from .spec import Pooling, Task
 
 
@@ -46,6 +48,8 @@ class Embedder(ModelHandle):
 
     task = Task.EMBED
 
+    _ranges: np.ndarray | None = None  # set by calibrate() or assigned
+
     def _default_model(self) -> Path:
         """No model given: the packaged all-MiniLM-L6-v2, as the CLI does (exported to the cache on first use)."""
         from .default_model import default_model
@@ -72,6 +76,7 @@ class Embedder(ModelHandle):
         normalize: bool = True,
         show_progress: bool = False,
         workers: int | None = None,
+        output_dtype: str = "float32",
     ) -> np.ndarray:
         """Embed texts as they are (no instruction).
 
@@ -81,12 +86,16 @@ class Embedder(ModelHandle):
             normalize: L2-normalise each vector (cosine similarity becomes a dot product).
             show_progress: print a progress counter on stderr (not with workers).
             workers: split the texts over this many processes, each with its own session and threads/workers of
-                this Embedder's threads (started on first use and kept until :meth:`close`); each holds its own
-                copy of the model. Default: this process only, which was as fast on 2 CPUs (2 workers x 1 thread:
-                0.95-1.11x one process x 2 threads, benchmarks/results/workers.md).
+                this Embedder's threads (started on first use and kept until :meth:`close`); they share the
+                weights' pages (BGE_ONNX_SHARE_WEIGHTS). Default: this process only (on 2 CPUs, 2 workers x 1
+                thread ran at 0.83-1.13x one process x 2 threads, benchmarks/results/workers.md).
+            output_dtype: "float32", or for storage "int8" / "uint8" (each dimension's :attr:`ranges` in 256
+                steps; normalised vectors only) or "binary" / "ubinary" (sign bits, 8 dimensions to a byte), as
+                sentence-transformers' quantize_embeddings writes them.
 
         Returns:
-            float32 array ``(n, dim)`` for a list (``(0, dim)`` when empty), ``(dim,)`` for one str.
+            float32 array ``(n, dim)`` for a list (``(0, dim)`` when empty), ``(dim,)`` for one str; int8/uint8
+            ``(n, dim)``, binary/ubinary ``(n, ceil(dim / 8))`` with another ``output_dtype``.
 
         Raises:
             InputTypeError: texts is not a str or list of str (the message names the bad item's index).
@@ -95,7 +104,7 @@ class Embedder(ModelHandle):
         >>> embedder.encode(["a cat", "a dog"]).shape  # doctest: +SKIP
         (2, 384)
         """
-        return self._encode(texts, "texts", "", batch_size, normalize, show_progress, workers)
+        return self._encode(texts, "texts", "", batch_size, normalize, show_progress, workers, output_dtype)
 
     def encode_iter(
         self,
@@ -106,6 +115,7 @@ class Embedder(ModelHandle):
         normalize: bool = True,
         show_progress: bool = False,
         workers: int | None = None,
+        output_dtype: str = "float32",
     ) -> Iterator[np.ndarray]:
         """Embed a stream of texts that need not fit in memory, ``chunk_size`` texts at a time.
 
@@ -122,11 +132,12 @@ class Embedder(ModelHandle):
             raise InputTypeError(f"texts must be an iterable of str, got {type(texts).__name__} {describe(texts)}")
         positive_int("chunk_size", chunk_size)
         batch_size = self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
+        dtype, ranges = self._storage(output_dtype, normalize)
         progress = Progress(None, label="embedded", enabled=show_progress)
         iterator, start = iter(texts), 0
         while chunk := list(itertools.islice(iterator, chunk_size)):
             items = check_texts(chunk, start=start)
-            yield self._run(items, "texts", "", batch_size, normalize, progress, start, workers)
+            yield convert(self._run(items, "texts", "", batch_size, normalize, progress, start, workers), dtype, ranges)
             start += len(chunk)
         progress.close()
 
@@ -139,13 +150,56 @@ class Embedder(ModelHandle):
         normalize: bool,
         show_progress: bool,
         workers: int | None = None,
+        output_dtype: str = "float32",
     ) -> np.ndarray:
+        dtype, ranges = self._storage(output_dtype, normalize)
         single = isinstance(texts, str)
         items = check_texts([texts] if single else texts, name=name)
         batch_size = self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
         progress = Progress(len(items), label="embedded", enabled=show_progress)
-        vectors = self._run(items, name, prefix, batch_size, normalize, progress, 0, workers)
+        vectors = convert(self._run(items, name, prefix, batch_size, normalize, progress, 0, workers), dtype, ranges)
         return vectors[0] if single else vectors
+
+    @property
+    def ranges(self) -> np.ndarray | None:
+        """The per-dimension ranges (float32 (2, dim): minimum, maximum) that ``output_dtype="int8"`` and
+        ``"uint8"`` split into 256 steps: set by :meth:`calibrate` or assigned, else the ones the export measured
+        on the texts it ships (the manifest's ``calibration``), else None (an export older than them)."""
+        if self._ranges is not None:
+            return self._ranges.copy()
+        recorded = self._model.spec.calibration.get("ranges")
+        return None if recorded is None else np.asarray(recorded, dtype=np.float32)
+
+    @ranges.setter
+    def ranges(self, value: object) -> None:
+        ranges = np.asarray(value, dtype=np.float32)
+        if ranges.shape != (2, self.dim) or not np.isfinite(ranges).all() or (ranges[0] > ranges[1]).any():
+            raise InputError(f"ranges must be finite float (2, {self.dim}): each dimension's minimum, then its "
+                             f"maximum; got shape {ranges.shape}")
+        self._ranges = ranges
+
+    def calibrate(self, texts: list[str]) -> np.ndarray:
+        """Set :attr:`ranges` from texts like the corpus you will store (their normalised vectors' minimum and
+        maximum per dimension), in place of the export's; returns them (save them to use them again).
+
+        >>> embedder.calibrate(sample_of_my_corpus)  # doctest: +SKIP
+        """
+        self.ranges = ranges_of(self.encode(check_texts(texts)))
+        return self.ranges
+
+    def _storage(self, output_dtype: object, normalize: bool) -> tuple[OutputDtype, np.ndarray | None]:
+        dtype = output_dtype_of(output_dtype)
+        if not dtype.needs_ranges:
+            return dtype, None
+        if not normalize:
+            raise InputError(f"output_dtype={dtype.value!r} steps through the normalised vectors' ranges; "
+                             "pass normalize=True")
+        ranges = self.ranges
+        if ranges is None:
+            raise InputError(f"output_dtype={dtype.value!r} needs per-dimension ranges, and {self.folder} was "
+                             "exported without them: call embedder.calibrate(texts) with texts like your corpus, "
+                             "or re-export the model")
+        return dtype, ranges
 
     def _run(
         self,
@@ -185,6 +239,7 @@ class Embedder(ModelHandle):
         normalize: bool = True,
         show_progress: bool = False,
         workers: int | None = None,
+        output_dtype: str = "float32",
     ) -> np.ndarray:
         """Embed search queries: the model's query instruction (if any) is put before each one.
 
@@ -193,7 +248,8 @@ class Embedder(ModelHandle):
         >>> embedder.encode_queries("what is a panda?").shape  # doctest: +SKIP
         (384,)
         """
-        return self._encode(queries, "queries", self.query_instruction, batch_size, normalize, show_progress, workers)
+        return self._encode(queries, "queries", self.query_instruction, batch_size, normalize, show_progress, workers,
+                            output_dtype)
 
     def encode_corpus(
         self,
@@ -203,6 +259,7 @@ class Embedder(ModelHandle):
         normalize: bool = True,
         show_progress: bool = False,
         workers: int | None = None,
+        output_dtype: str = "float32",
     ) -> np.ndarray:
         """Embed passages to search in: never with an instruction. Same as :meth:`encode`."""
-        return self._encode(passages, "passages", "", batch_size, normalize, show_progress, workers)
+        return self._encode(passages, "passages", "", batch_size, normalize, show_progress, workers, output_dtype)

@@ -102,6 +102,10 @@ class ModelSpec:
     # "colbert": output name (batch, seq - 1, colbert_dim) of normalised token vectors, "colbert_dim": int,
     # "skip_ids": token ids that get no lexical weight (cls, eos, pad, unk)}. Absent from other manifests.
     heads: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # an embedding model's vectors for storage: {"ranges": [[min per dimension], [max per dimension]] of the fp32
+    # graph's normalised vectors of "texts" shipped texts}, what output_dtype int8/uint8 steps through. Absent from
+    # older manifests and from rerankers'.
+    calibration: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", Task(self.task))
@@ -128,8 +132,9 @@ class ModelSpec:
         data["task"] = self.task.value
         data["pooling"] = self.pooling.value if self.pooling else None
         data["inputs"] = list(self.inputs)
-        if not self.heads:
-            del data["heads"]
+        for optional in ("heads", "calibration"):
+            if not data[optional]:
+                del data[optional]
         return data
 
     @classmethod

@@ -31,7 +31,7 @@ from bge_onnx.spec import (
 from bge_onnx.tokenize import TOKENIZER_FILE
 
 from . import parity, probes
-from .precision import add_variant
+from .precision import add_variant, record_calibration
 from .rewrite import fuse
 from .staging import (
     MODEL_FILE,
@@ -149,6 +149,7 @@ def optimize_model(
                        {"reference": "source ONNX graph (onnxruntime)", **figures, **graph_facts})
         spec = dataclasses.replace(spec, variants={"fp32": fp32})
         write_spec(staging, spec)
+        spec = record_calibration(staging)
         for precision in extra:
             log(f"writing the {precision.value} graph and checking it against fp32")
             spec = add_variant(staging, precision, allow_below_gate=allow_below_gate, log=log)

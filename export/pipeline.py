@@ -16,7 +16,7 @@ from bge_onnx.spec import POOLED_OUTPUT, ModelSpec, Task, Variant, sha256_file, 
 from . import parity, probes
 from .heads import COLBERT_OUTPUT, LEXICAL_OUTPUT, load_heads
 from .trace import export_graph, input_names
-from .precision import add_variant
+from .precision import add_variant, record_calibration
 from .staging import MODEL_FILE, check_out, extra_precisions, make_staging, place, stderr, versions
 from .source import Source, describe_source
 
@@ -185,6 +185,7 @@ def export_model(
             fp32 = Variant(file=graph_files[0], data_files=tuple(graph_files[1:]), parity={**figures, **graph})
             spec = dataclasses.replace(spec, variants={"fp32": fp32})
             write_spec(staging, spec)
+        spec = record_calibration(staging)
         for precision in extra:
             gate_set = f"{len(probes.GATE_PAIRS)} pairs" if source.task is Task.RERANK else f"{len(probes.GATE_TEXTS)} texts"
             log(f"writing the {precision.value} graph and checking it against fp32 on {gate_set}")

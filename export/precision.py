@@ -237,3 +237,20 @@ def record_variant(folder: Path, spec: ModelSpec, precision: Precision, variant:
     spec = dataclasses.replace(spec, variants=variants, files=dict(sorted(files.items())))
     write_spec(folder, spec)
     return spec
+
+
+def record_calibration(folder: Path) -> ModelSpec:
+    """Measure an embedding folder's per-dimension ranges on the shipped calibration texts (the fp32 graph's
+    normalised vectors, what output_dtype int8/uint8 steps through) and write them into its manifest."""
+    from bge_onnx.storage import ranges_of
+
+    spec = read_spec(folder)
+    if spec.task is not Task.EMBED:
+        return spec
+    texts = list(probes.CALIBRATION_TEXTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a text cut at a short max_length is measured as the runtime embeds it
+        ranges = ranges_of(bge_onnx.Embedder(folder, device="cpu", precision="fp32").encode(texts))
+    spec = dataclasses.replace(spec, calibration={"ranges": ranges.tolist(), "texts": len(texts)})
+    write_spec(folder, spec)
+    return spec
