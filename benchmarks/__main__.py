@@ -24,6 +24,7 @@ BENCHMARKS = {
     "serve-one": ("serve_one", "bge-onnx serve, one client, interleaved with in-process encode (and a baseline tree)"),
     "serve-peer": ("serve_peer", "bge-onnx serve against infinity-emb (torch and optimum engines), same load, interleaved"),
     "idle": ("idle", "onnxruntime's threads spinning after a run or not: idle CPU, short-query CPU, throughput, library and server"),
+    "storage": ("storage", "int8 / binary / binary + rescore vectors: SciFact nDCG@10, STS-B, bytes, search time"),
     "phases": ("phases", "a cold load by phase: imports, hashes, tokenizer, session (parse, optimise, prepack), first run"),
     "share": ("share", "weights shared between processes: PSS of 1, 2 and 4 processes per folder layout"),
     "gpu": ("gpu", "CUDA: provider start, fp16/fp32 parity, throughput against sentence-transformers on the GPU"),

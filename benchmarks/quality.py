@@ -23,17 +23,24 @@ from bge_onnx.default_model import default_model
 from .harness import Report, data_dir, log
 
 
+def stsb_rows() -> dict:
+    """STS-B test: the pairs' sentences (left, right) and their gold scores."""
+    rows = [json.loads(line) for line in (data_dir() / "stsb" / "sts-test.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {"left": [r["sentence1"] for r in rows], "right": [r["sentence2"] for r in rows],
+            "scores": [r["score"] for r in rows]}
+
+
 def stsb_spearman(embedder: Embedder) -> float:
     from scipy.stats import spearmanr
 
-    rows = [json.loads(line) for line in (data_dir() / "stsb" / "sts-test.jsonl").read_text(encoding="utf-8").splitlines()]
-    left = embedder.encode([r["sentence1"] for r in rows])
-    right = embedder.encode([r["sentence2"] for r in rows])
-    return float(spearmanr((left * right).sum(axis=1), [r["score"] for r in rows]).statistic)
+    data = stsb_rows()
+    left, right = embedder.encode(data["left"]), embedder.encode(data["right"])
+    return float(spearmanr((left * right).sum(axis=1), data["scores"]).statistic)
 
 
-def scifact_ndcg10(embedder: Embedder) -> float:
-    """nDCG@10 over the full-corpus ranking, as MTEB scores SciFact (corpus text: title + " " + text)."""
+def scifact() -> dict:
+    """SciFact as MTEB scores it: corpus texts (title + " " + text) and ids, the test queries with a relevant
+    document (sorted by id) and their relevant documents."""
     with gzip.open(data_dir() / "scifact" / "corpus.jsonl.gz", "rt", encoding="utf-8") as f:
         corpus = [json.loads(line) for line in f]
     queries = {q["_id"]: q["text"] for q in map(json.loads, (data_dir() / "scifact" / "queries.jsonl").open(encoding="utf-8"))}
@@ -42,18 +49,28 @@ def scifact_ndcg10(embedder: Embedder) -> float:
         for row in csv.DictReader(f, delimiter="\t"):
             if int(row["score"]) > 0:
                 relevant[row["query-id"]].add(row["corpus-id"])
-    doc_ids = [d["_id"] for d in corpus]
-    docs = embedder.encode_corpus([(d["title"] + " " + d["text"]).strip() for d in corpus], batch_size=32)
     query_ids = sorted(relevant)
-    scores = embedder.encode_queries([queries[q] for q in query_ids]) @ docs.T
+    return {"docs": [(d["title"] + " " + d["text"]).strip() for d in corpus], "doc_ids": [d["_id"] for d in corpus],
+            "queries": [queries[q] for q in query_ids], "query_ids": query_ids, "relevant": relevant}
+
+
+def ndcg10(rankings: np.ndarray, data: dict) -> float:
+    """Mean nDCG@10 of each query's ranked document indexes (its first 10 count)."""
     discounts = 1 / np.log2(np.arange(2, 12))
     total = 0.0
-    for row, query_id in enumerate(query_ids):
-        top = np.argsort(-scores[row], kind="stable")[:10]
-        gains = np.array([doc_ids[i] in relevant[query_id] for i in top], dtype=float)
-        ideal = discounts[: min(len(relevant[query_id]), 10)].sum()
-        total += float((gains * discounts).sum() / ideal)
-    return total / len(query_ids)
+    for row, query_id in enumerate(data["query_ids"]):
+        gains = np.array([data["doc_ids"][i] in data["relevant"][query_id] for i in rankings[row][:10]], dtype=float)
+        ideal = discounts[: min(len(data["relevant"][query_id]), 10)].sum()
+        total += float((gains * discounts[: len(gains)]).sum() / ideal)
+    return total / len(data["query_ids"])
+
+
+def scifact_ndcg10(embedder: Embedder) -> float:
+    """nDCG@10 over the full-corpus ranking, as MTEB scores SciFact (corpus text: title + " " + text)."""
+    data = scifact()
+    docs = embedder.encode_corpus(data["docs"], batch_size=32)
+    scores = embedder.encode_queries(data["queries"]) @ docs.T
+    return ndcg10(np.argsort(-scores, axis=1, kind="stable")[:, :10], data)
 
 
 def published(model_id: str) -> dict[str, float]:
