@@ -5,7 +5,8 @@ For each graph of MODEL (fp32, int8): SciFact nDCG@10 (full-corpus ranking, as M
 " " + text) and STS-B test Spearman (cosine of each pair) with the vectors stored as float32, int8 (the export's
 ranges, dequantized for the dot product), binary (Hamming distance; STS-B: 1 - distance / dim), and binary
 candidates x2, x4, x10 rescored with the float query against the float32 and against the int8 vectors
-(bge_onnx.search). Search time: 100 queries against 100,000 random unit vectors of the model's dimension, medians
+(bge_onnx.search); and float32 cut to its first half and quarter of dimensions, renormalised (what `dimensions` would
+give: the model was not trained for it). Search time: 100 queries against 100,000 random unit vectors of the model's dimension, medians
 of --rounds interleaved rounds, numpy only.
 """
 
@@ -24,6 +25,12 @@ from bge_onnx.storage import OutputDtype, convert
 
 from .harness import TRYOUTS, Report, log
 from .quality import ndcg10, scifact, stsb_rows
+
+
+def first(vectors: np.ndarray, keep: int) -> np.ndarray:
+    """The first ``keep`` dimensions, renormalised."""
+    cut = vectors[:, :keep]
+    return cut / np.linalg.norm(cut, axis=1, keepdims=True)
 
 
 def measure(embedder: Embedder, data: dict) -> dict[str, dict[str, float]]:
@@ -46,6 +53,11 @@ def measure(embedder: Embedder, data: dict) -> dict[str, dict[str, float]]:
         forms[f"binary + rescore x{m} (int8)"] = (
             lambda m=m: search_binary(queries, docs["binary"], k=10, rescore=docs["int8"], ranges=ranges,
                                       multiplier=m)[0])
+    # truncated vectors (what `dimensions` would give): neither BGE v1.5, bge-m3 nor all-MiniLM-L6-v2 was trained for
+    # them (no Matryoshka loss), so this measures what truncating anyway costs
+    for keep in (embedder.dim // 2, embedder.dim // 4):
+        forms[f"float32, first {keep} dimensions"] = (
+            lambda keep=keep: search(first(queries, keep), first(floats, keep), k=10)[0])
     out = {name: {"ndcg10": ndcg10(run(), data)} for name, run in forms.items()}
 
     left_floats, right_floats = embedder.encode(data["left"]), embedder.encode(data["right"])
@@ -62,6 +74,8 @@ def measure(embedder: Embedder, data: dict) -> dict[str, dict[str, float]]:
         "int8": cosine(dequantize(left["int8"], ranges), dequantize(right["int8"], ranges)),
         "binary": 1 - np.array([hamming(a, b[None])[0, 0] for a, b in zip(left["binary"], right["binary"])]) / embedder.dim,
     }
+    for keep in (embedder.dim // 2, embedder.dim // 4):
+        similarity[f"float32, first {keep} dimensions"] = cosine(left_floats[:, :keep], right_floats[:, :keep])
     for name, values in similarity.items():
         out[name]["spearman"] = float(spearmanr(values, data["scores"]).statistic)
     return out
@@ -118,6 +132,8 @@ def main(argv: list[str], *, name: str = "storage") -> None:
         rows = []
         for form, figures in found.items():
             stored = "binary" if form.startswith("binary") else form
+            if form.startswith("float32, first"):
+                sizes[form] = 4 * int(form.split()[2])
             spearman = f"{figures['spearman']:.5f} ({100 * figures['spearman'] / base['spearman']:.1f}%)" \
                 if "spearman" in figures else ""
             rows.append([form, f"{sizes[stored]} B" + (" + rescoring vectors" if "rescore" in form else ""),

@@ -7,8 +7,10 @@ import numpy as np
 
 from .errors import InputError
 
-# set bits of each byte value: the Hamming distance of packed vectors is the sum over their XOR's bytes
+# set bits of each byte value: the Hamming distance of packed vectors is the sum over their XOR's bytes (numpy >= 2
+# counts them natively, np.bitwise_count; numpy 1.x through this table)
 _POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint16)
+_bit_count = getattr(np, "bitwise_count", None)
 # rows of the corpus compared at once, so that a (queries, rows, bytes) XOR stays small
 _BLOCK = 4096
 
@@ -38,7 +40,9 @@ def hamming(queries: np.ndarray, corpus: np.ndarray) -> np.ndarray:
     out = np.empty((len(q), len(c)), dtype=np.uint16)
     for start in range(0, len(c), _BLOCK):
         block = c[start:start + _BLOCK]
-        out[:, start:start + len(block)] = _POPCOUNT[q[:, None, :] ^ block[None, :, :]].sum(axis=2)
+        differing = q[:, None, :] ^ block[None, :, :]
+        counts = _POPCOUNT[differing] if _bit_count is None else _bit_count(differing)
+        out[:, start:start + len(block)] = counts.sum(axis=2, dtype=np.uint16)
     return out
 
 
