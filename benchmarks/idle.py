@@ -16,7 +16,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from .corpora import corpora
 from .harness import TRYOUTS, Report, log
-from .serve_load import wait_healthy
+from .serve_load import _free_port, wait_healthy
 
 SETTINGS = {"spin (BGE_ONNX_SPIN=1)": "1", "sleep (BGE_ONNX_SPIN=0)": "0"}
 QUERY = "how do I reset my password"
@@ -120,12 +119,6 @@ def table_rows(results: dict[str, list[dict]], keys: list[str], timed: str) -> l
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str], *, name: str = "idle") -> None:
     parser = argparse.ArgumentParser(prog=f"python -m benchmarks {name}", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="a bge-onnx model folder")
@@ -166,7 +159,7 @@ def main(argv: list[str], *, name: str = "idle") -> None:
             log(f"server, {precision}")
             servers = {}
             for label, value in SETTINGS.items():
-                port = free_port()
+                port = _free_port()
                 process = subprocess.Popen(
                     [sys.executable, "-m", "bge_onnx", "serve", str(args.model), "--precision", precision, "--port",
                      str(port), "--max-queue-ms", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "BGE_ONNX_SPIN": value})

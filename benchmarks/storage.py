@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from bge_onnx import Embedder
-from bge_onnx.search import dequantize, hamming, search, search_binary
-from bge_onnx.storage import OutputDtype, convert
+from bge_onnx.search import hamming, search, search_binary
+from bge_onnx.storage import OutputDtype, convert, dequantize
 
 from .harness import TRYOUTS, Report, log
 from .quality import ndcg10, scifact, stsb_rows
@@ -41,7 +41,7 @@ def measure(embedder: Embedder, data: dict) -> dict[str, dict[str, float]]:
     docs = {"float32": floats, "int8": convert(floats, OutputDtype.INT8, ranges),
             "binary": convert(floats, OutputDtype.BINARY)}
     queries = embedder.encode_queries(data["queries"])
-    query_bits = np.packbits(queries > 0, axis=-1)
+    query_bits = convert(queries, OutputDtype.UBINARY)
     forms = {
         "float32": lambda: search(queries, docs["float32"], k=10)[0],
         "int8": lambda: search(queries, docs["int8"], k=10, ranges=ranges)[0],
@@ -91,7 +91,7 @@ def speed(dim: int, rounds: int) -> dict[str, float]:
     queries = corpus[rng.choice(len(corpus), 100, replace=False)] + 0.01 * rng.standard_normal((100, dim), dtype=np.float32)
     ranges = ranges_of(corpus)
     int8, bits = convert(corpus, OutputDtype.INT8, ranges), convert(corpus, OutputDtype.BINARY)
-    query_bits = np.packbits(queries > 0, axis=-1)
+    query_bits = convert(queries, OutputDtype.UBINARY)
     runs = {
         "float32": lambda: search(queries, corpus, k=10),
         "int8": lambda: search(queries, int8, k=10, ranges=ranges),

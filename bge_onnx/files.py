@@ -479,7 +479,7 @@ def embed_rows(
                     reject_file.write(json.dumps({"line": row.number, "reason": row.reason, "row": row.raw}) + "\n")
                     rejected[0] += 1
                     continue
-                ids.append((row.id, Ledger.fingerprint(row, prefix)))
+                ids.append((row.id, Ledger.fingerprint(row, prefix) if ledger.file is not None else b""))
                 yield prefix + row.text
 
         bar = _progress_bar(source) if progress else None

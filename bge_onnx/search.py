@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
+from .storage import OutputDtype, convert, dequantize
 
 # set bits of each byte value: the Hamming distance of packed vectors is the sum over their XOR's bytes (numpy >= 2
 # counts them natively, np.bitwise_count; numpy 1.x through this table)
@@ -19,7 +20,7 @@ def _bits(vectors: np.ndarray, name: str) -> np.ndarray:
     """Packed sign bits as uint8: ubinary as it is, binary (int8, offset by -128) shifted back."""
     vectors = np.asarray(vectors)
     if vectors.dtype == np.int8:
-        return (vectors.astype(np.int16) + 128).astype(np.uint8)
+        return vectors.view(np.uint8) ^ 0x80  # binary = ubinary - 128 in 8 bits: the top bit flipped
     if vectors.dtype != np.uint8:
         raise InputError(f"{name} must be binary (int8) or ubinary (uint8) packed bits, got {vectors.dtype}")
     return vectors
@@ -44,14 +45,6 @@ def hamming(queries: np.ndarray, corpus: np.ndarray) -> np.ndarray:
         counts = _POPCOUNT[differing] if _bit_count is None else _bit_count(differing)
         out[:, start:start + len(block)] = counts.sum(axis=2, dtype=np.uint16)
     return out
-
-
-def dequantize(codes: np.ndarray, ranges: np.ndarray) -> np.ndarray:
-    """int8/uint8 vectors back to float32: the middle of each code's step of its dimension's range."""
-    steps = (ranges[1] - ranges[0]) / 255
-    steps = np.where(steps == 0, 1, steps)
-    levels = codes.astype(np.float32) + (128 if codes.dtype == np.int8 else 0)
-    return (ranges[0] + (levels + 0.5) * steps).astype(np.float32)
 
 
 def search(
@@ -91,7 +84,7 @@ def search_binary(
     if rescore is None:
         return _top(-hamming(queries, corpus).astype(np.int32), k)
     floats = queries.astype(np.float32)
-    candidates, _ = _top(-hamming(np.packbits(floats > 0, axis=-1), corpus).astype(np.int32), k * multiplier)
+    candidates, _ = _top(-hamming(convert(floats, OutputDtype.UBINARY), corpus).astype(np.int32), k * multiplier)
     exact = rescore if rescore.dtype == np.float32 else dequantize(rescore, _need(ranges))
     scores = np.einsum("qd,qkd->qk", floats, exact[candidates])
     best, top = _top(scores, k)

@@ -54,10 +54,19 @@ def convert(vectors: np.ndarray, dtype: OutputDtype, ranges: np.ndarray | None =
     if dtype is OutputDtype.FLOAT32:
         return vectors
     if dtype.needs_ranges:
-        starts = ranges[0]
-        steps = (ranges[1] - starts) / 255
-        steps = np.where(steps == 0, 1, steps)
-        steps_taken = np.clip(np.floor((vectors - starts) / steps), 0, 255)
+        steps_taken = np.clip(np.floor((vectors - ranges[0]) / _steps(ranges)), 0, 255)
         return steps_taken.astype(np.uint8) if dtype is OutputDtype.UINT8 else (steps_taken - 128).astype(np.int8)
     packed = np.packbits(vectors > 0, axis=-1)
     return packed if dtype is OutputDtype.UBINARY else (packed - 128).astype(np.int8)
+
+
+def dequantize(codes: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """int8/uint8 vectors back to float32: the middle of each code's step of its dimension's range."""
+    levels = codes.astype(np.float32) + (128 if codes.dtype == np.int8 else 0)
+    return (ranges[0] + (levels + 0.5) * _steps(ranges)).astype(np.float32)
+
+
+def _steps(ranges: np.ndarray) -> np.ndarray:
+    """Each dimension's step: its range over 255 (1 where the range is empty, as sentence-transformers does)."""
+    steps = (ranges[1] - ranges[0]) / 255
+    return np.where(steps == 0, 1, steps)

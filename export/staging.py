@@ -62,8 +62,7 @@ def save_graph(model: onnx.ModelProto, path: Path) -> list[str]:
 def readable(folder: Path) -> None:
     """Give every file in ``folder`` the mode a plain open() would (umask applied): onnx creates a side file
     private to its owner (0600), which a container's non-root user could not read."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _umask()
     for path in folder.iterdir():
         if path.is_file():
             path.chmod(0o666 & ~umask)
@@ -87,7 +86,12 @@ def make_staging(out: Path) -> Path:
     """A new folder beside ``out`` to write into, moved into place by ``place`` when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the model folder should not be
+    return staging
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it, then back)."""
     umask = os.umask(0)
     os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder should not be
-    return staging
+    return umask
