@@ -7,42 +7,23 @@ from pathlib import Path
 
 import torch
 
-from bge_onnx.errors import ExportError
 from bge_onnx.spec import POOLED_OUTPUT, Pooling
 
+from .build import COLBERT_OUTPUT, LEXICAL_OUTPUT
 from .source import COLBERT_FILE, SPARSE_FILE
-
-LEXICAL_OUTPUT = "token_weights"
-COLBERT_OUTPUT = "colbert_vecs"
-
-
-def _linear(path: Path, hidden: int, outputs: int | None) -> torch.nn.Linear:
-    """A Linear(hidden, outputs) from a state dict saved with torch.save; ``outputs`` None: any width."""
-    try:
-        # weights_only: tensors and plain containers only; a pickle that would run code is refused
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # an UnpicklingError for code, RuntimeError/EOFError/... for a damaged file
-        raise ExportError(f"{path} could not be read as a weights-only state dict ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''})") from err
-    if not isinstance(state, dict) or not isinstance(state.get("weight"), torch.Tensor):
-        raise ExportError(f"{path} must hold a Linear layer's state dict with 'weight' and 'bias', got "
-                          f"{type(state).__name__} with keys {sorted(state) if isinstance(state, dict) else []}")
-    weight, bias = state["weight"], state.get("bias")
-    width = weight.shape[0] if weight.dim() == 2 else -1
-    expected = (outputs or width, hidden)
-    if tuple(weight.shape) != expected or bias is None or tuple(bias.shape) != (expected[0],):
-        raise ExportError(
-            f"{path} holds weight {tuple(weight.shape)} and bias {None if bias is None else tuple(bias.shape)}; "
-            f"this encoder's hidden size is {hidden}, so a weight {expected} and a bias ({expected[0]},) were expected"
-        )
-    layer = torch.nn.Linear(hidden, expected[0])
-    layer.load_state_dict({"weight": weight.float(), "bias": bias.float()})
-    return layer.eval()
+from .weights import read_linear
 
 
 def load_heads(folder: Path, hidden: int) -> tuple[torch.nn.Linear, torch.nn.Linear]:
-    """(colbert_linear, sparse_linear), checked against the encoder's hidden size."""
-    return _linear(folder / COLBERT_FILE, hidden, None), _linear(folder / SPARSE_FILE, hidden, 1)
+    """(colbert_linear, sparse_linear) as torch layers, read by weights.read_linear (no pickle code runs) and
+    checked against the encoder's hidden size."""
+    layers = []
+    for name, outputs in ((COLBERT_FILE, None), (SPARSE_FILE, 1)):
+        weight, bias = read_linear(folder / name, hidden, outputs)
+        layer = torch.nn.Linear(hidden, weight.shape[0])
+        layer.load_state_dict({"weight": torch.from_numpy(weight), "bias": torch.from_numpy(bias)})
+        layers.append(layer.eval())
+    return layers[0], layers[1]
 
 
 class M3Body(torch.nn.Module):

@@ -195,7 +195,7 @@ def flash_attention(model: onnx.ModelProto) -> int:
     attentions = [n for n in graph.node if n.op_type == "Attention" and n.domain == "com.microsoft"]
     if not attentions:
         return 0
-    biases = {t.name: t.dims[0] for t in graph.initializer}
+    biases = {t.name: t.dims[0] for t in graph.initializer if len(t.dims) == 1}
     graph.initializer.append(helper.make_tensor(p + "one", TensorProto.INT32, [], [1]))
     first = list(graph.node).index(attentions[0])
     prelude = [

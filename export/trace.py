@@ -12,6 +12,7 @@ import torch
 
 from bge_onnx.spec import Pooling, Task
 
+from .build import input_names
 from .heads import OUTPUT_AXES, OUTPUTS, M3Body
 from .rewrite import fuse
 
@@ -36,11 +37,6 @@ class _WithTokenTypes(_Encoder):
 class _WithoutTokenTypes(_Encoder):
     def forward(self, input_ids, attention_mask):  # noqa: D102
         return self.run(input_ids=input_ids, attention_mask=attention_mask)
-
-
-def input_names(with_token_types: bool) -> list[str]:
-    names = ["input_ids", "attention_mask"]
-    return names + ["token_type_ids"] if with_token_types else names
 
 
 def export_graph(
