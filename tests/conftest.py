@@ -30,6 +30,20 @@ def exported(checkpoints, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def traced(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """kind -> the same checkpoint exported by tracing it with torch (graph_from="torch"); ``exported`` builds the
+    graph from the weights."""
+    from bge_onnx_export import export_model
+
+    root = tmp_path_factory.mktemp("traced")
+    out = {}
+    for kind, (name, options) in KINDS.items():
+        out[kind] = root / name
+        export_model(checkpoints[kind], out[kind], log=None, graph_from="torch", **options)
+    return out
+
+
+@pytest.fixture(scope="session")
 def int8_exported(exported, tmp_path_factory) -> dict[str, Path]:
     """kind -> a copy of the exported folder with its int8 variant (kept whether or not the random tiny model passes
     the gate: these folders test what int8 graphs do, not how accurate they are)."""

