@@ -79,7 +79,7 @@ def run_command(label: str, checkout: Path, work: Path) -> dict:
         seconds = time.perf_counter() - start
         if result.returncode != 0:
             raise SystemExit(f"benchmarks: `{part}` failed ({result.returncode}):\n{result.stderr[-3000:]}")
-        steps.append({"step": part, "seconds": seconds, "stdout": result.stdout[-2000:]})
+        steps.append({"step": part, "seconds": seconds, "stdout": result.stdout})
     present = json.loads(subprocess.run([str(venv / "bin" / "python"), "-c", PROBE], capture_output=True, text=True,
                                         check=True).stdout)
     vector = json.loads(steps[-1]["stdout"].strip().splitlines()[-1])

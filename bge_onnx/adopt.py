@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 from pathlib import Path
 from typing import Any
 
 from . import registry
 from .errors import InputError, ModelFilesError, ModelIntegrityError
-from .spec import POOLED_OUTPUTS, ModelSpec, Pooling, Task, Variant
+from .spec import POOLED_OUTPUTS, ModelSpec, Pooling, Precision, Task, Variant
 from .tokenize import TOKENIZER_FILE
 
 # where an export keeps its graph, in the order looked for: the official BAAI layout, then optimum's
@@ -111,6 +112,18 @@ def pooling_config_file(folder: Path) -> str | None:
     return None if module is None else f"{module.get('path', '1_Pooling')}/config.json"
 
 
+# op types only a quantised graph holds (onnxruntime.quantization's and optimum's int8 exports)
+QUANTISED_OPS = ("DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
+                 "QAttention", "QGemm", "DynamicQuantizeMatMul", "MatMulNBits", "QEmbedLayerNormalization")
+
+
+def graph_precision(path: Path) -> Precision:
+    """INT8 where the graph holds a quantised op, else FP32. Op types are plain strings in the graph file, so this
+    reads it as bytes (mapped: no copy) instead of parsing it, which would need the onnx package."""
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return Precision.INT8 if any(data.find(op.encode()) >= 0 for op in QUANTISED_OPS) else Precision.FP32
+
+
 def find_graph(folder: Path, graph: str | None = None) -> tuple[str, tuple[str, ...]] | None:
     """The graph of an export folder (relative path) and its separate weight files, or None: ``graph`` when given
     (one of several in a sentence-transformers export's onnx/), else the first of GRAPH_FILES there."""
@@ -134,8 +147,9 @@ def describe(
     pooling: Pooling | None = None,
     max_length: int | None = None,
     query_instruction: str | None = None,
+    precision: Precision = Precision.FP32,
 ) -> ModelSpec:
-    """A ModelSpec for running an export folder's graph as it is.
+    """A ModelSpec for running an export folder's graph as it is; its one variant is named by ``precision``.
 
     ``outputs`` maps the graph's output names to their ranks (read from the opened session). Pooling, max length
     and query instruction come from the folder's sentence-transformers files, else from the registry (by ``name``,
@@ -201,7 +215,8 @@ def describe(
         pad_token_id=int(config.get("pad_token_id", 0)),
         inputs=tuple(inputs),
         output=output,
-        variants={"fp32": Variant(graph, data_files, {"reference": "the graph as published; not checked by bge-onnx"})},
+        variants={Precision(precision).value: Variant(
+            graph, data_files, {"reference": "the graph as published; not checked by bge-onnx"})},
         pooling=pooling if task is Task.EMBED else None,
         normalize=st.normalize if st else task is Task.EMBED,
         query_instruction=instruction,

@@ -17,7 +17,7 @@ CARD = "README.md"
 _PRECISION_ORDER = [p.value for p in Precision]
 # parity keys shown in their own columns or sections rather than among a variant's figures
 _CONTEXT_KEYS = {"reference", "recipe", "gate", "passed", "texts", "pairs", "device", "cpu", "note", "worst_index",
-                 "fused_ops", "last_layer_first_token_only"}
+                 "fused_ops", "last_layer_first_token_only", "graph_from"}
 _RECIPE_KEYS = {"quantized_matmuls": "MatMuls int8", "fp32_matmuls": "MatMuls kept fp32",
                 "quantized_attention": "attention int8", "weight_bits": "weight bits",
                 "quantized_embeddings": "embedding tables int8"}
@@ -187,7 +187,7 @@ def _variant_row(precision: str, variant: Variant) -> str:
     if figures and count:
         figures += f" ({count} {unit})"
     if precision == "fp32":
-        reference = "PyTorch" if figures else "not checked (exported with --no-parity)"
+        reference = parity.get("reference", "PyTorch") if figures else "not checked (exported with --no-parity)"
         passed = "—"
     else:
         reference = parity.get("reference", "fp32")
@@ -246,13 +246,15 @@ INT8_KINDS = {"per-token": "a text's vector depends on the text alone",
 def describe_parity(parity: dict) -> str:
     """A variant's parity figures in one line: against PyTorch (fp32) or against fp32 with its gate."""
     gate = parity.get("gate")
-    if not gate:  # fp32: against PyTorch
+    if not gate:  # fp32: against its reference (PyTorch, or a numpy forward pass where torch was not installed)
         fused = parity.get("fused_ops") or {}
-        figures = ", ".join(
-            f"{k} {v:.7g}" if isinstance(v, float) else f"{k} {v}" for k, v in parity.items() if k != "fused_ops"
-        )
+        reference = parity.get("reference", "PyTorch")
+        figures = ", ".join(f"{k} {v:.7g}" if isinstance(v, float) else f"{k} {v}" for k, v in parity.items()
+                            if k not in ("fused_ops", "reference", "graph_from"))
         ops = ", ".join(f"{count} {op}" for op, count in fused.items()) or "none"
-        return f"parity with PyTorch: {figures or 'not checked'}; fused ops: {ops}"
+        graph = f"; graph {parity['graph_from']}" if parity.get("graph_from") else ""
+        checked = f"parity with {reference}: {figures}" if figures else f"parity not checked ({reference})"
+        return f"{checked}; fused ops: {ops}{graph}"
     figures = ", ".join(f"{k} {parity[k]:.5f} (gate {limit})" for k, limit in gate.items() if k in parity)
     verdict = "within its gate" if parity.get("passed") else "BELOW its gate (auto skips it)"
     where = parity.get("note") or (f"measured on {parity['device']}" if parity.get("device") else "")

@@ -173,10 +173,13 @@ def _open_export(
 ) -> LoadedModel:
     """Open an ONNX export that is not ours (no manifest): its one graph as it is, described by adopt.describe."""
     graph, data_files = adopt.find_graph(folder)
-    if precision not in ("auto", Precision.FP32, "fp32"):
+    kind = adopt.graph_precision(folder / graph)
+    if precision != "auto" and Precision(precision) is not kind:
+        other = "fp32 and int8" if kind is Precision.INT8 else f"{Precision(precision).value}"
         raise ModelFilesError(
-            f"{folder} is an ONNX export without a bge-onnx manifest: it has one graph, {graph}, run as fp32. For "
-            f"int8 or fp16, convert it: `bge-onnx optimize {name} --out DIR --precision fp32 int8` (or fp16)"
+            f"{folder} is an ONNX export without a bge-onnx manifest: it has one graph, {graph}, which is "
+            f"{kind.value}. For {other}, convert its fp32 graph: `bge-onnx optimize {name} --out DIR --precision fp32 "
+            "int8` (or fp16)"
         )
     checked = in_background(hub.verify_hub_files, folder, adopt.needed_files(folder))
     with _explained_by(checked):
@@ -185,7 +188,7 @@ def _open_export(
         session.output = spec.output
         _check_task(folder, spec, task)
         tokenizer = TextTokenizer(folder, max_length=_max_length(spec, max_length))
-    return LoadedModel(folder, spec, tokenizer, session, Precision.FP32)
+    return LoadedModel(folder, spec, tokenizer, session, kind)
 
 
 def describe_export(
@@ -199,6 +202,7 @@ def describe_export(
     session = session or Session(folder / graph, device="cpu", threads=1)
     return adopt.describe(
         folder, graph=graph, data_files=data_files, inputs=session.input_names, outputs=session.outputs,
+        precision=adopt.graph_precision(folder / graph),
         name=name if hub.looks_like_repo_id(name) and not Path(name).exists() else None,
         revision=folder.name if folder.parent.name == "snapshots" else None, **overrides,
     )

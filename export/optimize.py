@@ -172,13 +172,10 @@ def graph_in_folder(path: Path) -> tuple[str, str]:
 
 
 # the ops of onnxruntime's quantisation (dynamic, QDQ, QOperator) and of per-token int8 graphs
-QUANTISED_OPS = {"DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul",
-                 "QAttention", "QGemm", "DynamicQuantizeMatMul", "MatMulNBits", "QEmbedLayerNormalization"}
-
 
 def refuse_quantised(path: Path) -> None:
     """optimize starts from fp32: refuse a graph that is already quantised, with the way out."""
-    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node} & QUANTISED_OPS
+    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node} & set(adopt.QUANTISED_OPS)
     if ops:
         raise ExportError(
             f"{path} is already quantised ({', '.join(sorted(ops))}): optimize starts from an fp32 graph and writes "

@@ -12,7 +12,7 @@ import pytest
 
 from bge_onnx import Embedder, Reranker
 from bge_onnx.errors import ExportError, ModelFilesError
-from bge_onnx.spec import POOLED_OUTPUT, read_spec, sha256_file
+from bge_onnx.spec import POOLED_OUTPUT, Precision, read_spec, sha256_file
 from bge_onnx_export.optimize import optimize_model
 from bge_onnx_export.parity import torch_embeddings, torch_scores
 from bge_onnx_export.probes import PROBE_PAIRS, PROBE_TEXTS
@@ -117,3 +117,27 @@ def test_a_graph_picked_by_file_or_path_and_a_quantised_one_refused(official, tm
     result = subprocess.run([sys.executable, "-c", _NO_TORCH, "optimize", str(folder), "--out", str(tmp_path / "cli"),
                              "--file", "onnx/model_qint8.onnx", "-q"], capture_output=True, text=True, check=False)
     assert result.returncode == 1 and "is already quantised" in result.stderr and "Report this" not in result.stderr
+
+
+def test_a_quantised_graph_loaded_as_it_is_says_int8(official, tmp_path):
+    # an export folder whose one graph is already int8 (no manifest): run as it is, and named for what it is
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder = Path(shutil.copytree(official["bert-mean"], tmp_path / "st"))
+    quantize_dynamic(folder / "onnx" / "model.onnx", tmp_path / "q.onnx", weight_type=QuantType.QInt8)
+    shutil.move(tmp_path / "q.onnx", folder / "onnx" / "model.onnx")
+    embedder = Embedder(folder, device="cpu")
+    assert embedder.precision is Precision.INT8
+    assert Embedder(official["bert-mean"], device="cpu").precision is Precision.FP32  # the fp32 graph is not
+    vectors = embedder.encode(["a quantised graph", "as it is"])
+    reference = Embedder(official["bert-mean"], device="cpu").encode(["a quantised graph", "as it is"])
+    assert (vectors * reference).sum(axis=1).min() > 0.9  # a random tiny model: int8 only roughly
+    with pytest.raises(ModelFilesError, match=r"it has one graph, onnx/model.onnx, which is int8. For fp32 and int8, "
+                                              r"convert its fp32 graph"):
+        Embedder(folder, device="cpu", precision="fp32")
+    info = subprocess.run([sys.executable, "-m", "bge_onnx", "info", str(folder)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "variant int8:      onnx/model.onnx" in info and "variant fp32" not in info
+    assert "parity not checked (the graph as published; not checked by bge-onnx)" in info
