@@ -105,7 +105,8 @@ def main(argv: list[str], *, name: str = "main-command") -> None:
         steps = result["steps"]
         install = sum(s["seconds"] for s in steps[:-2])
         present = result["present"]
-        rows.append([label, f"`{result['command']}`", f"{install:.0f} s", f"{steps[-2]['seconds']:.1f} s",
+        command = "`" + result["command"].replace("|", "\\|") + "`"  # a pipe inside a table cell is escaped
+        rows.append([label, command, f"{install:.0f} s", f"{steps[-2]['seconds']:.1f} s",
                      f"{steps[-1]['seconds']:.1f} s", f"{result['venv_mb']:.0f} MB",
                      "yes" if present["torch"] else "no", "yes" if present["transformers"] else "no",
                      f"{result['dims']} numbers"])

@@ -79,12 +79,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     # ids go out with the vectors when the rows have any: read from a file or JSONL on stdin (as from a JSONL file:
     # a row's "id", else its line number), or --id-field named
     with_ids = path is not None or bool(args.id_field) or source.fmt == "jsonl"
-    writer = files.WRITERS[out_format](args.output, embedder.dim, with_ids=with_ids)
+    writer = files.WRITERS[out_format](args.output, embedder.dim, with_ids=with_ids, output_dtype=args.output_dtype)
     try:
         summary = files.embed_rows(
             embedder, source, writer, resume=args.resume, force=args.force, rejects=args.rejects,
             prefix=embedder.query_instruction if args.queries else "", batch_size=args.batch_size,
-            normalize=not args.no_normalize, progress=sys.stderr.isatty(),
+            normalize=not args.no_normalize, progress=sys.stderr.isatty(), output_dtype=args.output_dtype,
         )
     except KeyboardInterrupt:
         if writer.partial is not None and writer.partial.exists():
@@ -404,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--rejects", metavar="FILE",
                        help="write bad rows here (JSONL: line, reason, row) and go on instead of stopping")
     embed.add_argument("--no-normalize", action="store_true", help="keep raw pooled vectors")
+    embed.add_argument("--output-dtype", choices=["float32", "int8", "uint8", "binary", "ubinary"], default="float32",
+                       help="vectors for storage, as sentence-transformers' quantize_embeddings writes them: int8/uint8 "
+                            "by the model's per-dimension ranges, binary/ubinary the sign bits packed 8 to a byte "
+                            "(npy: int8/uint8 arrays; jsonl: integers; parquet: list<int8>/list<uint8>)")
     _runtime_options(embed, files=True)
     embed.set_defaults(run=_cmd_embed)
 

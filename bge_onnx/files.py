@@ -19,6 +19,7 @@ import numpy as np
 
 from .checks import CLEAN_HINT, describe, utf8_problem
 from .errors import InputError, MissingExtraError, install_hint
+from .storage import output_dtype as output_dtype_of
 
 INPUT_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 OUTPUT_FORMATS = {".npy": "npy", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -167,10 +168,13 @@ class Writer:
 
     suffix = ".partial"
 
-    def __init__(self, path: str | None, dim: int, *, with_ids: bool) -> None:
+    def __init__(self, path: str | None, dim: int, *, with_ids: bool, output_dtype: str = "float32") -> None:
         self.path = None if path is None else Path(path)
         self.partial = None if path is None else Path(path + self.suffix)
-        self.dim, self.with_ids, self.rows = dim, with_ids, 0
+        self.with_ids, self.rows = with_ids, 0
+        # a row as encode(output_dtype=...) gives it: float32 or one-byte codes; binary packs 8 dimensions a byte
+        form = output_dtype_of(output_dtype)
+        self.dtype, self.dim = form.numpy_dtype, form.width(dim)
 
     def start(self, *, resume: bool) -> int:
         """Open the output; returns the rows a previous run already wrote (0 unless resuming)."""
@@ -195,7 +199,7 @@ class Writer:
 
 
 class NpyWriter(Writer):
-    """float32 (n, dim): a fixed-size header, then rows as they come; the header gets the real n at the end. The
+    """float32 (n, dim), or the codes' int8 / uint8 (n, dim or dim / 8): a fixed-size header, then rows as they come; the header gets the real n at the end. The
     rows already written are recoverable from the partial file's size."""
 
     def start(self, *, resume: bool) -> int:
@@ -204,27 +208,28 @@ class NpyWriter(Writer):
         elif resume and self.partial.is_file():
             self.file = open(self.partial, "r+b")  # noqa: SIM115 (open across write() calls; close() closes it)
             header = self.file.read(NPY_HEADER)
-            if header[:8] != b"\x93NUMPY\x01\x00" or f"({0}, {self.dim})".encode() not in header:
+            if header[:8] != b"\x93NUMPY\x01\x00" or _npy_header(0, self.dim, self.dtype) != header:
                 self.file.close()
-                raise InputError(f"{self.partial} is not a partial .npy of {self.dim}-dimensional rows from this "
-                                 "model; remove it or run without --resume")
-            self.rows = (self.partial.stat().st_size - NPY_HEADER) // (4 * self.dim)
-            self.file.truncate(NPY_HEADER + self.rows * 4 * self.dim)  # a row cut short by the interruption
+                raise InputError(f"{self.partial} is not a partial .npy of {self.dim}-wide {self.dtype} rows from "
+                                 "this model; remove it or run without --resume")
+            row = self.dtype.itemsize * self.dim
+            self.rows = (self.partial.stat().st_size - NPY_HEADER) // row
+            self.file.truncate(NPY_HEADER + self.rows * row)  # a row cut short by the interruption
             self.file.seek(0, os.SEEK_END)
             return self.rows
         else:
             self.file = open(self.partial, "wb")  # noqa: SIM115 (open across write() calls; close() closes it)
-        self.file.write(_npy_header(0, self.dim))
+        self.file.write(_npy_header(0, self.dim, self.dtype))
         return 0
 
     def write(self, ids: list, vectors: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+        self.file.write(np.ascontiguousarray(vectors, dtype=self.dtype).tobytes())
         self.file.flush()
         self.rows += len(vectors)
 
     def finish(self) -> None:
         self.file.seek(0)
-        self.file.write(_npy_header(self.rows, self.dim))
+        self.file.write(_npy_header(self.rows, self.dim, self.dtype))
         if self.path is None:
             self.file.seek(0)
             shutil.copyfileobj(self.file, sys.stdout.buffer)
@@ -240,8 +245,8 @@ class NpyWriter(Writer):
             self.file.close()
 
 
-def _npy_header(rows: int, dim: int) -> bytes:
-    text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {dim}), }}"
+def _npy_header(rows: int, dim: int, dtype: np.dtype) -> bytes:
+    text = f"{{'descr': '{dtype.str}', 'fortran_order': False, 'shape': ({rows}, {dim}), }}"
     text = text.ljust(NPY_HEADER - 11) + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
 
@@ -293,7 +298,7 @@ class JsonlWriter(Writer):
 
 
 class ParquetWriter(Writer):
-    """Columns id and embedding (list<float32>). Staged as a folder of one-chunk parts, each renamed into place
+    """Columns id and embedding (list<float32>, or list<int8> / list<uint8> for codes). Staged as a folder of one-chunk parts, each renamed into place
     when written (so an interruption loses at most the chunk in flight); :meth:`finish` joins them, one row group
     per part, into the final file."""
 
@@ -328,7 +333,7 @@ class ParquetWriter(Writer):
             raise InputError(f"ids must all be of one type for Parquet (the first were {self.id_type}): {err}") from err
         n, dim = vectors.shape
         offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
-        values = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel())
+        values = pa.array(np.ascontiguousarray(vectors, dtype=self.dtype).ravel())
         table = pa.table({"id": id_column, "embedding": pa.ListArray.from_arrays(offsets, values)})
         part = self.partial / f"part-{len(self._parts()):06d}.parquet"
         self.pq.write_table(table, f"{part}.tmp")
@@ -337,7 +342,7 @@ class ParquetWriter(Writer):
 
     def finish(self) -> None:
         pa = self.pa
-        schema = pa.schema([("id", self.id_type or pa.int64()), ("embedding", pa.list_(pa.float32()))])
+        schema = pa.schema([("id", self.id_type or pa.int64()), ("embedding", pa.list_(pa.from_numpy_dtype(self.dtype)))])
         joined = self.partial / "joined.tmp"
         with self.pq.ParquetWriter(joined, schema) as out:
             for part in self._parts():
@@ -432,6 +437,7 @@ def embed_rows(
     batch_size: int | None = None,
     normalize: bool = True,
     progress: bool = False,
+    output_dtype: str = "float32",
 ) -> Summary:
     """Embed every row of ``source`` into ``writer``, CHUNK rows at a time, in input order.
 
@@ -485,7 +491,7 @@ def embed_rows(
         bar = _progress_bar(source) if progress else None
         try:
             chunks = embedder.encode_iter(texts(), batch_size=batch_size, chunk_size=CHUNK, normalize=normalize,
-                                          show_progress=progress and bar is None)
+                                          show_progress=progress and bar is None, output_dtype=output_dtype)
             for vectors in chunks:
                 chunk = [ids.popleft() for _ in range(len(vectors))]
                 ledger.add([fingerprint for _, fingerprint in chunk])

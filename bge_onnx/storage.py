@@ -21,6 +21,16 @@ class OutputDtype(str, enum.Enum):
     def needs_ranges(self) -> bool:
         return self in (OutputDtype.INT8, OutputDtype.UINT8)
 
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The element type of the rows :func:`convert` gives (little-endian float32, int8 or uint8)."""
+        signed = self in (OutputDtype.INT8, OutputDtype.BINARY)
+        return np.dtype("<f4" if self is OutputDtype.FLOAT32 else "i1" if signed else "u1")
+
+    def width(self, dim: int) -> int:
+        """The length of a row of ``dim`` dimensions in this form: binary packs 8 dimensions to a byte."""
+        return -(-dim // 8) if self in (OutputDtype.BINARY, OutputDtype.UBINARY) else dim
+
 
 def output_dtype(value: object) -> OutputDtype:
     """``value`` as an OutputDtype.

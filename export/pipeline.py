@@ -190,7 +190,8 @@ def export_model(
         pooling: "cls" or "mean", needed only when neither the checkpoint nor the registry says.
         max_length: token limit; default the checkpoint's (sentence-transformers max_seq_length) or registry's.
         query_instruction: overrides the instruction prepended by ``encode_queries``.
-        check_parity: compare with PyTorch on the probe set and refuse a graph below the gate.
+        check_parity: compare with the reference on the probe set and refuse a graph below the gate: PyTorch where
+            torch and transformers are installed, else a float64 numpy forward pass of the checkpoint.
         precisions: graphs to write besides fp32: "int8" (CPU, dynamic quantisation) and/or "fp16" (CUDA).
             Each is measured against fp32 on the gate set and refused below its gate (see precision.GATES).
         allow_below_gate: keep an int8/fp16 graph below its gate (marked so; precision="auto" skips it).
@@ -224,11 +225,14 @@ def export_model(
     how = "from its weights" if chosen == "weights" else f"by tracing it with torch{f' ({why})' if why else ''}"
     log(f"loading {source.source_id} ({source.architecture}, {source.task.value}) from {source.folder}; the graph is "
         f"built {how}")
-    weights = checkpoint.read(source.folder, rerank=source.task is Task.RERANK, heads=head_files)
-    if weights.m3_heads is not None:
-        log(f"with bge-m3's heads: lexical weights and ColBERT vectors ({weights.m3_heads[0][0].shape[0]} dims) in "
-            "the graph")
+    # the tensors as numpy: for the builder, and for the numpy reference where torch is not installed
+    weights = checkpoint.read(source.folder, rerank=source.task is Task.RERANK, heads=head_files) \
+        if chosen == "weights" else None
     torch_side = _load_torch(source) if chosen == "torch" or (check_parity and torch_installed()) else None
+    colbert_dim = None
+    if source.heads:
+        colbert_dim = weights.m3_heads[0][0].shape[0] if weights else torch_side[2][0].out_features
+        log(f"with bge-m3's heads: lexical weights and ColBERT vectors ({colbert_dim} dims) in the graph")
     staging = make_staging(out)
     try:
         log("writing the ONNX graph")
@@ -255,7 +259,8 @@ def export_model(
         if not (staging / "tokenizer.json").is_file():
             raise ExportError(f"{source.folder} has no fast tokenizer (tokenizer.json); bge-onnx needs one")
         ids = special_ids(staging)
-        pad_id = ids.get("pad", weights.pad_id)
+        config = json.loads((staging / "config.json").read_text(encoding="utf-8"))
+        pad_id = ids.get("pad", config.get("pad_token_id", 0))
         spec = ModelSpec(
             task=source.task,
             architecture=source.architecture,
@@ -272,8 +277,8 @@ def export_model(
             files={p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
             source={"id": source.source_id, "revision": source.revision, "path": str(source.folder)},
             versions=versions(),
-            heads={} if weights.m3_heads is None else {
-                "lexical": LEXICAL_OUTPUT, "colbert": COLBERT_OUTPUT, "colbert_dim": weights.m3_heads[0][0].shape[0],
+            heads={} if colbert_dim is None else {
+                "lexical": LEXICAL_OUTPUT, "colbert": COLBERT_OUTPUT, "colbert_dim": colbert_dim,
                 "skip_ids": skip_ids(ids)},
         )
         write_spec(staging, spec)

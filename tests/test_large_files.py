@@ -273,3 +273,39 @@ def test_resumed_reject_count_agrees_with_the_rejects_file(model, tmp_path):
     lines = [json.loads(line)["line"] for line in rejects.read_text(encoding="utf-8").splitlines()]
     assert lines == [11, 21, 2151]
     assert f"wrote 2197 vectors to {out} (1024 of them by an earlier run); 3 bad rows rejected".encode() in result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "binary", "ubinary"])
+def test_output_dtype_in_every_format(model, encoder, tmp_path, dtype):
+    """--output-dtype writes the codes encode(output_dtype=...) gives (as sentence-transformers' quantize_embeddings
+    writes them): int8/uint8 arrays in .npy, integers in JSONL, list<int8>/list<uint8> in Parquet."""
+    items = texts(300)
+    src = tmp_path / "in.txt"
+    write_input(src, "txt", items)
+    expected = encoder.encode(items, output_dtype=dtype)
+    for target in ("npy", "jsonl", "parquet"):
+        out = tmp_path / f"out-{dtype}.{target}"
+        result = cli("embed", model, "--input", str(src), "-o", str(out), "--output-dtype", dtype)
+        assert result.returncode == 0, result.stderr
+        if target == "npy":
+            got = np.load(out)
+        elif target == "parquet":
+            table = pq.read_table(out)
+            assert table.schema.field("embedding").type == pa.list_(pa.from_numpy_dtype(expected.dtype))
+            got = np.array(table["embedding"].to_pylist(), dtype=expected.dtype)
+        else:
+            got = np.array([json.loads(line)["embedding"] for line in out.read_text().splitlines()], dtype=expected.dtype)
+        assert got.dtype == expected.dtype and got.shape == expected.shape == (300, 4 if "binary" in dtype else 32)
+        # the CLI's chunks may batch a text otherwise than one encode() call: a value on a step's edge may move
+        difference = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+        assert (difference == 0).mean() >= 0.99 and (difference.max() <= 1 or "binary" in dtype)
+    # a partial output of another dtype is not resumed into
+    from bge_onnx.files import NpyWriter
+
+    partial = tmp_path / "mixed.npy"
+    writer = NpyWriter(str(partial), 32, with_ids=False, output_dtype=dtype)  # as an interrupted run leaves it
+    writer.start(resume=False)
+    writer.write([], expected[:10])
+    writer.close()
+    result = cli("embed", model, "--input", str(src), "-o", str(partial), "--resume")
+    assert result.returncode == 1 and b"is not a partial .npy of 32-wide float32 rows" in result.stderr

@@ -551,3 +551,76 @@ def test_batcher_merges_or_isolates_requests(isolate):
         assert calls == requests  # each request alone: int8's per-batch scales see only its own texts
     else:
         assert calls == [[item for items in requests for item in items]]  # one call for all five
+
+
+def _codes(values, dtype: str) -> np.ndarray:
+    return np.asarray(values, dtype=np.uint8 if dtype in ("uint8", "ubinary") else np.int8)
+
+
+def _nearly_equal(got: np.ndarray, expected: np.ndarray) -> None:
+    """Codes as sentence-transformers' quantize_embeddings gives them for the in-process vectors; the server may batch
+    the texts otherwise, so a value on a step's edge may land one step off (never more)."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    difference = np.abs(got.astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= (1 if got.shape[1] == expected.shape[1] and got.dtype == np.int8 else 255)
+    assert (difference == 0).mean() >= 0.99
+
+
+def test_vectors_for_storage_on_every_route(server, embedder, model_copy):
+    from sentence_transformers.quantization import quantize_embeddings
+
+    from bge_onnx.serve.limits import Refusal, storage_form
+
+    texts = ["first text", "a second, longer text about pandas", "機械学習", "x"]
+    floats = embedder.encode(texts)
+    status, info, _ = call(server.base, "GET", "/info")
+    assert status == 200 and info["output_dtypes"] == ["float32", "int8", "uint8", "binary", "ubinary"]
+    for dtype in ("int8", "uint8", "binary", "ubinary"):
+        expected = quantize_embeddings(floats, dtype, ranges=embedder.ranges)
+        status, rows, _ = call(server.base, "POST", "/embed", {"inputs": texts, "output_dtype": dtype})
+        assert status == 200, rows
+        _nearly_equal(_codes(rows, dtype), expected)
+        status, answer, _ = call(server.base, "POST", "/v1/embeddings",
+                                 {"input": texts, "output_dtype": dtype, "encoding_format": "base64"})
+        assert status == 200, answer
+        raw = [np.frombuffer(base64.b64decode(d["embedding"]), dtype=expected.dtype) for d in answer["data"]]
+        _nearly_equal(np.stack(raw), expected)
+        status, answer, _ = call(server.base, "POST", "/v1/embeddings", {"input": texts, "output_dtype": dtype})
+        _nearly_equal(_codes([d["embedding"] for d in answer["data"]], dtype), expected)
+    # Cohere: several types in one answer, queries with the model's instruction
+    queries = embedder.encode_queries(texts)
+    status, answer, _ = call(server.base, "POST", "/v2/embed", {
+        "texts": texts, "input_type": "search_query", "embedding_types": ["float", "int8", "ubinary"]})
+    assert status == 200 and answer["response_type"] == "embeddings_by_type" and answer["texts"] == texts
+    assert sorted(answer["embeddings"]) == ["float", "int8", "ubinary"]
+    assert_same_vectors(answer["embeddings"]["float"], queries)
+    for dtype in ("int8", "ubinary"):
+        _nearly_equal(_codes(answer["embeddings"][dtype], dtype),
+                      quantize_embeddings(queries, dtype, ranges=embedder.ranges))
+    assert answer["meta"]["billed_units"]["input_tokens"] == sum(embedder_tokens(embedder, [
+        embedder.query_instruction + t for t in texts]))
+    status, answer, _ = call(server.base, "POST", "/v1/embed", {"texts": texts, "input_type": "search_document"})
+    assert status == 200 and answer["response_type"] == "embeddings_floats"
+    assert_same_vectors(answer["embeddings"], floats)
+    # refusals name the field, in each family's format
+    status, error, _ = call(server.base, "POST", "/embed", {"inputs": "x", "output_dtype": "int4"})
+    assert status == 422 and "output_dtype: must be one of float32, int8, uint8, binary, ubinary, got 'int4'" in \
+        error["error"]
+    status, error, _ = call(server.base, "POST", "/embed", {"inputs": "x", "output_dtype": "int8", "normalize": False})
+    assert status == 422 and "send normalize: true" in error["error"]
+    status, error, _ = call(server.base, "POST", "/v1/embed", {"texts": ["x"], "embedding_types": ["int4"]})
+    assert status == 400 and error["error"]["param"] == "embedding_types" and "'int4' is not one of" in \
+        error["error"]["message"]
+    status, error, _ = call(server.base, "POST", "/v1/embed", {"texts": ["x"], "truncate": "START"})
+    assert status == 400 and error["error"]["param"] == "truncate"
+    status, error, _ = call(server.base, "POST", "/v1/embed", {"texts": ["x"], "input_type": "image"})
+    assert status == 400 and error["error"]["param"] == "input_type"
+    # a model exported before ranges were recorded offers no int8/uint8, and says so
+    folder = model_copy("bert-cls")
+    manifest = json.loads((folder / "bge_onnx.json").read_text())
+    del manifest["calibration"]
+    (folder / "bge_onnx.json").write_text(json.dumps(manifest))
+    older = Embedder(folder, device="cpu")
+    with pytest.raises(Refusal, match=r"output_dtype 'uint8' is not offered: this model was exported without "
+                                      r"per-dimension ranges \(offered: float32, binary, ubinary; see /info\)"):
+        storage_form(older, "uint8", "output_dtype")

@@ -38,8 +38,9 @@ log = logging.getLogger("bge_onnx.serve")
 OPEN_ROUTES = ("/health", "/ping", "/metrics", "/")
 # the routes that do work (POST); each request in flight on them counts against --max-concurrent-requests
 WORK_ROUTES = ("/embed", "/embed_sparse", "/embed_colbert", "/embed_all", "/rerank", "/predict", "/similarity",
-               "/tokenize", "/decode", "/", "/invocations", "/v1/embeddings", "/embeddings", "/v1/rerank")
-OPENAI_STYLE = ("/v1/embeddings", "/embeddings", "/v1/rerank", "/v1/models")
+               "/tokenize", "/decode", "/", "/invocations", "/v1/embeddings", "/embeddings", "/v1/rerank", "/v1/embed",
+               "/v2/embed")
+OPENAI_STYLE = ("/v1/embeddings", "/embeddings", "/v1/rerank", "/v1/models", "/v1/embed", "/v2/embed")
 DISCONNECTED = 499  # the status recorded for a request whose client went away before its answer (nginx's code)
 
 

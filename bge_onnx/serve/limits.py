@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from starlette.requests import Request
 
 from ..checks import describe, positive_int, utf8_problem
-from ..errors import BgeOnnxError, ConfigError
+from ..errors import BgeOnnxError, ConfigError, InputError
+from ..storage import OutputDtype, output_dtype
 
 # The kinds of refusal; each API family maps them to its own status codes and error bodies (tei.py, openai.py).
 VALIDATION = "validation"  # a wrong type, a bad value, too many inputs, a text over the model's limit
@@ -244,6 +245,34 @@ def check_dimensions(body: dict, dim: int) -> None:
     if value is not None and (value != dim or isinstance(value, bool)):
         raise Refusal(VALIDATION, f"dimensions={value!r} is not supported: this model is not trained for truncated "
                                   f"(Matryoshka) vectors; omit it to get all {dim} dimensions", param="dimensions")
+
+
+def offered_dtypes(embedder) -> list[str]:
+    """The output dtypes this embedder gives: int8 and uint8 only where it has per-dimension ranges."""
+    has_ranges = embedder.ranges is not None
+    return [d.value for d in OutputDtype if has_ranges or not d.needs_ranges]
+
+
+def storage_form(embedder, value: object, param: str, *, normalize: bool = True):
+    """(OutputDtype, ranges or None) for a request's ``output_dtype`` (None: float32), refused as a 400 naming
+    ``param`` where the value is unknown or the model cannot give it."""
+    if value is None:
+        return OutputDtype.FLOAT32, None
+    try:
+        dtype = output_dtype(value)
+    except InputError as err:
+        raise Refusal(VALIDATION, f"{param}: {err}".replace("output_dtype must", "must"), param=param) from None
+    if not dtype.needs_ranges:
+        return dtype, None
+    if not normalize:
+        raise Refusal(VALIDATION, f"{param} {dtype.value!r} steps through the normalised vectors' ranges; "
+                                  "send normalize: true", param=param)
+    ranges = embedder.ranges
+    if ranges is None:
+        raise Refusal(VALIDATION, f"{param} {dtype.value!r} is not offered: this model was exported without "
+                                  f"per-dimension ranges (offered: {', '.join(offered_dtypes(embedder))}; see /info)",
+                      param=param)
+    return dtype, ranges
 
 
 def check_direction(body: dict) -> None:

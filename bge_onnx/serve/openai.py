@@ -6,6 +6,9 @@ unless told otherwise), ``dimensions`` only the model's own, ``model`` and ``use
 Vectors are L2-normalised. Beyond OpenAI's fields, as the OpenAI-style APIs of Cohere, Voyage and NVIDIA do:
 ``input_type`` "query" / "search_query" puts the model's query instruction before each text ("passage",
 "document", "search_document": none), ``prompt_name`` "query" the same (TEI's name), and ``truncate`` as on /embed.
+``output_dtype`` "int8", "uint8", "binary" or "ubinary" (an extension, as on /embed) gives vectors for storage
+(bge_onnx.storage: sentence-transformers' quantize_embeddings' conventions): integer lists, or with base64 the raw
+bytes of that type (binary/ubinary: dim / 8 bytes, the sign bits packed).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ..storage import convert
 from .limits import (
     AUTH,
     BACKEND,
@@ -32,6 +36,7 @@ from .limits import (
     fields,
     flag,
     read_json,
+    storage_form,
     texts_field,
 )
 from .render import JSONResponse
@@ -109,12 +114,14 @@ async def embeddings(request: Request) -> Response:
     model = served_name(service, body)
     prefix = _query_prefix(embedder, body)
     truncate = flag(body, "truncate", service.config.auto_truncate)
+    dtype, ranges = storage_form(embedder, body.get("output_dtype"), "output_dtype")
     answer = await embed_request(service, [prefix + t for t in texts], name="input", truncate=truncate,
                                  normalize=True)
     data = []
-    for i, row in enumerate(answer.rows):
-        if encoding == "base64":
-            vector = base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+    for i, row in enumerate(convert(answer.rows, dtype, ranges)):
+        if encoding == "base64":  # little-endian float32, or the one-byte codes as they are
+            vector = base64.b64encode(row.astype("<f4" if row.dtype == np.float32 else row.dtype).tobytes()).decode(
+                "ascii")
         else:
             vector = row
         data.append({"object": "embedding", "embedding": vector, "index": i})

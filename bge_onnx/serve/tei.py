@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from .._version import __version__
 from ..checks import describe
+from ..storage import convert
 from .limits import (
     AUTH,
     BACKEND,
@@ -30,7 +31,9 @@ from .limits import (
     check_direction,
     fields,
     flag,
+    offered_dtypes,
     read_json,
+    storage_form,
     texts_field,
     utf8_text,
 )
@@ -102,9 +105,11 @@ async def embed(service: Service, body: object) -> Response:
     prefix = _prompt(service, body)
     truncate = flag(body, "truncate", service.config.auto_truncate)
     normalize = flag(body, "normalize", True)
+    dtype, ranges = storage_form(service.require("embed"), body.get("output_dtype"), "output_dtype",
+                                 normalize=normalize)
     answer = await embed_request(service, [prefix + t for t in texts], name="inputs", truncate=truncate,
                                  normalize=normalize)
-    return JSONResponse(answer.rows, headers=answer.headers)
+    return JSONResponse(convert(answer.rows, dtype, ranges), headers=answer.headers)
 
 
 async def _multi(service: Service, body: object, output: str) -> tuple[list, dict]:
@@ -354,6 +359,8 @@ async def info(request: Request) -> Response:
     if service.embedder is not None:
         body["dimensions"] = service.embedder.dim
         body["query_instruction"] = service.embedder.query_instruction
+        # for storage: /embed's and /v1/embeddings' output_dtype, /v1/embed's embedding_types ("float" is float32)
+        body["output_dtypes"] = offered_dtypes(service.embedder)
     if service.embedder is not None and service.reranker is not None:
         body["reranker"] = _describe(service.reranker, config=config)
     return JSONResponse(body)
