@@ -4,18 +4,19 @@ pooling in the graph, the last layer cut to the first token, flash attention for
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from bge_onnx.spec import Pooling, Task
 
 from .checkpoint import Checkpoint
 from .rewrite import add_pooling, flash_attention, keep_first_token
-from .staging import save_graph
 
 # bge-m3's per-token outputs beside the pooled vector
 LEXICAL_OUTPUT = "token_weights"
@@ -31,19 +32,32 @@ def input_names(with_token_types: bool) -> list[str]:
 
 
 class _Graph:
-    """Nodes and initialisers, each node named after its output."""
+    """Writes nodes and initialisers into ``graph``, each node named after its output. With ``data`` (the side file,
+    open for writing) a weight of 1 KB or more goes there as it is made, so the model is never held whole in memory
+    (helper.make_graph / make_model and onnx.save's own conversion to external data each copy it)."""
 
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+    def __init__(self, graph: onnx.GraphProto, data: BinaryIO | None = None, location: str = "") -> None:
+        self.graph, self.data, self.location = graph, data, location
 
     def const(self, name: str, value) -> str:
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        array = np.asarray(value, order="C")
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        if self.data is None or array.nbytes < 1024:
+            tensor.raw_data = array.tobytes()
+        else:
+            offset = self.data.tell()
+            self.data.write(array.data)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, entry in (("location", self.location), ("offset", offset), ("length", array.nbytes)):
+                tensor.external_data.add(key=key, value=str(entry))
         return name
 
     def op(self, op_type: str, inputs: list[str], output: str, **attributes) -> str:
         domain = attributes.pop("domain", "")
-        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, domain=domain, **attributes))
+        self.graph.node.append(helper.make_node(op_type, inputs, [output], name=output, domain=domain, **attributes))
         return output
 
 
@@ -147,12 +161,12 @@ def _m3_heads(g: _Graph, c: Checkpoint, hidden: str) -> list[onnx.ValueInfoProto
                                           ["batch", "sequence_after_first", colbert.shape[0]])]
 
 
-def build_graph(c: Checkpoint, *, task: Task, with_token_types: bool) -> onnx.ModelProto:
-    """The fused graph before its last steps: token states out (``last_hidden_state``), or a reranker's ``logits``;
-    with bge-m3's heads, the token states and the heads' two outputs."""
-    g = _Graph()
-    names = input_names(with_token_types)
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in names]
+def build_graph(g: _Graph, c: Checkpoint, *, task: Task, with_token_types: bool) -> None:
+    """The fused graph before its last steps, into ``g``'s graph: token states out (``last_hidden_state``), or a
+    reranker's ``logits``."""
+    g.graph.name = "bge_onnx"
+    g.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+                         for n in input_names(with_token_types))
     x = _embeddings(g, c, with_token_types)
     # the fused Attention's mask: each row's length (right padding), as onnxruntime's fusion writes it
     g.op("Cast", ["attention_mask"], "mask/int32", to=TensorProto.INT32)
@@ -163,25 +177,10 @@ def build_graph(c: Checkpoint, *, task: Task, with_token_types: bool) -> onnx.Mo
         x = _layer(g, c, i, x, mask_index, "last_hidden_state" if last else f"layer.{i}/output_norm")
     if task is Task.RERANK:
         logits = _classifier(g, c, x)
-        outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", 1])]
+        g.graph.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", 1]))
     else:
-        outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
-                                                 ["batch", "sequence", c.hidden])]
-    graph = helper.make_graph(g.nodes, "bge_onnx", inputs, outputs, initializer=g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MICROSOFT, 1)],
-                              producer_name="bge_onnx_export.build")
-    model.ir_version = 8  # what torch's exporter writes for opset 17: onnxruntime >= 1.14 reads it
-    return model
-
-
-def _end_in_heads(model: onnx.ModelProto, c: Checkpoint, pooling: Pooling) -> None:
-    """bge-m3: the pooled vector (unnormalised), lexical weights and ColBERT vectors out."""
-    add_pooling(model, pooling)  # replaces the token-states output by the pooled one
-    g = _Graph()
-    outputs = _m3_heads(g, c, "last_hidden_state")
-    model.graph.node.extend(g.nodes)
-    model.graph.initializer.extend(g.initializers)
-    model.graph.output.extend(outputs)
+        g.graph.output.append(helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
+                                                            ["batch", "sequence", c.hidden]))
 
 
 def write_graph(
@@ -194,22 +193,25 @@ def write_graph(
     external_data: bool = True,
     flash: bool = False,
 ) -> tuple[list[str], dict[str, int], bool]:
-    """As trace.export_graph, from the checkpoint's tensors: writes ``path`` (and its side file); returns the file
-    names, the count of each fused op, and whether the last layer was cut to the first token."""
-    model = build_graph(c, task=task, with_token_types=with_token_types)
-    if c.m3_heads is not None:
-        _end_in_heads(model, c, pooling)
-    elif task is Task.EMBED:
-        add_pooling(model, pooling)
-    first_token = keep_first_token(model)
-    if flash:
-        flash_attention(model)
-    if external_data:
-        written = save_graph(model, path)
-    else:
-        onnx.save(model, str(path))
-        written = [path.name]
+    """As trace.export_graph, from the checkpoint's tensors: writes ``path`` (and with ``external_data`` its weights
+    in ``path.name + ".data"``); returns the file names, the count of each fused op, and whether the last layer was
+    cut to the first token."""
+    data_path = path.with_name(path.name + ".data")
+    model = onnx.ModelProto(ir_version=8, producer_name="bge_onnx_export.build")  # ir 8: torch's, for opset 17
+    model.opset_import.extend([helper.make_opsetid("", 17), helper.make_opsetid(MICROSOFT, 1)])
+    with open(data_path, "wb") if external_data else contextlib.nullcontext() as data:
+        g = _Graph(model.graph, data, data_path.name)
+        build_graph(g, c, task=task, with_token_types=with_token_types)
+        if task is Task.EMBED:
+            add_pooling(model, pooling)  # replaces the token-states output by the pooled vector
+        if c.m3_heads is not None:  # bge-m3: lexical weights and ColBERT vectors beside the pooled vector
+            model.graph.output.extend(_m3_heads(g, c, "last_hidden_state"))
+        first_token = keep_first_token(model)
+        if flash:
+            flash_attention(model)
+    onnx.save(model, str(path))
     counts = Counter(n.op_type for n in model.graph.node)
     if flash:  # attention inside the If branches, as in the traced path
         counts["Attention"] = len([n for n in model.graph.node if n.op_type == "If"])
+    written = [path.name, data_path.name] if external_data else [path.name]
     return written, {op: counts[op] for op in FUSED_OPS if counts[op]}, first_token

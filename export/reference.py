@@ -32,10 +32,6 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
-def _linear(x: np.ndarray, c: Checkpoint, name: str) -> np.ndarray:
-    return x @ c.encoder(name + ".weight").astype(np.float64).T + c.encoder(name + ".bias")
-
-
 class NumpyEncoder:
     """The checkpoint's forward pass in float64."""
 
@@ -45,6 +41,20 @@ class NumpyEncoder:
     def hidden(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                token_type_ids: np.ndarray | None = None) -> np.ndarray:
         """The last layer's token states, (batch, sequence, hidden)."""
+        return self.hidden_each([{"input_ids": input_ids, "attention_mask": attention_mask,
+                                  "token_type_ids": token_type_ids}])[0]
+
+    def hidden_each(self, batches: Sequence[dict[str, np.ndarray | None]]) -> list[np.ndarray]:
+        """hidden() of each batch, layer by layer: each layer's weights are widened to float64 once for all."""
+        states = [self._embeddings(**feeds) for feeds in batches]
+        blocked = [np.where(feeds["attention_mask"][:, None, None, :] > 0, 0.0, -np.inf) for feeds in batches]
+        for i in range(self.c.layers):
+            weights = self._weights(f"encoder.layer.{i}.")
+            states = [self._layer(x, weights, b) for x, b in zip(states, blocked)]
+        return states
+
+    def _embeddings(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    token_type_ids: np.ndarray | None = None) -> np.ndarray:
         c = self.c
         if c.roberta:
             real = (input_ids != c.pad_id).astype(np.int64)
@@ -55,39 +65,50 @@ class NumpyEncoder:
         x = (c.encoder("embeddings.word_embeddings.weight")[input_ids].astype(np.float64)
              + c.encoder("embeddings.token_type_embeddings.weight")[types]
              + c.encoder("embeddings.position_embeddings.weight")[positions])
-        x = _layer_norm(x, c.encoder("embeddings.LayerNorm.weight"), c.encoder("embeddings.LayerNorm.bias"), c.eps)
-        blocked = np.where(attention_mask[:, None, None, :] > 0, 0.0, -np.inf)
-        for i in range(c.layers):
-            x = self._layer(x, f"encoder.layer.{i}.", blocked)
-        return x
+        return _layer_norm(x, c.encoder("embeddings.LayerNorm.weight"), c.encoder("embeddings.LayerNorm.bias"), c.eps)
 
-    def _layer(self, x: np.ndarray, p: str, blocked: np.ndarray) -> np.ndarray:
+    def _weights(self, p: str) -> dict[str, np.ndarray]:
+        """One layer's tensors in float64, Linear weights transposed to (in, out)."""
+        names = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense")
+        weights = {n: self.c.encoder(p + n + ".weight").astype(np.float64).T for n in names}
+        weights |= {n + ".bias": self.c.encoder(p + n + ".bias").astype(np.float64) for n in names}
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            weights |= {f"{n}.{k}": self.c.encoder(f"{p}{n}.{k}").astype(np.float64) for k in ("weight", "bias")}
+        return weights
+
+    def _layer(self, x: np.ndarray, w: dict[str, np.ndarray], blocked: np.ndarray) -> np.ndarray:
         c = self.c
         batch, length, width = x.shape
         size = width // c.heads
 
+        def linear(t: np.ndarray, name: str) -> np.ndarray:
+            return t @ w[name] + w[name + ".bias"]
+
         def heads(t: np.ndarray) -> np.ndarray:  # (batch, heads, sequence, size)
             return t.reshape(batch, length, c.heads, size).transpose(0, 2, 1, 3)
 
-        q, k, v = (heads(_linear(x, c, p + f"attention.self.{n}")) for n in ("query", "key", "value"))
+        q, k, v = (heads(linear(x, f"attention.self.{n}")) for n in ("query", "key", "value"))
         scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(size) + blocked
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         context = (scores / scores.sum(-1, keepdims=True)) @ v
         context = context.transpose(0, 2, 1, 3).reshape(batch, length, width)
-        x = _layer_norm(_linear(context, c, p + "attention.output.dense") + x,
-                        c.encoder(p + "attention.output.LayerNorm.weight"),
-                        c.encoder(p + "attention.output.LayerNorm.bias"), c.eps)
-        inner = _linear(x, c, p + "intermediate.dense")
+        x = _layer_norm(linear(context, "attention.output.dense") + x, w["attention.output.LayerNorm.weight"],
+                        w["attention.output.LayerNorm.bias"], c.eps)
+        inner = linear(x, "intermediate.dense")
         inner = 0.5 * inner * (1.0 + erf(inner / math.sqrt(2.0)))
-        return _layer_norm(_linear(inner, c, p + "output.dense") + x, c.encoder(p + "output.LayerNorm.weight"),
-                           c.encoder(p + "output.LayerNorm.bias"), c.eps)
+        return _layer_norm(linear(inner, "output.dense") + x, w["output.LayerNorm.weight"], w["output.LayerNorm.bias"],
+                           c.eps)
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                token_type_ids: np.ndarray | None = None) -> np.ndarray:
         """The classification head's one logit per row, (batch,)."""
-        x = self.hidden(input_ids, attention_mask, token_type_ids)[:, 0]
+        return self.head(self.hidden(input_ids, attention_mask, token_type_ids))
+
+    def head(self, hidden: np.ndarray) -> np.ndarray:
+        """The classification head on token states: one logit per row."""
         (dense, dense_bias), (out, out_bias) = self.c.classifier()
-        x = np.tanh(x @ dense.astype(np.float64).T + dense_bias)
+        x = np.tanh(hidden[:, 0] @ dense.astype(np.float64).T + dense_bias)
         return (x @ out.astype(np.float64).T + out_bias)[:, 0]
 
 
@@ -98,11 +119,10 @@ def _pool(hidden: np.ndarray, mask: np.ndarray, pooling: Pooling) -> np.ndarray:
     return (hidden * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)
 
 
-def _batches(encodings: list, pad_id: int, inputs: Sequence[str]):
-    """Each text alone: no padding, so the reference never depends on masking (hidden() handles padded batches too,
-    as the tests check)."""
-    for encoding in encodings:
-        yield pad_batch([encoding], pad_id=pad_id, input_names=inputs)
+def _alone(encodings: list, pad_id: int, inputs: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """Each text as a batch of its own: no padding, so the reference never depends on masking (hidden() handles
+    padded batches too, as the tests check)."""
+    return [pad_batch([encoding], pad_id=pad_id, input_names=inputs) for encoding in encodings]
 
 
 def numpy_embeddings(encoder: NumpyEncoder, folder: Path, texts: Sequence[str], *, pooling: Pooling,
@@ -110,8 +130,8 @@ def numpy_embeddings(encoder: NumpyEncoder, folder: Path, texts: Sequence[str], 
     """Pooled (not normalised) vectors, as parity.torch_embeddings gives them."""
     tokenizer = TextTokenizer(folder, max_length=max_length)
     encodings, _ = tokenizer.encode_texts(list(texts))
-    rows = [_pool(encoder.hidden(**feeds), feeds["attention_mask"], pooling)
-            for feeds in _batches(encodings, pad_id, inputs)]
+    batches = _alone(encodings, pad_id, inputs)
+    rows = [_pool(h, feeds["attention_mask"], pooling) for h, feeds in zip(encoder.hidden_each(batches), batches)]
     return np.concatenate(rows).astype(np.float32)
 
 
@@ -120,22 +140,22 @@ def numpy_scores(encoder: NumpyEncoder, folder: Path, pairs: Sequence[tuple[str,
     """Raw logits, pairs cut by FlagReranker's rules (query to 3/4 of max_length), as parity.torch_scores."""
     tokenizer = TextTokenizer(folder, max_length=max_length)
     encodings, _ = tokenizer.encode_pairs(list(pairs), query_max_length=max_length * 3 // 4)
-    scores = [encoder.logits(**feeds) for feeds in _batches(encodings, pad_id, inputs)]
+    scores = [encoder.head(h) for h in encoder.hidden_each(_alone(encodings, pad_id, inputs))]
     return np.concatenate(scores).astype(np.float32)
 
 
 def numpy_m3(encoder: NumpyEncoder, folder: Path, texts: Sequence[str], *, pooling: Pooling, max_length: int,
              pad_id: int, skip_ids: Sequence[int]) -> tuple[np.ndarray, list[dict[str, float]], list[np.ndarray]]:
-    """bge-m3's three outputs as parity.torch_m3 gives them (FlagEmbedding's rules)."""
+    """bge-m3's three outputs as parity.torch_m3 gives them (FlagEmbedding's rules): pooled vectors, each token id's
+    largest relu(sparse_linear(h)) > 0 but skip_ids', the L2-normalised colbert_linear(h) of the tokens after the
+    first."""
     (colbert, colbert_bias), (sparse, sparse_bias) = encoder.c.m3_heads
-    dense = numpy_embeddings(encoder, folder, texts, pooling=pooling, max_length=max_length, pad_id=pad_id,
-                             inputs=("input_ids", "attention_mask"))
     tokenizer = TextTokenizer(folder, max_length=max_length)
     encodings, _ = tokenizer.encode_texts(list(texts))
-    lexical, multi = [], []
-    for encoding in encodings:  # one at a time: no padding to mask
-        ids = np.array([encoding.ids], dtype=np.int64)
-        hidden = encoder.hidden(ids, np.ones_like(ids))[0]
+    batches = _alone(encodings, pad_id, ("input_ids", "attention_mask"))
+    dense, lexical, multi = [], [], []
+    for encoding, (hidden,), feeds in zip(encodings, encoder.hidden_each(batches), batches):
+        dense.append(_pool(hidden[None], feeds["attention_mask"], pooling))
         weights = np.maximum(hidden @ sparse.astype(np.float64).T + sparse_bias, 0.0)[:, 0]
         best: dict[str, float] = {}
         for token, weight in zip(encoding.ids, weights.tolist()):
@@ -144,4 +164,4 @@ def numpy_m3(encoder: NumpyEncoder, folder: Path, texts: Sequence[str], *, pooli
         lexical.append(best)
         vectors = hidden[1:] @ colbert.astype(np.float64).T + colbert_bias
         multi.append((vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)).astype(np.float32))
-    return dense, lexical, multi
+    return np.concatenate(dense).astype(np.float32), lexical, multi

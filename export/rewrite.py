@@ -137,7 +137,8 @@ def keep_first_token(model: onnx.ModelProto) -> bool:
     if len(norm) != 1 or norm[0].op_type != "SkipLayerNormalization" or norm[0].input[1] != attention.input[0]:
         return False
     last = [n for n in nodes if n.op_type == "SkipLayerNormalization"][-1]  # the last layer's output
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    # the small ones only (indices, axes): converting every weight would copy the whole model once more
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer if int(np.prod(t.dims)) <= 16}
     constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes
                       if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
     if last.output[0] in {o.name for o in graph.output}:  # the token states leave the graph whole

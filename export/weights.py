@@ -30,7 +30,8 @@ _STORAGE_TYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "Half
 def _as_float32(array: np.ndarray, bfloat16: bool) -> np.ndarray:
     if bfloat16:
         return (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+    # copy=False: float32 tensors stay views of the mapped file, read when used
+    return array.astype(np.float32, copy=False) if np.issubdtype(array.dtype, np.floating) else array
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -50,7 +50,11 @@ def test_embeddings_match_pytorch(kind, graph_from, folders, torch_models):
     unit = reference / np.linalg.norm(reference, axis=1, keepdims=True)
     assert (unit @ unit.T)[~np.eye(len(texts), dtype=bool)].mean() < 0.95
     assert _cosines(ours, reference).min() >= 0.99999
-    assert np.abs(ours - reference).max() <= MAX_ABS_DIFF
+    # unit vectors (what encode returns) within 1e-5; the raw pooled states reach several units, where float32's
+    # rounding alone is ~1e-6 a step
+    unit_ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)
+    assert np.abs(unit_ours - unit).max() <= MAX_ABS_DIFF
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
 
 
 @pytest.mark.parametrize("graph_from", GRAPH_FROM)
