@@ -18,6 +18,7 @@ BENCHMARKS = {
     "workers": ("workers", "all cores: N worker processes against one process with N threads, CPU"),
     "m3-long": ("m3_long", "bge-m3's shape (random weights): peak RSS and time per text at 512, 2048, 8192 tokens"),
     "parity": ("parity", "every architecture and the packaged real model against PyTorch, built from weights and traced, fp32"),
+    "export-cost": ("export_cost", "an export's wall time and peak RSS each way: built without torch, built, traced"),
     "main-command": ("main_command", "the README's main command in a fresh venv: install time, size, no torch; --before REV"),
     "serve-load": ("serve_load", "bge-onnx serve over HTTP: throughput, p50/p99 per concurrency vs in-process, overload, RSS"),
     "serve-hostile": ("serve_hostile", "bge-onnx serve: peak RSS under 8 concurrent ~1.9 MB truncate requests, vs a baseline"),
