@@ -7,12 +7,13 @@ ranges, dequantized for the dot product), binary (Hamming distance; STS-B: 1 - d
 candidates x2, x4, x10 rescored with the float query against the float32 and against the int8 vectors
 (bge_onnx.search); and float32 cut to its first half and quarter of dimensions, renormalised (what `dimensions` would
 give: the model was not trained for it). Search time: 100 queries against 100,000 random unit vectors of the model's dimension, medians
-of --rounds interleaved rounds, numpy only.
+of --rounds interleaved rounds, numpy (and search_binary's FAISS backend where faiss is installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -99,6 +100,10 @@ def speed(dim: int, rounds: int) -> dict[str, float]:
         "binary + rescore x4 (int8)": lambda: search_binary(queries, bits, k=10, rescore=int8, ranges=ranges,
                                                              multiplier=4),
     }
+    if importlib.util.find_spec("faiss") is not None:  # the faiss extra: IndexBinaryFlat, built on each call
+        runs["binary, FAISS"] = lambda: search_binary(query_bits, bits, k=10, backend="faiss")
+        runs["binary + rescore x4 (int8), FAISS"] = lambda: search_binary(
+            queries, bits, k=10, rescore=int8, ranges=ranges, multiplier=4, backend="faiss")
     seconds = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
@@ -143,7 +148,8 @@ def main(argv: list[str], *, name: str = "storage") -> None:
                      rows)
     log("search time")
     seconds = speed(dim, args.rounds)
-    report.text(f"## Search time: 100 queries over 100,000 random unit vectors of {dim} dimensions (numpy)")
+    report.text(f"## Search time: 100 queries over 100,000 random unit vectors of {dim} dimensions (numpy; FAISS "
+                "where installed: search_binary's backend='faiss', its IndexBinaryFlat built on each call)")
     report.table(["stored as", "seconds", "vs float32"],
                  [[form, f"{s:.3f}", f"{seconds['float32'] / s:.2f}x"] for form, s in seconds.items()])
     report.data = {"quality": results, "search_seconds": seconds, "bytes": sizes}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections.abc import Sequence
@@ -25,6 +26,18 @@ class ModelHandle:
     """A model folder loaded for ``task``, run in length-sorted batches; Embedder and Reranker build on it."""
 
     task: Task
+
+    def __new__(cls, *args: object, **options: object):
+        """Refuse an unknown keyword before anything loads, naming this class (not ModelHandle.__init__, as Python's
+        own TypeError would) and the nearest keyword it takes."""
+        known = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "model")]
+        unknown = next((name for name in options if name not in known and name != "model"), None)
+        if unknown is not None:
+            close = difflib.get_close_matches(unknown, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InputTypeError(f"{cls.__name__}() got an unexpected keyword argument {unknown!r}{hint}; its "
+                                 f"keywords are {', '.join(known)}")
+        return super().__new__(cls)
 
     def __init__(
         self,

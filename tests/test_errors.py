@@ -206,3 +206,17 @@ def test_nvidia_gpu_is_read_from_the_driver_files(tmp_path):
     assert not has_nvidia_gpu(tmp_path)
     (tmp_path / "proc" / "driver" / "nvidia" / "gpus" / "0000:01:00.0").mkdir(parents=True)
     assert has_nvidia_gpu(tmp_path)
+
+
+def test_an_unknown_keyword_names_the_class_and_the_nearest_keyword(exported):
+    from bge_onnx import Embedder, M3Embedder, Reranker
+
+    with pytest.raises(InputTypeError, match=r"^Embedder\(\) got an unexpected keyword argument 'devce' \(did you "
+                                             r"mean 'device'\?\); its keywords are device, threads, max_length"):
+        Embedder(exported["bert-cls"], devce="cpu")
+    with pytest.raises(TypeError, match=r"^Reranker\(\) got an unexpected keyword argument 'query_max_len' \(did you "
+                                        r"mean 'query_max_length'\?\)"):  # still a TypeError, as Python's own
+        Reranker(exported["bert-rerank"], query_max_len=10)
+    with pytest.raises(InputTypeError, match=r"^M3Embedder\(\) got an unexpected keyword argument 'colour'; its"):
+        M3Embedder(exported["xlmr-cls"], colour="blue")
+    assert Embedder(model=exported["bert-cls"], device="cpu").dim == 32  # model= by name still works

@@ -68,3 +68,35 @@ def test_refusals(stored):
         search(stored["queries"], stored["int8"])
     with pytest.raises(InputError, match="must be binary \\(int8\\) or ubinary \\(uint8\\) packed bits, got float32"):
         search_binary(stored["queries"], stored["binary"])
+
+
+def test_faiss_backend_finds_what_numpy_finds(stored):
+    # FAISS's IndexBinaryFlat: the same Hamming distances, and the same rescored results (rows at equal distance may
+    # come in another order, so the candidates are compared as distances, the rescored ranking where it covers all)
+    for corpus in (stored["binary"], stored["ubinary"]):
+        numpy_rows, numpy_scores = search_binary(stored["query_bits"], corpus, k=9)
+        faiss_rows, faiss_scores = search_binary(stored["query_bits"], corpus, k=9, backend="faiss")
+        np.testing.assert_array_equal(faiss_scores, numpy_scores)
+        expected = hamming(stored["query_bits"], corpus)
+        np.testing.assert_array_equal(-faiss_scores, np.take_along_axis(expected, faiss_rows, axis=1))
+    every = len(stored["float"]) // 5
+    exact, _ = search(stored["queries"], stored["float"], k=5)
+    rescored, _ = search_binary(stored["queries"], stored["binary"], k=5, rescore=stored["float"], multiplier=every,
+                                backend="faiss")
+    np.testing.assert_array_equal(rescored, exact)
+    # more candidates than rows: all of them, no -1 padding from FAISS
+    rows, _ = search_binary(stored["query_bits"][:2], stored["binary"][:3], k=10, backend="faiss")
+    assert sorted(rows[0]) == [0, 1, 2]
+    with pytest.raises(InputError, match="backend must be one of numpy, faiss, got 'annoy'"):
+        search_binary(stored["query_bits"], stored["binary"], backend="annoy")
+
+
+def test_faiss_backend_without_faiss_says_what_to_install():
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['faiss'] = None; import numpy as np; from bge_onnx.search import search_binary; "
+              "search_binary(np.zeros((1, 4), np.uint8), np.zeros((3, 4), np.uint8), backend='faiss')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and 'MissingExtraError: backend=\'faiss\' needs FAISS: pip install "bge-onnx[faiss]"' \
+        in result.stderr
