@@ -31,7 +31,7 @@ def default_model() -> Path:
     """The packaged all-MiniLM-L6-v2, exported to the cache on first use.
 
     Raises:
-        MissingExtraError: the default-model or export extra is not installed (the message is the pip line).
+        MissingExtraError: the model's package or the export extra is not installed (the message is the pip line).
     """
     folder = cache_dir() / DEFAULT_MODEL_NAME
     if (folder / MANIFEST).is_file():

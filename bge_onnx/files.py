@@ -272,10 +272,25 @@ class JsonlWriter(Writer):
                     end += len(line)
                     self.rows += 1
             os.truncate(self.partial, end)
+            self._check_first_row()
             self.file = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115 (open across write() calls; close() closes it)
             return self.rows
         self.file = open(self.partial, "w", encoding="utf-8")  # noqa: SIM115 (open across write() calls; close() closes it)
         return 0
+
+    def _check_first_row(self) -> None:
+        """Refuse to resume a partial output whose rows are of another width or type (floats vs integer codes)."""
+        with open(self.partial, encoding="utf-8") as partial:
+            first = partial.readline()
+        if not first:
+            return
+        row = json.loads(first)
+        vector = row.get("embedding") if isinstance(row, dict) else row
+        codes = self.dtype.kind in "iu"
+        if not isinstance(vector, list) or len(vector) != self.dim or \
+                any(isinstance(v, int) != codes for v in vector):
+            raise InputError(f"{self.partial} is not a partial JSONL of {self.dim}-wide {self.dtype} rows from this "
+                             "model and --output-dtype; remove it or run without --resume")
 
     def write(self, ids: list, vectors: np.ndarray) -> None:
         if self.with_ids:
@@ -308,8 +323,12 @@ class ParquetWriter(Writer):
         self.pa, self.pq = _pyarrow()
         self.id_type = None
         if resume and self.partial.is_dir():
+            wanted = self.pa.list_(self.pa.from_numpy_dtype(self.dtype))
             for part in self._parts():
                 meta = self.pq.ParquetFile(part)
+                if meta.schema_arrow.field("embedding").type != wanted:
+                    raise InputError(f"{part} holds {meta.schema_arrow.field('embedding').type} rows, not {wanted}: "
+                                     "not this --output-dtype's partial output; remove it or run without --resume")
                 self.rows += meta.metadata.num_rows
                 self.id_type = meta.schema_arrow.field("id").type
             return self.rows

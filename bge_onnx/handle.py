@@ -30,7 +30,10 @@ class ModelHandle:
     def __new__(cls, *args: object, **options: object):
         """Refuse an unknown keyword before anything loads, naming this class (not ModelHandle.__init__, as Python's
         own TypeError would) and the nearest keyword it takes."""
-        known = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "model")]
+        parameters = inspect.signature(cls.__init__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return super().__new__(cls)  # a subclass that takes any keyword says itself what it refuses
+        known = [name for name in parameters if name not in ("self", "model")]
         unknown = next((name for name in options if name not in known and name != "model"), None)
         if unknown is not None:
             close = difflib.get_close_matches(unknown, known, n=1)

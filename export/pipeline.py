@@ -25,6 +25,7 @@ from .build import COLBERT_OUTPUT, LEXICAL_OUTPUT, input_names, write_graph
 from .precision import add_variant, record_calibration
 from .staging import MODEL_FILE, check_out, extra_precisions, make_staging, place, stderr, versions
 from .source import COLBERT_FILE, SPARSE_FILE, Source, describe_source
+from .weights import unreadable
 
 GRAPH_FROM = ("auto", "weights", "torch")
 # what a checkpoint's tokenizer needs beside the graph (the runtime reads tokenizer.json)
@@ -44,7 +45,7 @@ def choose_graph_from(source: Source, graph_from: str) -> tuple[str, str | None]
     if graph_from not in GRAPH_FROM:
         raise ExportError(f"graph_from must be one of {list(GRAPH_FROM)}, got {graph_from!r}")
     config = json.loads((source.folder / "config.json").read_text(encoding="utf-8"))
-    why = checkpoint.unbuildable(config, source.architecture)
+    why = checkpoint.unbuildable(config, source.architecture) or unreadable(source.folder)
     if why is None and not (source.folder / "tokenizer.json").is_file():
         why = "no tokenizer.json (transformers converts the slow tokenizer)"
     if graph_from == "weights" and why:
@@ -241,9 +242,13 @@ def export_model(
         if chosen == "weights":
             graph_files, fused, first_token = write_graph(weights, staging / MODEL_FILE, pooling=source.pooling,
                                                           **options)
-            for name in TOKENIZER_FILES + ("config.json",):
-                if (source.folder / name).is_file():
-                    shutil.copyfile(source.folder / name, staging / name)
+            if torch_side is not None:  # the tokenizer as transformers loads it (its settings can rewrite the file's)
+                torch_side[1].save_pretrained(staging)
+                torch_side[0].config.save_pretrained(staging)
+            else:
+                for name in TOKENIZER_FILES + ("config.json",):
+                    if (source.folder / name).is_file():
+                        shutil.copyfile(source.folder / name, staging / name)
         else:
             from .trace import export_graph
 

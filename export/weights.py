@@ -58,14 +58,26 @@ class _Storage:
 
     def __init__(self, archive: zipfile.ZipFile, prefix: str, key: str, dtype: type) -> None:
         self.archive, self.name, self.dtype = archive, f"{prefix}/data/{key}", dtype
+        self._array: np.ndarray | None = None
 
     def array(self) -> np.ndarray:
-        return np.frombuffer(self.archive.read(self.name), dtype=np.dtype(self.dtype).newbyteorder("<"))
+        if self._array is None:  # read once, however many tensors are views of it
+            self._array = np.frombuffer(self.archive.read(self.name), dtype=np.dtype(self.dtype).newbyteorder("<"))
+        return self._array
 
 
 def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, *_unused) -> np.ndarray:
     flat = storage.array()
     itemsize = flat.dtype.itemsize
+    numbers = [offset, *size, *stride]
+    if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+            or len(size) != len(stride)):
+        raise pickle.UnpicklingError(f"refused tensor layout offset {offset!r}, size {size!r}, stride {stride!r}")
+    # the last element the view reaches must lie inside the storage: as_strided itself would read past it
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+    if last >= len(flat):
+        raise pickle.UnpicklingError(f"a tensor of size {tuple(size)} at offset {offset} reaches past its storage "
+                                     f"of {len(flat)} elements")
     if not size:
         return _as_float32(flat[offset:offset + 1].reshape(()), storage.dtype is np.uint16)
     view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=[s * itemsize for s in stride])
@@ -82,6 +94,7 @@ class _TensorsOnly(pickle.Unpickler):
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str) -> None:
         super().__init__(file)
         self.archive, self.prefix = archive, prefix
+        self.storages: dict[tuple[str, type], _Storage] = {}
 
     def find_class(self, module: str, name: str):
         if module == "collections" and name == "OrderedDict":
@@ -97,7 +110,10 @@ class _TensorsOnly(pickle.Unpickler):
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and pid[1] in _STORAGE_TYPES.values()):
             raise pickle.UnpicklingError(f"refused persistent id {pid!r:.80}")
-        return _Storage(self.archive, self.prefix, str(pid[2]), pid[1])
+        key = (str(pid[2]), pid[1])
+        if key not in self.storages:  # one per key: tensors sharing a storage read it once
+            self.storages[key] = _Storage(self.archive, self.prefix, *key)
+        return self.storages[key]
 
 
 def read_torch_pickle(path: Path) -> object:
@@ -154,6 +170,16 @@ def weight_files(folder: Path) -> list[Path]:
     if (folder / PYTORCH_BIN).is_file():
         return [folder / PYTORCH_BIN]
     raise ModelFilesError(f"{folder} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}")
+
+
+def unreadable(folder: Path) -> str | None:
+    """Why this reader cannot read the checkpoint's weights (so the export traces it with torch), or None."""
+    try:
+        files = weight_files(folder)
+    except (ModelFilesError, ExportError) as err:
+        return str(err)
+    legacy = [p.name for p in files if p.suffix == ".bin" and not zipfile.is_zipfile(p)]
+    return f"{legacy[0]} is in torch's legacy (pre-1.6) format" if legacy else None
 
 
 def read_checkpoint(folder: Path) -> dict[str, np.ndarray]:

@@ -220,3 +220,11 @@ def test_an_unknown_keyword_names_the_class_and_the_nearest_keyword(exported):
     with pytest.raises(InputTypeError, match=r"^M3Embedder\(\) got an unexpected keyword argument 'colour'; its"):
         M3Embedder(exported["xlmr-cls"], colour="blue")
     assert Embedder(model=exported["bert-cls"], device="cpu").dim == 32  # model= by name still works
+
+    class Options(Embedder):  # a subclass that takes any keyword decides itself
+        def __init__(self, model, **options):
+            self.extra = options.pop("extra", None)
+            super().__init__(model, **options)
+
+    assert Options(exported["bert-cls"], device="cpu", extra=1).extra == 1
+

@@ -309,3 +309,14 @@ def test_output_dtype_in_every_format(model, encoder, tmp_path, dtype):
     writer.close()
     result = cli("embed", model, "--input", str(src), "-o", str(partial), "--resume")
     assert result.returncode == 1 and b"is not a partial .npy of 32-wide float32 rows" in result.stderr
+    from bge_onnx.files import JsonlWriter, ParquetWriter
+
+    for cls, suffix, message in ((JsonlWriter, "jsonl", b"is not a partial JSONL of 32-wide float32 rows"),
+                                 (ParquetWriter, "parquet", b"rows, not list<item: float>")):
+        partial = tmp_path / f"mixed.{suffix}"
+        writer = cls(str(partial), 32, with_ids=True, output_dtype=dtype)
+        writer.start(resume=False)
+        writer.write(list(range(10)), expected[:10])
+        writer.close()
+        result = cli("embed", model, "--input", str(src), "-o", str(partial), "--resume")
+        assert result.returncode == 1 and message in result.stderr, result.stderr

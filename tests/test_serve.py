@@ -613,8 +613,11 @@ def test_vectors_for_storage_on_every_route(server, embedder, model_copy):
         error["error"]["message"]
     status, error, _ = call(server.base, "POST", "/v1/embed", {"texts": ["x"], "truncate": "START"})
     assert status == 400 and error["error"]["param"] == "truncate"
-    status, error, _ = call(server.base, "POST", "/v1/embed", {"texts": ["x"], "input_type": "image"})
-    assert status == 400 and error["error"]["param"] == "input_type"
+    for body in ({"texts": ["x"], "input_type": "image"}, {"texts": ["x"], "input_type": []}):
+        status, error, _ = call(server.base, "POST", "/v1/embed", body)
+        assert status == 400 and error["error"]["param"] == "input_type", error
+    status, error, _ = call(server.base, "POST", "/v1/embeddings", {"input": "x", "input_type": {"a": 1}})
+    assert status == 400 and error["error"]["param"] == "input_type", error
     # a model exported before ranges were recorded offers no int8/uint8, and says so
     folder = model_copy("bert-cls")
     manifest = json.loads((folder / "bge_onnx.json").read_text())

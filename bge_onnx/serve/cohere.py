@@ -74,7 +74,7 @@ async def rerank(request: Request) -> Response:
 
 def _choice(body: dict, name: str, allowed, default: str | None) -> str | None:
     value = body.get(name, default)
-    if value is not None and value not in allowed:
+    if value is not None and (not isinstance(value, str) or value not in allowed):
         raise Refusal(VALIDATION, f"{name} must be one of {', '.join(map(repr, allowed))}, got {describe(value)}",
                       param=name)
     return value

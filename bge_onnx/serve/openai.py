@@ -79,8 +79,8 @@ def served_name(service: Service, body: dict, *, task: str = "embed") -> str:
 def _query_prefix(embedder, body: dict) -> str:
     """The model's query instruction where ``input_type`` or ``prompt_name`` says the inputs are queries."""
     input_type, prompt = body.get("input_type"), body.get("prompt_name")
-    if input_type is not None and input_type not in INPUT_TYPES:
-        raise Refusal(VALIDATION, f"input_type {input_type!r} is not one of {', '.join(INPUT_TYPES)}",
+    if input_type is not None and (not isinstance(input_type, str) or input_type not in INPUT_TYPES):
+        raise Refusal(VALIDATION, f"input_type {input_type!r:.80} is not one of {', '.join(INPUT_TYPES)}",
                       param="input_type")
     if prompt is not None and prompt != "query":
         raise Refusal(VALIDATION, f"prompt_name {prompt!r} is not one of this model's prompts: ['query']",

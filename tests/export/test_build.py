@@ -160,3 +160,27 @@ def test_built_and_traced_graphs_agree_on_any_batch(kind, exported, traced):
             built, other = (Embedder(f[kind], device="cpu").encode(texts) for f in (exported, traced))
             scale = 1.0
     assert np.abs(built - other).max() <= MAX_ABS_DIFF * scale
+
+
+def test_a_tensor_reaching_past_its_storage_is_refused(tmp_path):
+    import zipfile
+
+    torch.save({"weight": torch.zeros(4, 5)}, tmp_path / "whole.pt")
+    with zipfile.ZipFile(tmp_path / "whole.pt") as source, zipfile.ZipFile(tmp_path / "short.pt", "w") as target:
+        for item in source.infolist():  # the storage cut to 2 of its 20 floats: the layout would read past it
+            data = source.read(item)
+            target.writestr(item, data[:8] if item.filename.endswith("/data/0") else data)
+    with pytest.raises(ExportError, match=r"short.pt could not be read .* a tensor of size \(4, 5\) at offset 0 "
+                                          r"reaches past its storage of 2 elements"):
+        read_torch_pickle(tmp_path / "short.pt")
+
+
+def test_a_legacy_torch_checkpoint_is_traced(checkpoints, tmp_path):
+    folder = Path(shutil.copytree(checkpoints["bert-cls"], tmp_path / "bge-small-en-v1.5"))
+    state = {k: torch.from_numpy(v.copy()) for k, v in read_checkpoint(folder).items()}
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    lines = []
+    spec = export_model(folder, tmp_path / "out", log=lines.append)
+    assert "tracing it with torch (pytorch_model.bin is in torch's legacy (pre-1.6) format)" in lines[0]
+    assert spec.variants["fp32"].parity["graph_from"] == "torch trace"
