@@ -11,10 +11,10 @@ for both: the install times are pip resolving, unpacking and installing, not dow
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -54,7 +54,7 @@ def checkout_of(revision: str | None, dest: Path) -> Path:
                 shutil.copy2(ROOT / name, dest / name)
         return dest
     archive = subprocess.run(["git", "archive", "--format=tar", revision], cwd=ROOT, capture_output=True, check=True)
-    with tarfile.open(fileobj=__import__("io").BytesIO(archive.stdout)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(dest, filter="data")
     return dest
 

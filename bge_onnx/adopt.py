@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import mmap
+import re
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +118,16 @@ QUANTISED_OPS = ("DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "Ma
                  "QAttention", "QGemm", "DynamicQuantizeMatMul", "MatMulNBits", "QEmbedLayerNormalization")
 
 
+_QUANTISED = re.compile(b"|".join(op.encode() for op in QUANTISED_OPS))  # one pass over the file
+
+
 def graph_precision(path: Path) -> Precision:
     """INT8 where the graph holds a quantised op, else FP32. Op types are plain strings in the graph file, so this
     reads it as bytes (mapped: no copy) instead of parsing it, which would need the onnx package."""
+    if path.stat().st_size == 0:  # nothing to map; the session's load names the empty file
+        return Precision.FP32
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return Precision.INT8 if any(data.find(op.encode()) >= 0 for op in QUANTISED_OPS) else Precision.FP32
+        return Precision.INT8 if _QUANTISED.search(data) else Precision.FP32
 
 
 def find_graph(folder: Path, graph: str | None = None) -> tuple[str, tuple[str, ...]] | None:

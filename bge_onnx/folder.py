@@ -58,6 +58,13 @@ def batch_independent(spec: ModelSpec, precision: Precision) -> bool:
     return precision is not Precision.INT8 or spec.variants[precision.value].activations == "per-token"
 
 
+def _precision(value: str | Precision) -> Precision:
+    try:
+        return Precision(value)
+    except ValueError:
+        raise InputError(f"precision must be 'auto', 'fp32', 'int8' or 'fp16', got {value!r}") from None
+
+
 def choose_precision(spec: ModelSpec, precision: str | Precision, *, on_cuda: bool, folder: Path) -> Precision:
     """The variant to run: an explicit precision must exist; "auto" takes fp16 on CUDA, int8 on CPU, else fp32.
 
@@ -76,10 +83,7 @@ def choose_precision(spec: ModelSpec, precision: str | Precision, *, on_cuda: bo
             warnings.warn(f"running fp32, not int8: {problem}", RuntimeWarning, stacklevel=caller_stacklevel())
             return Precision.FP32
         return preferred
-    try:
-        precision = Precision(precision)
-    except ValueError:
-        raise InputError(f"precision must be 'auto', 'fp32', 'int8' or 'fp16', got {precision!r}") from None
+    precision = _precision(precision)
     if precision.value not in spec.variants:
         raise ModelFilesError(
             f"{folder} has no {precision.value} variant (it has {', '.join(sorted(spec.variants))}); add one with "
@@ -172,10 +176,10 @@ def _open_export(
     providers: list[str],
 ) -> LoadedModel:
     """Open an ONNX export that is not ours (no manifest): its one graph as it is, described by adopt.describe."""
-    graph, data_files = adopt.find_graph(folder)
+    graph, _ = adopt.find_graph(folder)
     kind = adopt.graph_precision(folder / graph)
-    if precision != "auto" and Precision(precision) is not kind:
-        other = "fp32 and int8" if kind is Precision.INT8 else f"{Precision(precision).value}"
+    if precision != "auto" and _precision(precision) is not kind:
+        other = "fp32 and int8" if kind is Precision.INT8 else _precision(precision).value
         raise ModelFilesError(
             f"{folder} is an ONNX export without a bge-onnx manifest: it has one graph, {graph}, which is "
             f"{kind.value}. For {other}, convert its fp32 graph: `bge-onnx optimize {name} --out DIR --precision fp32 "

@@ -74,7 +74,7 @@ def test_faiss_backend_finds_what_numpy_finds(stored):
     # FAISS's IndexBinaryFlat: the same Hamming distances, and the same rescored results (rows at equal distance may
     # come in another order, so the candidates are compared as distances, the rescored ranking where it covers all)
     for corpus in (stored["binary"], stored["ubinary"]):
-        numpy_rows, numpy_scores = search_binary(stored["query_bits"], corpus, k=9)
+        _, numpy_scores = search_binary(stored["query_bits"], corpus, k=9)
         faiss_rows, faiss_scores = search_binary(stored["query_bits"], corpus, k=9, backend="faiss")
         np.testing.assert_array_equal(faiss_scores, numpy_scores)
         expected = hamming(stored["query_bits"], corpus)
