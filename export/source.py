@@ -84,12 +84,26 @@ def fetch(src: str, revision: str | None) -> tuple[Path, str | None]:
                 except (LocalEntryNotFoundError, OSError):
                     raise unreachable from None
                 return folder, folder.name
-        folder = Path(snapshot_download(src, revision=revision, ignore_patterns=ignore))
+        folder = Path(snapshot_download(src, revision=revision, ignore_patterns=ignore + _duplicate_weights(src, revision)))
     except ModelFilesError:
         raise
     except Exception as err:  # huggingface_hub raises many network/auth/not-found types
         raise ModelFilesError(f"cannot download hub repo {src!r}: {err}") from err
     return folder, folder.name  # the snapshot folder is named by its commit
+
+
+def _duplicate_weights(src: str, revision: str | None) -> list[str]:
+    """pytorch_model.bin (and its shards) where the repo also has safetensors: both readers and transformers take
+    the safetensors, and the .bin would double the download (bge-m3: 2.3 GB each)."""
+    from huggingface_hub import HfApi
+
+    try:
+        names = {s.rfilename for s in HfApi().model_info(src, revision=revision).siblings or []}
+    except Exception:  # the download that follows reports what is wrong with the repo
+        return []
+    if any(name in names for name in ("model.safetensors", "model.safetensors.index.json")):
+        return ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+    return []
 
 
 def _sentence_transformers(folder: Path, *, pooling_given: bool) -> tuple[Pooling | None, bool, int | None, str] | None:

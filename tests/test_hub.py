@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -15,11 +16,14 @@ from hubserver import COMMIT, Hub, Silent, hub_env
 
 
 @pytest.fixture()
-def hub(exported, checkpoints):
+def hub(exported, checkpoints, tmp_path_factory):
+    # the BGE repo as BAAI publishes it: model.safetensors and a pytorch_model.bin of the same weights
+    both = Path(shutil.copytree(checkpoints["bert-cls"], tmp_path_factory.mktemp("both") / "bge-small-en-v1.5"))
+    shutil.copyfile(both / "model.safetensors", both / "pytorch_model.bin")  # its bytes are never read: not fetched
     server = Hub({
         "acme/tiny-bge": exported["bert-cls"],
         "acme/raw-checkpoint": checkpoints["bert-cls"],
-        "BAAI/bge-small-en-v1.5": checkpoints["bert-cls"],
+        "BAAI/bge-small-en-v1.5": both,
     })
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -99,6 +103,9 @@ def test_export_from_a_hub_repo_id(hub, tmp_path):
     # a known id: pooling and instruction from the registry, the revision pinned to the commit served
     result = export("BAAI/bge-small-en-v1.5")
     assert result.returncode == 0, result.stderr[-3000:]
+    fetched = [r for r in hub.requests if "/resolve/" in r]
+    assert any(r.endswith("/model.safetensors") for r in fetched)
+    assert not any("pytorch_model" in r for r in fetched), "the .bin beside the safetensors was downloaded too"
     assert result.stdout.split()[:3] == ["BAAI/bge-small-en-v1.5", COMMIT, "cls"]
     assert result.stdout.strip().endswith("Represent this sentence for searching relevant passages:")
     # an unknown id with no sentence-transformers config: the export asks instead of guessing
