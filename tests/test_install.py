@@ -137,3 +137,10 @@ def test_the_main_command_installs_no_torch_and_prints_a_vector(checkout, tmp_pa
     probe = "import importlib.util as u; print([n for n in ('torch', 'transformers') if u.find_spec(n)])"
     found = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]", f"the main command installed {found.stdout.strip()}"
+
+
+def test_ci_runs_the_readme_test_command():
+    command = re.search(r"Run the tests.*?```\n(.+?)\n```", (ROOT / "README.md").read_text(encoding="utf-8"),
+                        re.DOTALL).group(1).strip()
+    ci = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert ci[-1] == command, f".ci/run runs {ci[-1]!r}, the README says {command!r}"
