@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import mmap
-import re
 from pathlib import Path
 from typing import Any
 
@@ -118,16 +117,54 @@ QUANTISED_OPS = ("DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "Ma
                  "QAttention", "QGemm", "DynamicQuantizeMatMul", "MatMulNBits", "QEmbedLayerNormalization")
 
 
-_QUANTISED = re.compile(b"|".join(op.encode() for op in QUANTISED_OPS))  # one pass over the file
+def _varint(data, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data, start: int, end: int):
+    """(field number, (start, end)) of each length-delimited field of the protobuf message in ``data[start:end]``,
+    stepping over every value without reading it."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(data, pos)
+        wire = key & 7
+        if wire == 2:
+            length, pos = _varint(data, pos)
+            yield key >> 3, (pos, pos + length)
+            pos += length
+        elif wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"protobuf wire type {wire} at byte {pos}")
 
 
 def graph_precision(path: Path) -> Precision:
-    """INT8 where the graph holds a quantised op, else FP32. Op types are plain strings in the graph file, so this
-    reads it as bytes (mapped: no copy) instead of parsing it, which would need the onnx package."""
-    if path.stat().st_size == 0:  # nothing to map; the session's load names the empty file
+    """INT8 where the graph holds a quantised op, else FP32: the op types of its nodes, read by walking the file's
+    protobuf fields (ModelProto.graph = 7, GraphProto.node = 1, NodeProto.op_type = 4), which steps over the weights
+    instead of reading them, and needs no onnx package. A file that is not such a message is left to the session."""
+    if path.stat().st_size == 0:
         return Precision.FP32
+    quantised = {op.encode() for op in QUANTISED_OPS}
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return Precision.INT8 if _QUANTISED.search(data) else Precision.FP32
+        try:
+            for number, graph in _fields(data, 0, len(data)):
+                if number != 7:
+                    continue
+                for field, node in _fields(data, *graph):
+                    if field == 1 and any(f == 4 and data[s:e] in quantised for f, (s, e) in _fields(data, *node)):
+                        return Precision.INT8
+        except (ValueError, IndexError):  # not an ONNX model: the session's load says what is wrong
+            pass
+    return Precision.FP32
 
 
 def find_graph(folder: Path, graph: str | None = None) -> tuple[str, tuple[str, ...]] | None:

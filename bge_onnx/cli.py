@@ -12,6 +12,7 @@ from pathlib import Path
 from .checks import env_flag, positive_int
 from .default_model import DEFAULT_MODEL_NAME, default_model, export_function
 from .errors import BgeOnnxError, InputError, MissingExtraError, install_hint
+from .storage import OutputDtype
 
 
 def _say(message: str) -> None:
@@ -404,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--rejects", metavar="FILE",
                        help="write bad rows here (JSONL: line, reason, row) and go on instead of stopping")
     embed.add_argument("--no-normalize", action="store_true", help="keep raw pooled vectors")
-    embed.add_argument("--output-dtype", choices=["float32", "int8", "uint8", "binary", "ubinary"], default="float32",
+    embed.add_argument("--output-dtype", choices=[d.value for d in OutputDtype], default="float32",
                        help="vectors for storage, as sentence-transformers' quantize_embeddings writes them: int8/uint8 "
                             "by the model's per-dimension ranges, binary/ubinary the sign bits packed 8 to a byte "
                             "(npy: int8/uint8 arrays; jsonl: integers; parquet: list<int8>/list<uint8>)")

@@ -67,13 +67,18 @@ def torch_m3(model, heads, tokenizer, texts: Sequence[str], *, pooling: Pooling,
             batch = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
             hidden = model(**batch).last_hidden_state[0]
             weights = torch.relu(sparse_linear(hidden))[:, 0].tolist()
-            best: dict[str, float] = {}
-            for token, weight in zip(batch["input_ids"][0].tolist(), weights):
-                if token not in skip_ids and weight > 0:
-                    best[str(token)] = max(weight, best.get(str(token), 0.0))
-            lexical.append(best)
+            lexical.append(lexical_weights(batch["input_ids"][0].tolist(), weights, skip_ids))
             multi.append(torch.nn.functional.normalize(colbert_linear(hidden[1:]), dim=-1).numpy())
     return dense, lexical, multi
+
+
+def lexical_weights(ids: Sequence[int], weights: Sequence[float], skip_ids: Sequence[int]) -> dict[str, float]:
+    """FlagEmbedding's lexical weights of one text: each token id's largest weight > 0, skip_ids left out."""
+    best: dict[str, float] = {}
+    for token, weight in zip(ids, weights):
+        if token not in skip_ids and weight > 0:
+            best[str(token)] = max(weight, best.get(str(token), 0.0))
+    return best
 
 
 MAX_LEXICAL_DIFF = 1e-4

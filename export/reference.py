@@ -17,6 +17,7 @@ from bge_onnx.spec import Pooling
 from bge_onnx.tokenize import TextTokenizer, pad_batch
 
 from .checkpoint import Checkpoint
+from .parity import lexical_weights
 
 _ERF = np.frompyfunc(math.erf, 1, 1)
 
@@ -157,11 +158,7 @@ def numpy_m3(encoder: NumpyEncoder, folder: Path, texts: Sequence[str], *, pooli
     for encoding, (hidden,), feeds in zip(encodings, encoder.hidden_each(batches), batches):
         dense.append(_pool(hidden[None], feeds["attention_mask"], pooling))
         weights = np.maximum(hidden @ sparse.astype(np.float64).T + sparse_bias, 0.0)[:, 0]
-        best: dict[str, float] = {}
-        for token, weight in zip(encoding.ids, weights.tolist()):
-            if token not in skip_ids and weight > 0:
-                best[str(token)] = max(weight, best.get(str(token), 0.0))
-        lexical.append(best)
+        lexical.append(lexical_weights(encoding.ids, weights.tolist(), skip_ids))
         vectors = hidden[1:] @ colbert.astype(np.float64).T + colbert_bias
         multi.append((vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)).astype(np.float32))
     return np.concatenate(dense).astype(np.float32), lexical, multi
