@@ -3,7 +3,10 @@
 One keep-alive connection sends /embed requests of 4 short texts one after another; in turns with it (A B C A B C
 ...), the same requests go through Embedder.encode in this process, and, with ``--baseline DIR``, to a server
 started from another checkout (a ``git worktree`` of an earlier commit). Medians of the rounds. The client, the
-in-process model and the servers share the machine's CPUs.
+in-process model and the servers share the machine's CPUs. Where this tree's time goes comes from its answers'
+Server-Timing header (per request, medians): the route's tokenising, queueing, inference and the hop to the
+inference thread and back; the rest of the route (checks, normalising, metrics); and outside the route, HTTP in
+both processes, the body's JSON parse and the answer's JSON render; then the client's own JSON parse.
 """
 
 from __future__ import annotations
@@ -42,15 +45,26 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
         servers[label] = (start(tree, args.model, args.precision, port),
                           http.client.HTTPConnection("127.0.0.1", port, timeout=120))
 
+    phases: dict[str, list[float]] = {}
+
     def send(connection: http.client.HTTPConnection, texts: list[str]) -> None:
+        began = time.perf_counter()
         connection.request("POST", "/embed", json.dumps({"inputs": texts}), {"content-type": "application/json"})
         response = connection.getresponse()
         body = response.read()
+        answered = time.perf_counter()
         if response.status != 200:
             raise SystemExit(f"serve_one: {response.status} {body[:200]!r}")
         json.loads(body)
+        timing = response.getheader("server-timing")
+        if timing:  # this tree's server (a baseline may predate the header)
+            for name, seconds in server_timing(timing).items():
+                phases.setdefault(name, []).append(seconds)
+            phases.setdefault("round trip", []).append(answered - began)
+            phases.setdefault("client JSON parse", []).append(time.perf_counter() - answered)
 
     seconds = {label: [] for label in ["in-process", *servers]}
+    encode_each: list[float] = []
     try:
         for texts in requests[:10]:  # warm-up
             embedder.encode(texts)
@@ -62,6 +76,8 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
             for texts in requests:
                 embedder.encode(texts)
             seconds["in-process"].append(time.perf_counter() - began)
+            if k == 0:
+                phases.clear()  # the warm-up's
             for label, (_, connection) in servers.items():
                 began = time.perf_counter()
                 for texts in requests:
@@ -83,7 +99,37 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
     report.text(f"{len(requests)} requests of 4 short texts per round, {args.rounds} rounds, in turns; precision "
                 f"{args.precision}; medians. 'vs in-process': in-process time over the contestant's.")
     report.table(["contestant", "ms per request", "vs in-process"], rows)
+    median = {name: statistics.median(values) * 1000 for name, values in phases.items()}
+    route = ["tokenize", "queue", "inference", "hop"]
+    breakdown = [
+        ["inference (the runtime's call, in its thread)", median["inference"]],
+        ["hop to the inference thread and back", median["hop"]],
+        ["tokenising to count and check lengths", median["tokenize"]],
+        ["queue (batching wait)", median["queue"]],
+        ["rest of the route (checks, normalising, metrics)", median["total"] - sum(median[n] for n in route)],
+        ["outside the route (HTTP both sides, the body's JSON, the answer's JSON)", median["round trip"] - median["total"]],
+        ["client's JSON parse of the answer", median["client JSON parse"]],
+    ]
+    whole = median["round trip"] + median["client JSON parse"]
+    data["this tree"]["phases_ms"] = {name: value for name, value in breakdown}
+    report.text(f"Where this tree's {whole:.2f} ms go (medians per request from its Server-Timing header; the parts "
+                f"are medians each, so they need not add up exactly). In-process encode of the same texts: "
+                f"{per_request(seconds['in-process'], len(requests)):.2f} ms.")
+    report.table(["part", "ms per request"], [[name, f"{value:.2f}"] for name, value in breakdown])
     report.write()
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """A Server-Timing header's durations, in seconds."""
+    out = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        out[name] = float(duration) / 1000
+    return out
+
+
+def per_request(rounds: list[float], requests: int) -> float:
+    return statistics.median(rounds) / requests * 1000
 
 
 if __name__ == "__main__":

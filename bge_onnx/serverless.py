@@ -10,7 +10,7 @@ Settings come from the environment, read when the model loads (a failed load is 
     BGE_ONNX_MAX_TEXTS         most texts per request (default 128), read on every call
     BGE_ONNX_THREADS           CPU threads (default: the CPUs the process may use)
     BGE_ONNX_SPIN              0 (default here): onnxruntime's threads sleep between calls instead of spinning;
-                               1 spins, as onnxruntime does by default
+                               1 spins, as onnxruntime does by default; run spins only within a call
 
 A request is ``{"texts": [str, ...], "kind": "text" | "query" | "passage", "normalize": bool}`` (kind defaults to
 "text": embedded as is; "query" puts the model's query instruction first; normalize defaults to true). It comes

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from .checks import env_flag, positive_int
 from .errors import (
+    ConfigError,
     InputError,
     ModelFilesError,
     ModelIntegrityError,
@@ -25,10 +26,12 @@ from .errors import (
 )
 
 THREADS_ENV = "BGE_ONNX_THREADS"
-# "0": onnxruntime's threads sleep while they wait for work instead of spinning (onnxruntime's default, which the
-# library keeps), so an idle process burns no CPU; the server and the serverless handler default to 0
-# (docs/decisions.md section 14).
+# onnxruntime's threads waiting for work: "1" spin (onnxruntime's default, which the library keeps: fastest, but a
+# process burns ~20 ms of CPU per idle second after a call), "0" sleep (no idle CPU; each parallel step of a call
+# wakes them; the serverless handler's default), "run" spin within a call and sleep once it ends (the server's
+# default; docs/decisions.md section 14).
 SPIN_ENV = "BGE_ONNX_SPIN"
+SPIN_MODES = ("1", "0", "run")
 # "1": weights stay in the pages mapped from the model's data file instead of being repacked per process, so that
 # processes on one host share them (at a cost in speed; docs/decisions.md section 14). Worker processes and Ray
 # actors set it.
@@ -167,6 +170,21 @@ def choose_providers(
     return [CPU]
 
 
+def spin_mode() -> str:
+    """$BGE_ONNX_SPIN as one of SPIN_MODES ("1" when unset; yes/no words as 1/0).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    value = os.environ.get(SPIN_ENV, "").strip().lower()
+    if value == "run":
+        return value
+    try:
+        return "1" if env_flag(SPIN_ENV, default=True) else "0"
+    except ConfigError:
+        raise ConfigError(f"${SPIN_ENV} must be 1 (spin), 0 (sleep) or run (spin within a call), got {value!r}") from None
+
+
 class Session:
     """An onnxruntime session over one .onnx file, with the inputs it declares."""
 
@@ -189,9 +207,11 @@ class Session:
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.spins = env_flag(SPIN_ENV, default=True)
-        if not self.spins:
+        self.spin = spin_mode()
+        if self.spin == "0":
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif self.spin == "run":
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         self.shares_weights = env_flag(SHARE_WEIGHTS_ENV)
         if self.shares_weights:
             options.add_session_config_entry("session.disable_prepacking", "1")

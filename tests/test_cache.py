@@ -104,11 +104,24 @@ def test_verify_help_and_a_missing_folder(tmp_path):
     assert result.returncode == 1 and "does not exist" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["BGE_ONNX_SPIN", "BGE_ONNX_SHARE_WEIGHTS"])
-def test_switches_refuse_what_is_not_yes_or_no(exported, monkeypatch, name):
+@pytest.mark.parametrize(("name", "expected"), [
+    ("BGE_ONNX_SPIN", r"1 \(spin\), 0 \(sleep\) or run \(spin within a call\)"),
+    ("BGE_ONNX_SHARE_WEIGHTS", "1/true/yes/on or 0/false/no/off"),
+])
+def test_switches_refuse_what_they_do_not_know(exported, monkeypatch, name, expected):
     monkeypatch.setenv(name, "maybe")
-    with pytest.raises(ConfigError, match=rf"\${name} must be 1/true/yes/on or 0/false/no/off, got 'maybe'"):
+    with pytest.raises(ConfigError, match=rf"\${name} must be {expected}, got 'maybe'"):
         Embedder(exported["bert-mean"], device="cpu")
+
+
+def test_each_spin_mode_gives_the_same_vectors(exported, sentences, monkeypatch):
+    texts = sentences[:40]
+    expected = Embedder(exported["bert-mean"], device="cpu").encode(texts)
+    for value, mode in (("run", "run"), ("off", "0"), ("0", "0"), ("yes", "1")):
+        monkeypatch.setenv("BGE_ONNX_SPIN", value)
+        embedder = Embedder(exported["bert-mean"], device="cpu")
+        assert embedder._model.session.spin == mode
+        np.testing.assert_allclose(embedder.encode(texts), expected, atol=1e-6)
 
 
 def test_shared_weights_give_the_same_vectors(exported, sentences, monkeypatch):

@@ -135,6 +135,11 @@ def test_tei_embed_matches_in_process(server, embedder):
     assert_same_vectors(body, embedder.encode(texts))
     for name in ("x-compute-time", "x-queue-time", "x-inference-time", "x-tokenization-time", "x-compute-tokens"):
         assert int(headers[name]) >= 0
+    timing = dict(part.strip().split(";dur=") for part in headers["server-timing"].split(","))
+    phases = {name: float(value) for name, value in timing.items()}
+    assert list(phases) == ["tokenize", "queue", "inference", "hop", "total"] and min(phases.values()) >= 0
+    assert phases["tokenize"] + phases["queue"] + phases["inference"] + phases["hop"] <= phases["total"]
+    assert abs(int(headers["x-inference-time"]) - phases["inference"]) < 1.001  # TEI's header: whole milliseconds
     status, body, _ = call(server.base, "POST", "/embed", {"inputs": "one text"})
     assert status == 200 and len(body) == 1  # always a 2-D list
     assert_same_vectors(body, embedder.encode(["one text"]))
@@ -552,6 +557,25 @@ def test_batcher_merges_or_isolates_requests(isolate):
     else:
         assert calls == [[item for items in requests for item in items]]  # one call for all five
 
+
+
+def test_batcher_cost_fit_is_least_squares():
+    """The call-cost model behind admission and Retry-After: numpy's polyfit over the same calls, computed here."""
+    from bge_onnx.serve.batcher import Batcher
+    from bge_onnx.serve.metrics import Metrics
+
+    rng = np.random.default_rng(7)
+    batcher = Batcher(lambda items: items, name="embed", metrics=Metrics(), max_wait=0, isolate=False)
+    calls = [(int(t), 0.002 + 3e-5 * t + float(rng.normal(0, 1e-4))) for t in rng.integers(20, 4000, 100)]
+    for tokens, seconds in calls:
+        batcher._measured(tokens, seconds)
+    slope, intercept = np.polyfit([t for t, _ in calls[-64:]], [s for _, s in calls[-64:]], 1)
+    assert batcher.per_token == pytest.approx(slope, rel=1e-9)
+    assert batcher.overhead == pytest.approx(intercept, rel=1e-9)
+    same = Batcher(lambda items: items, name="embed", metrics=Metrics(), max_wait=0, isolate=False)
+    for _ in range(5):  # sizes all alike: the mean cost per token, no overhead
+        same._measured(100, 0.01)
+    assert same.per_token == pytest.approx(1e-4) and same.overhead == 0.0
 
 def _codes(values, dtype: str) -> np.ndarray:
     return np.asarray(values, dtype=np.uint8 if dtype in ("uint8", "ubinary") else np.int8)

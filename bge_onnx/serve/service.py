@@ -66,8 +66,9 @@ class Service:
     def load(self) -> None:
         """Load the models (blocking: run it in a thread)."""
         config = self.config
-        # a server waits between requests: its threads sleep there instead of spinning, unless $BGE_ONNX_SPIN=1
-        os.environ.setdefault(SPIN_ENV, "0")
+        # a server waits between requests: its threads spin only within a call and sleep between them, unless
+        # $BGE_ONNX_SPIN says otherwise (benchmarks/results/idle.md: as little idle CPU as sleeping, faster answers)
+        os.environ.setdefault(SPIN_ENV, "run")
         options = {"device": config.device, "threads": config.threads, "max_length": config.max_length,
                    "precision": config.precision, "revision": config.revision}
         if config.max_batch_tokens is not None:
@@ -322,15 +323,20 @@ def _device(model: Embedder | Reranker) -> str:
 
 def timing_headers(start: float, tokenize: float, timing: Timing, *, tokens: int, characters: int,
                    device: str) -> dict[str, str]:
-    """TEI's response headers: where the request's time went (whole milliseconds) and what it computed."""
-    total = str(int((time.perf_counter() - start) * 1000))
+    """TEI's response headers: where the request's time went (whole milliseconds) and what it computed; and the
+    same to the microsecond as the W3C's Server-Timing (browsers' developer tools show it), with the hop to the
+    inference thread and back ("hop") apart from the runtime's own time."""
+    total = time.perf_counter() - start
+    phases = {"tokenize": tokenize, "queue": timing.queue, "inference": timing.inference,
+              "hop": timing.call - timing.inference, "total": total}
     return {
         "x-compute-type": device,
-        "x-compute-time": total,
-        "x-total-time": total,
+        "x-compute-time": str(int(total * 1000)),
+        "x-total-time": str(int(total * 1000)),
         "x-tokenization-time": str(int(tokenize * 1000)),
         "x-queue-time": str(int(timing.queue * 1000)),
         "x-inference-time": str(int(timing.inference * 1000)),
         "x-compute-tokens": str(tokens),
         "x-compute-characters": str(characters),
+        "server-timing": ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in phases.items()),
     }
