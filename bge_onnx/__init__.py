@@ -16,6 +16,7 @@ from .errors import (
     PushError,
     WrongTaskError,
 )
+from .handle import LoadOptions
 from .m3 import M3Embedder
 from .reranker import Reranker, RerankResult
 from .spec import ModelSpec, Pooling, Precision, Task, read_spec
@@ -27,6 +28,7 @@ __all__ = [
     "ExportError",
     "InputError",
     "InputTypeError",
+    "LoadOptions",
     "M3Embedder",
     "MissingExtraError",
     "ModelFilesError",

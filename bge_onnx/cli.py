@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -307,11 +308,12 @@ def _positive_int(value: str) -> int:
 
 
 def _runtime_kwargs(args: argparse.Namespace) -> dict:
-    options = {"device": args.device, "threads": args.threads, "max_length": args.max_length,
-               "precision": args.precision, "revision": args.revision}
-    if args.max_tokens is not None:
-        options["max_tokens"] = args.max_tokens
-    return options
+    """The load options the flags give (--batch-size goes to each call instead)."""
+    from .handle import LoadOptions
+
+    return dataclasses.asdict(LoadOptions(device=args.device, precision=args.precision, threads=args.threads,
+                                          max_length=args.max_length, max_tokens=args.max_tokens,
+                                          revision=args.revision))
 
 
 def _runtime_options(parser: argparse.ArgumentParser, *, files: bool = False) -> None:

@@ -13,7 +13,6 @@ from .batching import Progress
 from .checks import check_texts, describe, positive_int
 from .handle import ModelHandle
 from .tokenize import check_encodable
-from .workers import join, split
 from .pooling import normalize as l2_normalize
 from .storage import OutputDtype, convert, ranges_of
 from .storage import output_dtype as output_dtype_of
@@ -215,12 +214,10 @@ class Embedder(ModelHandle):
     ) -> np.ndarray:
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
-        pool = self._pool(workers, len(items))
-        if pool is not None:
+        if self._shares_work(workers, len(items)):
             check_encodable(items, name=name, start=start)  # here, where the index in the caller's input is known
-            shares = split([prefix + text for text in items], pool.processes)
-            parts = pool.map("encode", shares, {"normalize": normalize, "batch_size": batch_size})
-            return join(parts, pool.processes, len(items))
+            return self._in_workers(workers, "encode", [prefix + text for text in items],
+                                    {"normalize": normalize, "batch_size": batch_size})
         if prefix:
             items = [prefix + text for text in items]
 

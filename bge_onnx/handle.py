@@ -1,11 +1,14 @@
-"""ModelHandle: what Embedder and Reranker share (a folder opened for their task, its batch loop, its properties)."""
+"""ModelHandle: what Embedder, Reranker and M3Embedder share (a folder opened for their task, its batch loop, its
+properties), and LoadOptions, the one definition of how a model is opened."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
 from typing import TypeVar
 from pathlib import Path
 
@@ -19,7 +22,70 @@ from .hub import looks_like_repo_id
 from .pooling import reducer
 from .session import CUDA
 from .spec import MANIFEST, ModelSpec, Precision, Task
-from .workers import WorkerPool
+from .workers import WorkerPool, join, split
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadOptions:
+    """How a model is opened and run: the keywords Embedder, Reranker and M3Embedder take, and the ones the
+    LangChain and LlamaIndex adapters, Ray, the server and the CLI pass on (tests hold every one of them to these
+    names and defaults).
+
+    Args:
+        device: "auto" (CUDA if onnxruntime-gpu can use it, else CPU), "cpu" or "cuda".
+        precision: "auto" (int8 on CPU where exported, fp16 on CUDA, else fp32), "fp32", "fp16" or "int8".
+        threads: onnxruntime's CPU threads; default the CPUs the process may use ($BGE_ONNX_THREADS).
+        max_length: token limit per text (per pair for a reranker); default the model's.
+        batch_size: most texts per forward pass.
+        max_tokens: most padded tokens per forward pass; default 512 on CPU, 16384 on CUDA.
+        revision: a hub revision (branch, tag or commit) for a repo id.
+        local_files_only: never use the network for a repo id: the cache, or ModelFilesError.
+
+    Raises:
+        InputError: a count that is not a positive int.
+
+    >>> LoadOptions.of("Embedder", {"precision": "fp32", "max_length": 128}).changed()
+    {'precision': 'fp32', 'max_length': 128}
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    max_length: int | None = None
+    batch_size: int = 256
+    max_tokens: int | None = None
+    revision: str | None = None
+    local_files_only: bool = False
+
+    def __post_init__(self) -> None:
+        positive_int("batch_size", self.batch_size)
+        for name in ("threads", "max_length", "max_tokens"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+
+    @classmethod
+    def of(cls, owner: str, keywords: dict[str, object], *, also: Iterable[str] = ()) -> LoadOptions:
+        """The options in ``keywords``, refusing any other name as ``owner``() would (``also``: the owner's own
+        keywords, offered as near matches)."""
+        names = [field.name for field in dataclasses.fields(cls)]
+        for key in keywords:
+            if key not in names:
+                raise unexpected_keyword(owner, key, [*also, *names])
+        return cls(**keywords)
+
+    def changed(self) -> dict[str, object]:
+        """The options that differ from the defaults."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if getattr(self, field.name) != field.default}
+
+
+def unexpected_keyword(owner: str, key: str, known: Sequence[str]) -> InputTypeError:
+    """Python's TypeError for an unknown keyword, naming ``owner`` (not an __init__ deep inside) and the nearest
+    keyword it takes."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return InputTypeError(f"{owner}() got an unexpected keyword argument {key!r}{hint}; its keywords are "
+                          f"{', '.join(known)}")
 
 
 class ModelHandle:
@@ -36,10 +102,7 @@ class ModelHandle:
         known = [name for name in parameters if name not in ("self", "model")]
         unknown = next((name for name in options if name not in known and name != "model"), None)
         if unknown is not None:
-            close = difflib.get_close_matches(unknown, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise InputTypeError(f"{cls.__name__}() got an unexpected keyword argument {unknown!r}{hint}; its "
-                                 f"keywords are {', '.join(known)}")
+            raise unexpected_keyword(cls.__name__, unknown, known)
         return super().__new__(cls)
 
     def __init__(
@@ -57,19 +120,11 @@ class ModelHandle:
     ) -> None:
         if model is None:
             model = self._default_model()
-        self.batch_size = positive_int("batch_size", batch_size)
-        if max_tokens is not None:
-            positive_int("max_tokens", max_tokens)
-        self._model = open_model(
-            model,
-            task=self.task,
-            device=device,
-            threads=threads,
-            max_length=max_length,
-            revision=revision,
-            precision=precision,
-            local_files_only=local_files_only,
-        )
+        LoadOptions(device=device, precision=precision, threads=threads, max_length=max_length, batch_size=batch_size,
+                    max_tokens=max_tokens, revision=revision, local_files_only=local_files_only)  # checks the counts
+        self.batch_size = batch_size
+        self._model = open_model(model, task=self.task, device=device, threads=threads, max_length=max_length,
+                                 revision=revision, precision=precision, local_files_only=local_files_only)
         self._name = os.fspath(model)  # after open_model, which names a model argument of the wrong type
         on_cuda = CUDA in self._model.session.providers
         if max_tokens is None:
@@ -78,6 +133,7 @@ class ModelHandle:
         self._tokenize_ahead = on_cuda
         self._reduce = reducer(self._model.spec)
         self._workers: WorkerPool | None = None
+        self._workers_lock = threading.RLock()  # held while the pool is started, used or closed
 
     def _default_model(self) -> str | os.PathLike[str]:
         """The model when none is given: none, except for Embedder (the CLI's default)."""
@@ -116,32 +172,43 @@ class ModelHandle:
         """The model folder in use (for a hub repo id, its cached snapshot)."""
         return self._model.folder
 
-    def _pool(self, workers: int | None, items: int) -> WorkerPool | None:
-        """The worker processes for ``workers`` > 1 (started on first use, kept until close()), or None to run here:
-        for workers=None or 1, and for inputs too small to share (fewer than 2 items per worker)."""
-        if workers is None or positive_int("workers", workers) == 1 or items < 2 * workers:
-            return None
-        if self._workers is None or self._workers.processes != workers:
-            self.close()
-            settings = {"precision": self.precision.value, "threads": max(1, self._model.session.threads // workers),
-                        "max_length": self.max_length, "batch_size": self.batch_size, "max_tokens": self.max_tokens,
-                        **self._worker_settings()}
-            source = self._model.folder
-            if not (source / MANIFEST).is_file() and looks_like_repo_id(self._name) and not Path(self._name).exists():
-                # an official export opened by name: its pooling may come from the registry, by that name, so the
-                # workers open the same cached snapshot by name too (no network)
-                source, settings = self._name, {**settings, "revision": source.name, "local_files_only": True}
-            self._workers = WorkerPool(source, task=self.task.value, processes=workers, settings=settings)
-        return self._workers
+    @staticmethod
+    def _shares_work(workers: int | None, items: int) -> bool:
+        """Whether a call with ``workers`` runs in worker processes: not for workers=None or 1, nor for inputs too
+        small to share (fewer than 2 items per worker)."""
+        return workers is not None and positive_int("workers", workers) > 1 and items >= 2 * workers
+
+    def _in_workers(self, workers: int, method: str, items: list, options: dict) -> np.ndarray:
+        """``method`` over ``items`` split across ``workers`` processes (started on first use, kept until close()),
+        rows in input order. Threads take turns: one thread's call never closes the pool another's is running on."""
+        with self._workers_lock:
+            if self._workers is None or self._workers.processes != workers:
+                self.close()
+                self._workers = self._start_workers(workers)
+            parts = self._workers.map(method, split(items, workers), options)
+        return join(parts, workers, len(items))
+
+    def _start_workers(self, workers: int) -> WorkerPool:
+        settings = {"precision": self.precision.value, "threads": max(1, self._model.session.threads // workers),
+                    "max_length": self.max_length, "batch_size": self.batch_size, "max_tokens": self.max_tokens,
+                    **self._worker_settings()}
+        source = self._model.folder
+        if not (source / MANIFEST).is_file() and looks_like_repo_id(self._name) and not Path(self._name).exists():
+            # an official export opened by name: its pooling may come from the registry, by that name, so the
+            # workers open the same cached snapshot by name too (no network)
+            source, settings = self._name, {**settings, "revision": source.name, "local_files_only": True}
+        return WorkerPool(source, task=self.task.value, processes=workers, settings=settings)
 
     def _worker_settings(self) -> dict:
         return {}
 
     def close(self) -> None:
-        """Stop the worker processes, if any were started (they also stop when the object is collected or at exit)."""
-        if self._workers is not None:
-            self._workers.close()
-            self._workers = None
+        """Stop the worker processes, if any were started (they also stop when the object is collected or at exit);
+        a call running on them in another thread finishes first."""
+        with self._workers_lock:
+            if self._workers is not None:
+                self._workers.close()
+                self._workers = None
 
     @property
     def spec(self) -> ModelSpec:
@@ -186,29 +253,17 @@ def given_or_opened(
     given: Handle | None,
     *,
     name: str,
-    device: str,
-    precision: str,
-    threads: int | None,
-    max_length: int | None,
-    batch_size: int,
-    max_tokens: int | None,
-    revision: str | None,
-    local_files_only: bool,
+    options: LoadOptions,
 ) -> Handle:
     """What an adapter (LangChain, LlamaIndex) runs on: the ``given`` Embedder/Reranker to share, or ``cls`` opened
-    from ``model`` with these options; exactly one of ``model`` and ``given`` (named ``name``) must be given, and
-    the load options only with ``model`` (a built one was loaded with its own)."""
+    from ``model`` with ``options``; exactly one of ``model`` and ``given`` (named ``name``) must be given, and
+    load options only with ``model`` (a built one was loaded with its own)."""
     if (model is None) == (given is None):
         raise InputError(f"give either model= (a folder or repo id) or {name}= (an already built one), not both or none")
     if given is not None:
-        options = {"device": device, "precision": precision, "threads": threads, "max_length": max_length,
-                   "batch_size": batch_size, "max_tokens": max_tokens, "revision": revision,
-                   "local_files_only": local_files_only}
-        defaults = inspect.signature(ModelHandle.__init__).parameters
-        beside = [key for key, value in options.items() if value != defaults[key].default]
+        beside = options.changed()
         if beside:
             raise InputError(f"{', '.join(f'{key}=' for key in beside)} given beside {name}=, which was loaded with "
                              f"its own options: pass them when building the {cls.__name__}, or give model= instead")
         return given
-    return cls(model, device=device, precision=precision, threads=threads, max_length=max_length,
-               batch_size=batch_size, max_tokens=max_tokens, revision=revision, local_files_only=local_files_only)
+    return cls(model, **dataclasses.asdict(options))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .checks import describe
 from .embedder import Embedder
-from .handle import given_or_opened, model_or_name
+from .handle import LoadOptions, given_or_opened, model_or_name
 from .errors import InputTypeError, MissingExtraError, install_hint
 from .reranker import Reranker
 
@@ -31,11 +31,12 @@ class BgeOnnxEmbeddings(Embeddings):
         model: an exported model folder or hub repo id (as for ``Embedder``); or give ``embedder=`` instead.
         model_name: the same as ``model``, under the name of LangChain's HuggingFaceEmbeddings and FastEmbedEmbeddings.
         embedder: an already built ``Embedder`` to share (then the other options must be left out).
-        device, precision, threads, max_length, batch_size, max_tokens, revision, local_files_only: as for
-            :class:`bge_onnx.Embedder`.
+        options: how the model is opened, :class:`bge_onnx.LoadOptions` (device, precision, threads, max_length,
+            batch_size, max_tokens, revision, local_files_only), as for :class:`bge_onnx.Embedder`.
 
     Raises:
-        InputError: neither or both of ``model`` and ``embedder``; InputTypeError: a text that is not a str.
+        InputError: neither or both of ``model`` and ``embedder``, or options beside ``embedder``; InputTypeError: a
+            text that is not a str, or an unknown keyword.
 
     >>> BgeOnnxEmbeddings(model="bge-small-onnx").embed_query("what is a panda?")[:2]  # doctest: +SKIP
     [0.012, -0.034]
@@ -47,21 +48,11 @@ class BgeOnnxEmbeddings(Embeddings):
         *,
         model_name: str | None = None,
         embedder: Embedder | None = None,
-        device: str = "auto",
-        precision: str = "auto",
-        threads: int | None = None,
-        max_length: int | None = None,
-        batch_size: int = 256,
-        max_tokens: int | None = None,
-        revision: str | None = None,
-        local_files_only: bool = False,
+        **options: object,
     ) -> None:
-        embedder = given_or_opened(
-            Embedder, model_or_name(model, model_name), embedder, name="embedder", device=device, precision=precision, threads=threads,
-            max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
-            local_files_only=local_files_only,
-        )
-        self.embedder = embedder
+        options = LoadOptions.of(type(self).__name__, options, also=("model_name", "embedder"))
+        self.embedder = given_or_opened(Embedder, model_or_name(model, model_name), embedder, name="embedder",
+                                        options=options)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Embed passages to search in (:meth:`Embedder.encode_corpus`, no instruction)."""
@@ -90,8 +81,7 @@ class BgeOnnxRerank(BaseDocumentCompressor):
         reranker: an already built ``Reranker`` to share.
         top_n: how many documents to keep.
         normalize: scores as sigmoid(logit) in (0, 1) instead of raw logits.
-        device, precision, threads, max_length, batch_size, max_tokens, revision, local_files_only: as for
-            :class:`bge_onnx.Reranker`.
+        options: how the model is opened, :class:`bge_onnx.LoadOptions`, as for :class:`bge_onnx.Reranker`.
 
     >>> BgeOnnxRerank(model="bge-reranker-onnx", top_n=2).compress_documents(docs, "what is a panda?")  # doctest: +SKIP
     """
@@ -109,22 +99,11 @@ class BgeOnnxRerank(BaseDocumentCompressor):
         reranker: Reranker | None = None,
         top_n: int = 3,
         normalize: bool = False,
-        device: str = "auto",
-        precision: str = "auto",
-        threads: int | None = None,
-        max_length: int | None = None,
-        batch_size: int = 256,
-        max_tokens: int | None = None,
-        revision: str | None = None,
-        local_files_only: bool = False,
+        **options: object,
     ) -> None:
+        options = LoadOptions.of(type(self).__name__, options, also=("reranker", "top_n", "normalize"))
         super().__init__(top_n=top_n, normalize=normalize)
-        reranker = given_or_opened(
-            Reranker, model, reranker, name="reranker", device=device, precision=precision, threads=threads,
-            max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
-            local_files_only=local_files_only,
-        )
-        self._reranker = reranker
+        self._reranker = given_or_opened(Reranker, model, reranker, name="reranker", options=options)
 
     @property
     def reranker(self) -> Reranker:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .checks import check_texts, describe
 from .embedder import Embedder
-from .handle import given_or_opened, model_or_name
+from .handle import LoadOptions, given_or_opened, model_or_name
 from .errors import InputError, InputTypeError, MissingExtraError, install_hint
 from .reranker import Reranker
 
@@ -40,24 +40,17 @@ class BgeOnnxEmbedding(BaseEmbedding):
         embedder: an already built ``Embedder`` to share (then the load options must be left out).
         embed_batch_size: texts LlamaIndex hands over per call; default the Embedder's batch_size (the Embedder
             itself batches by tokens within it).
-        device, precision, threads, max_length, batch_size, max_tokens, revision, local_files_only: as for
-            :class:`bge_onnx.Embedder`.
+        options: how the model is opened, :class:`bge_onnx.LoadOptions` (device, precision, threads, max_length,
+            batch_size, max_tokens, revision, local_files_only), as for :class:`bge_onnx.Embedder`.
 
-    ``to_dict()`` records the model and its load options (those of a given Embedder: its folder, the precision it
-    chose, its limits), so that ``from_dict`` loads the same model again.
+    ``to_dict()`` records the model and the load options that differ from the defaults (those of a given Embedder:
+    its folder, the precision it chose, its limits), so that ``from_dict`` loads the same model again.
 
     >>> Settings.embed_model = BgeOnnxEmbedding(model="bge-small-onnx")  # doctest: +SKIP
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
-    device: str = "auto"
-    precision: str = "auto"
-    threads: int | None = None
-    max_length: int | None = None
-    batch_size: int = 256
-    max_tokens: int | None = None
-    revision: str | None = None
-    local_files_only: bool = False
+    load_options: dict[str, Any] = Field(default_factory=dict, description="LoadOptions that differ from defaults")
     _embedder: Embedder = PrivateAttr()
 
     def __init__(
@@ -67,35 +60,32 @@ class BgeOnnxEmbedding(BaseEmbedding):
         model_name: str | None = None,
         embedder: Embedder | None = None,
         embed_batch_size: int | None = None,
-        device: str = "auto",
-        precision: str = "auto",
-        threads: int | None = None,
-        max_length: int | None = None,
-        batch_size: int = 256,
-        max_tokens: int | None = None,
-        revision: str | None = None,
-        local_files_only: bool = False,
         num_workers: int | None = None,
         embeddings_cache: Any = None,
+        **options: object,
     ) -> None:
         model = model_or_name(model, model_name)
-        embedder = given_or_opened(
-            Embedder, model, embedder, name="embedder", device=device, precision=precision, threads=threads,
-            max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
-            local_files_only=local_files_only,
-        )
+        options = LoadOptions.of(type(self).__name__, options, also=(
+            "model_name", "embedder", "embed_batch_size", "num_workers", "embeddings_cache"))
+        embedder = given_or_opened(Embedder, model, embedder, name="embedder", options=options)
         if model is None:  # a given Embedder: record what reloads it
             on_cuda = "CUDAExecutionProvider" in embedder.providers
-            model, device, precision = embedder.folder, "cuda" if on_cuda else "cpu", embedder.precision.value
-            threads, max_length = embedder._model.session.threads, embedder.max_length
-            batch_size, max_tokens = embedder.batch_size, embedder.max_tokens
+            model, options = embedder.folder, LoadOptions(
+                device="cuda" if on_cuda else "cpu", precision=embedder.precision.value,
+                threads=embedder._model.session.threads, max_length=embedder.max_length,
+                batch_size=embedder.batch_size, max_tokens=embedder.max_tokens)
         super().__init__(
             model_name=os.fspath(model), embed_batch_size=embed_batch_size or embedder.batch_size,
-            num_workers=num_workers, device=device, precision=precision, threads=threads, max_length=max_length,
-            batch_size=batch_size, max_tokens=max_tokens, revision=revision, local_files_only=local_files_only,
+            num_workers=num_workers, load_options=options.changed(),
             **({} if embeddings_cache is None else {"embeddings_cache": embeddings_cache}),
         )
         self._embedder = embedder
+
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """LlamaIndex's dict, the load options at its top level as keywords (what ``from_dict`` passes back)."""
+        data = super().to_dict(**kwargs)
+        data.update(data.pop("load_options", None) or {})
+        return data
 
     @classmethod
     def class_name(cls) -> str:
@@ -146,8 +136,7 @@ class BgeOnnxRerank(BaseNodePostprocessor):
         reranker: an already built ``Reranker`` to share.
         top_n: how many nodes to keep.
         normalize: scores as sigmoid(logit) in (0, 1) instead of raw logits.
-        device, precision, threads, max_length, batch_size, max_tokens, revision, local_files_only: as for
-            :class:`bge_onnx.Reranker`.
+        options: how the model is opened, :class:`bge_onnx.LoadOptions`, as for :class:`bge_onnx.Reranker`.
 
     >>> index.as_query_engine(node_postprocessors=[BgeOnnxRerank(model="bge-reranker-onnx")])  # doctest: +SKIP
     """
@@ -165,22 +154,11 @@ class BgeOnnxRerank(BaseNodePostprocessor):
         reranker: Reranker | None = None,
         top_n: int = 3,
         normalize: bool = False,
-        device: str = "auto",
-        precision: str = "auto",
-        threads: int | None = None,
-        max_length: int | None = None,
-        batch_size: int = 256,
-        max_tokens: int | None = None,
-        revision: str | None = None,
-        local_files_only: bool = False,
+        **options: object,
     ) -> None:
+        options = LoadOptions.of(type(self).__name__, options, also=("reranker", "top_n", "normalize"))
         super().__init__(top_n=top_n, normalize=normalize)
-        reranker = given_or_opened(
-            Reranker, model, reranker, name="reranker", device=device, precision=precision, threads=threads,
-            max_length=max_length, batch_size=batch_size, max_tokens=max_tokens, revision=revision,
-            local_files_only=local_files_only,
-        )
-        self._reranker = reranker
+        self._reranker = given_or_opened(Reranker, model, reranker, name="reranker", options=options)
 
     @classmethod
     def class_name(cls) -> str:

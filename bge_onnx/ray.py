@@ -5,6 +5,7 @@ Parquet that Ray writes is read by pyarrow, pandas, polars or DuckDB without Ray
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 from .checks import positive_int
 from .embedder import Embedder
 from .errors import InputError, MissingExtraError, install_hint
+from .handle import LoadOptions
 from .reranker import Reranker
 from .session import SHARE_WEIGHTS_ENV
 
@@ -84,7 +86,7 @@ class _RerankActor:
 
 
 def _map(dataset: Any, actor: type, args: tuple, concurrency: int | tuple[int, int], batch_size: int,
-         threads: int | None) -> Any:
+         threads: int) -> Any:
     """map_batches over an actor pool of ``concurrency`` actors (or a (min, max) range), each asking for
     ``threads`` CPUs; warns when the actors would take every CPU of the running cluster, which leaves none for
     Ray's read and write tasks and stalls the job."""
@@ -96,7 +98,7 @@ def _map(dataset: Any, actor: type, args: tuple, concurrency: int | tuple[int, i
             or sizes[0] > sizes[1]:
         raise InputError(f"concurrency must be a positive int or a (min, max) pair of them, got {concurrency!r}")
     positive_int("batch_size", batch_size)
-    cpus = threads or 1
+    cpus = threads
     if ray.is_initialized():
         total = ray.cluster_resources().get("CPU", 0)
         if sizes[0] * cpus >= total:
@@ -113,10 +115,12 @@ def _map(dataset: Any, actor: type, args: tuple, concurrency: int | tuple[int, i
     )
 
 
-def _options(device: str, precision: str, threads: int | None, max_length: int | None, revision: str | None,
-             local_files_only: bool) -> dict[str, Any]:
-    return {"device": device, "precision": precision, "threads": threads or 1, "max_length": max_length,
-            "revision": revision, "local_files_only": local_files_only}
+def _options(owner: str, keywords: dict[str, object]) -> LoadOptions:
+    """The actors' load options: on the CPU with 1 thread unless told otherwise (Ray counts an actor's CPUs, not the
+    GPU that device="auto" could take); ``batch_size`` is Ray's here (rows per batch), so the model keeps its own."""
+    keywords = {"device": "cpu", **keywords}
+    keywords["threads"] = keywords.get("threads") or 1
+    return LoadOptions.of(owner, keywords, also=("concurrency", "batch_size", "kind", "normalize"))
 
 
 def embed_dataset(
@@ -128,12 +132,7 @@ def embed_dataset(
     kind: str = "passage",
     concurrency: int | tuple[int, int] = 1,
     batch_size: int = 256,
-    device: str = "cpu",
-    precision: str = "auto",
-    threads: int | None = None,
-    max_length: int | None = None,
-    revision: str | None = None,
-    local_files_only: bool = False,
+    **options: object,
 ) -> Any:
     """A Ray Dataset with a column of float32 vectors added (``fixed_size_list<float32>``), computed by an actor
     pool, each actor holding one Embedder (loaded once per actor) and asking Ray for ``threads`` CPUs (default 1).
@@ -145,6 +144,8 @@ def embed_dataset(
         kind: "passage" (encode_corpus), "query" (encode_queries: the model's instruction) or "text" (encode).
         concurrency: the number of actors, or a (min, max) range that Ray Data scales within.
         batch_size: rows per batch handed to an actor.
+        options: how each actor opens the model, :class:`bge_onnx.LoadOptions` (not its batch_size); here device
+            defaults to "cpu" and threads (also the CPUs Ray gives each actor) to 1.
 
     Returns:
         the dataset, lazily mapped (nothing runs until it is consumed or written).
@@ -153,9 +154,9 @@ def embed_dataset(
     """
     if kind not in _KINDS:
         raise InputError(f"kind must be one of {', '.join(map(repr, _KINDS))}, got {kind!r}")
-    options = _options(device, precision, threads, max_length, revision, local_files_only)
-    args = (os.fspath(model), kind, (text_column, output_column), options)
-    return _map(dataset, _EmbedActor, args, concurrency, batch_size, threads)
+    load = _options("embed_dataset", options)
+    args = (os.fspath(model), kind, (text_column, output_column), dataclasses.asdict(load))
+    return _map(dataset, _EmbedActor, args, concurrency, batch_size, load.threads)
 
 
 def rerank_dataset(
@@ -168,15 +169,10 @@ def rerank_dataset(
     normalize: bool = False,
     concurrency: int | tuple[int, int] = 1,
     batch_size: int = 256,
-    device: str = "cpu",
-    precision: str = "auto",
-    threads: int | None = None,
-    max_length: int | None = None,
-    revision: str | None = None,
-    local_files_only: bool = False,
+    **options: object,
 ) -> Any:
     """A Ray Dataset with a float32 column of scores for its (query, passage) rows, as :func:`embed_dataset` does
     for vectors; ``normalize``: sigmoid scores in (0, 1)."""
-    options = _options(device, precision, threads, max_length, revision, local_files_only)
-    args = (os.fspath(model), (query_column, passage_column, output_column), normalize, options)
-    return _map(dataset, _RerankActor, args, concurrency, batch_size, threads)
+    load = _options("rerank_dataset", options)
+    args = (os.fspath(model), (query_column, passage_column, output_column), normalize, dataclasses.asdict(load))
+    return _map(dataset, _RerankActor, args, concurrency, batch_size, load.threads)

@@ -12,7 +12,6 @@ from .batching import Progress
 from .checks import check_pairs, check_texts, describe, positive_int
 from .handle import ModelHandle
 from .tokenize import check_encodable
-from .workers import join, split
 from .spec import Task
 
 
@@ -114,11 +113,9 @@ class Reranker(ModelHandle):
         batch_size = self.batch_size if batch_size is None else positive_int("batch_size", batch_size)
         if not items:
             return np.zeros((0,), dtype=np.float32)
-        pool = self._pool(workers, len(items))
-        if pool is not None:
+        if self._shares_work(workers, len(items)):
             check_encodable([text for pair in items for text in pair], name="pair texts")
-            parts = pool.map("compute_score", split(items, pool.processes), {"normalize": normalize, "batch_size": batch_size})
-            return join(parts, pool.processes, len(items))
+            return self._in_workers(workers, "compute_score", items, {"normalize": normalize, "batch_size": batch_size})
         progress = Progress(len(items), label="scored", enabled=show_progress)
 
         def tokenize(chunk: list[tuple[str, str]], at: int) -> tuple[list, int]:

@@ -4,6 +4,8 @@ vectors, queries carry the instruction, the rerankers reorder as Reranker.rerank
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import json
 import socket
 import subprocess
@@ -13,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 
-from bge_onnx import Embedder, InputTypeError, Reranker
+from bge_onnx import Embedder, InputTypeError, LoadOptions, M3Embedder, Reranker
 from bge_onnx.errors import install_hint
 
 pytest.importorskip("langchain_core")
@@ -28,6 +30,7 @@ from bge_onnx.langchain import BgeOnnxEmbeddings
 from bge_onnx.langchain import BgeOnnxRerank as LangChainRerank
 from bge_onnx.llama_index import BgeOnnxEmbedding
 from bge_onnx.llama_index import BgeOnnxRerank as LlamaIndexRerank
+from bge_onnx.ray import embed_dataset
 
 TARGETED = [
     "The giant panda is a bear native to the mountains of central China.",
@@ -267,6 +270,27 @@ def test_model_or_built_one(exported):
         assert make(embedder=embedder, device="auto").embedder is embedder  # a default is not an option given
 
 
+
+def test_load_options_are_defined_once(exported):
+    """Every class takes LoadOptions' names with its defaults, and every adapter refuses a name it does not know as
+    the class itself would, naming itself and the nearest keyword."""
+    defaults = {field.name: field.default for field in dataclasses.fields(LoadOptions)}
+    for cls in (Embedder, Reranker, M3Embedder):
+        parameters = inspect.signature(cls.__init__).parameters
+        assert {name: parameters[name].default for name in defaults} == defaults, cls
+    folder = exported["bert-cls"]
+    for make in (BgeOnnxEmbeddings, BgeOnnxEmbedding, LangChainRerank, LlamaIndexRerank, Embedder):
+        with pytest.raises(InputTypeError, match=rf"^{make.__name__}\(\) got an unexpected keyword argument "
+                                                 r"'precison' \(did you mean 'precision'\?\)"):
+            make(folder, precison="fp32")
+    with pytest.raises(InputTypeError, match=r"^embed_dataset\(\) got an unexpected keyword argument 'thread' "
+                                             r"\(did you mean 'threads'\?\)"):
+        embed_dataset(None, folder, thread=2)
+    with pytest.raises(ValueError, match="max_tokens must be a positive int, got 0"):
+        BgeOnnxEmbeddings(folder, max_tokens=0)
+    loaded = BgeOnnxEmbeddings(folder, device="cpu", precision="fp32", max_length=32, max_tokens=64).embedder
+    assert (loaded.precision.value, loaded.max_length, loaded.max_tokens) == ("fp32", 32, 64)
+
 # imports
 
 
@@ -308,8 +332,12 @@ def test_model_name_and_llama_index_round_trip(exported):
     folder = str(exported["bert-cls"])
     texts = ["a round trip", "through to_dict"]
     built = BgeOnnxEmbedding(model_name=folder, device="cpu", precision="fp32", max_length=64)
-    again = BgeOnnxEmbedding.from_dict(built.to_dict())
-    assert (again.embedder.folder, again.embedder.max_length, again.precision) == (exported["bert-cls"], 64, "fp32")
+    written = built.to_dict()
+    assert {key: written[key] for key in ("device", "precision", "max_length")} == {
+        "device": "cpu", "precision": "fp32", "max_length": 64}  # at the top level, as keywords
+    again = BgeOnnxEmbedding.from_dict(written)
+    assert (again.embedder.folder, again.embedder.max_length, again.embedder.precision.value) == (
+        exported["bert-cls"], 64, "fp32")
     np.testing.assert_allclose(again.get_text_embedding_batch(texts), built.get_text_embedding_batch(texts), atol=1e-6)
     shared = BgeOnnxEmbedding(embedder=Embedder(folder, device="cpu", max_length=32))
     from_shared = BgeOnnxEmbedding.from_dict(shared.to_dict())

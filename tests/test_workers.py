@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -39,6 +40,35 @@ def test_workers_give_the_same_vectors_in_input_order(exported, sentences):
         embedder.close()
     assert all(child.poll() is not None for child in pool._children)  # close() stopped them
 
+
+
+def test_threads_with_different_workers_share_one_embedder(exported, sentences):
+    """The README's "one Embedder may be shared by threads", with workers=: a thread asking for another pool size
+    waits for the running call instead of closing its pool under it."""
+    embedder = Embedder(exported["bert-cls"], device="cpu")
+    texts = sentences[:120]
+    expected = embedder.encode(texts)
+    results, failures = {}, []
+
+    def call(k: int) -> None:
+        try:
+            for _ in range(2):
+                results.setdefault(k, []).append(embedder.encode(texts, workers=2 + k % 2))
+        except Exception as err:  # collected, so that the test names it
+            failures.append(err)
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+    finally:
+        embedder.close()
+    assert failures == [] and sorted(results) == [0, 1, 2, 3]
+    for vectors in results.values():
+        for got in vectors:
+            np.testing.assert_allclose(got, expected, atol=1e-6)
 
 def test_int8_workers_give_each_text_its_own_vector(int8_exported, sentences):
     """Per-token int8 split over 2 worker processes: each text gets the vector it gets alone."""

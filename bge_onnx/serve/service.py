@@ -13,6 +13,7 @@ import anyio
 import numpy as np
 
 from ..embedder import Embedder
+from ..handle import LoadOptions
 from ..m3 import M3Embedder
 from ..pooling import normalize as l2_normalize
 from ..reranker import Reranker
@@ -69,10 +70,9 @@ class Service:
         # a server waits between requests: its threads spin only within a call and sleep between them, unless
         # $BGE_ONNX_SPIN says otherwise (benchmarks/results/idle.md: as little idle CPU as sleeping, faster answers)
         os.environ.setdefault(SPIN_ENV, "run")
-        options = {"device": config.device, "threads": config.threads, "max_length": config.max_length,
-                   "precision": config.precision, "revision": config.revision}
-        if config.max_batch_tokens is not None:
-            options["max_tokens"] = config.max_batch_tokens
+        options = dataclasses.asdict(LoadOptions(device=config.device, precision=config.precision,
+                                                 threads=config.threads, max_length=config.max_length,
+                                                 max_tokens=config.max_batch_tokens, revision=config.revision))
         if self.embedder is None and config.model is not None:
             self.embedder = Embedder(config.model, **options)
         if self.reranker is None and config.reranker is not None:
