@@ -17,7 +17,7 @@ import numpy as np
 from .batching import MAX_TOKENS_CPU, MAX_TOKENS_CUDA, Progress, Tokenize, run_chunks, warn_truncated
 from .checks import positive_int
 from .errors import InputError, InputTypeError
-from .folder import batch_independent, open_model
+from .folder import LoadedModel, batch_independent, open_model
 from .hub import looks_like_repo_id
 from .pooling import reducer
 from .session import CUDA
@@ -122,16 +122,21 @@ class ModelHandle:
             model = self._default_model()
         LoadOptions(device=device, precision=precision, threads=threads, max_length=max_length, batch_size=batch_size,
                     max_tokens=max_tokens, revision=revision, local_files_only=local_files_only)  # checks the counts
-        self.batch_size = batch_size
-        self._model = open_model(model, task=self.task, device=device, threads=threads, max_length=max_length,
-                                 revision=revision, precision=precision, local_files_only=local_files_only)
-        self._name = os.fspath(model)  # after open_model, which names a model argument of the wrong type
-        on_cuda = CUDA in self._model.session.providers
+        loaded = open_model(model, task=self.task, device=device, threads=threads, max_length=max_length,
+                            revision=revision, precision=precision, local_files_only=local_files_only)
+        # os.fspath after open_model, which names a model argument of the wrong type
+        self._attach(loaded, name=os.fspath(model), batch_size=batch_size, max_tokens=max_tokens)
+
+    def _attach(self, loaded: LoadedModel, *, name: str, batch_size: int, max_tokens: int | None) -> None:
+        """Run on ``loaded`` (opened as ``name``): what __init__ does once the model is open, and what another
+        class over the same loaded model does (M3Embedder.sharing)."""
+        self._model, self._name, self.batch_size = loaded, name, batch_size
+        on_cuda = CUDA in loaded.session.providers
         if max_tokens is None:
             max_tokens = MAX_TOKENS_CUDA if on_cuda else MAX_TOKENS_CPU
         self.max_tokens = max_tokens
         self._tokenize_ahead = on_cuda
-        self._reduce = reducer(self._model.spec)
+        self._reduce = reducer(loaded.spec)
         self._workers: WorkerPool | None = None
         self._workers_lock = threading.RLock()  # held while the pool is started, used or closed
 

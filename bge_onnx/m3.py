@@ -75,8 +75,8 @@ class M3Embedder(ModelHandle):
         """An M3Embedder over an Embedder's loaded model (one session, one copy of the weights), with its max
         length (the server serves both from one load)."""
         m3 = cls.__new__(cls)
-        m3.__dict__.update({k: v for k, v in embedder.__dict__.items() if k != "_workers"})
-        m3._workers = None
+        m3._attach(embedder._model, name=embedder._name, batch_size=embedder.batch_size,
+                   max_tokens=embedder.max_tokens)
         m3._setup(embedder.max_length)
         return m3
 

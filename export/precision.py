@@ -117,9 +117,19 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return " ".join(part for part in parts if part)
 
 
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties sharing their mean rank (as scipy.stats.rankdata's "average", minus 1)."""
+    values = np.asarray(values).ravel()
+    order = np.argsort(values, kind="stable")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.repeat(first + (counts - 1) / 2, counts)
+    return ranks
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable").astype(np.float64)
-    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable").astype(np.float64)
+    """Spearman's rank correlation, ties ranked by their mean (lexical scores of texts sharing no token tie at 0)."""
+    ra, rb = _ranks(a), _ranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return 1.0 if np.array_equal(ra, rb) else 0.0
     return float(np.corrcoef(ra, rb)[0, 1])

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -221,8 +222,7 @@ def test_export_heads_safely(m3, tmp_path):
     exported = {p.name for p in m3["export"].iterdir()}
     assert not any(name.endswith(".pt") for name in exported)  # the runtime never loads a pickle
     spec = json.loads((m3["export"] / "bge_onnx.json").read_text())
-    assert spec["heads"]["skip_ids"] == [0, 1, 2, 3]
-    assert spec["variants"]["fp32"]["parity"]["colbert_min_cosine"] > 0.99999
+    assert spec["heads"]["skip_ids"] == [0, 1, 2, 3]  # (its outputs against FlagEmbedding's: the tests above)
     import onnx
 
     graph = onnx.load(str(m3["export"] / "model.onnx")).graph
@@ -273,8 +273,7 @@ def test_built_traced_and_torch_free_exports_agree(m3, ours, tmp_path):
     subprocess.run([sys.executable, "-c", script, str(m3["checkpoint"]), str(tmp_path / "free")], check=True,
                    timeout=300)
     free = json.loads((tmp_path / "free" / "bge_onnx.json").read_text())["variants"]["fp32"]["parity"]
-    assert (free["graph_from"], free["reference"]) == ("weights", "numpy")
-    assert free["lexical_max_abs_diff"] <= 1e-5 and free["colbert_min_cosine"] > 0.99999
+    assert (free["graph_from"], free["reference"]) == ("weights", "numpy")  # its outputs: compared below
     built = ours[1]
     for folder in (traced, tmp_path / "free"):
         with pytest.warns(UserWarning, match="exceeded max_length"):
@@ -295,7 +294,7 @@ def test_int8_variant_gated_on_all_three_outputs(m3, tmp_path):
     add_variant(folder, Precision.INT8, allow_below_gate=True)
     figures = read_spec(folder).variants["int8"].parity
     assert {"min_cosine", "lexical_spearman", "colbert_spearman"} <= set(figures["gate"]) <= set(figures)
-    assert 0.5 < figures["lexical_spearman"] <= 1 and 0.5 < figures["colbert_spearman"] <= 1
+    assert_gate_figures(folder, "int8", figures)
     model = M3Embedder(folder, device="cpu", precision="int8")
     out = model.encode(TEXTS[:6], return_sparse=True, return_colbert_vecs=True)
     fp32 = M3Embedder(folder, device="cpu", precision="fp32").encode(TEXTS[:6], return_sparse=True,
@@ -315,7 +314,32 @@ def test_int8_variant_gated_on_all_three_outputs(m3, tmp_path):
         np.testing.assert_allclose(list(alone["lexical_weights"][0].values()),
                                    list(batch["lexical_weights"][i].values()), atol=1e-6)
     add_variant(folder, Precision.FP16)  # the converter keeps the flash-attention branches working (here on CPU)
-    assert read_spec(folder).variants["fp16"].parity["colbert_spearman"] > 0.999
+    figures = read_spec(folder).variants["fp16"].parity
+    assert figures["passed"] and assert_gate_figures(folder, "fp16", figures) > 0.999
+
+
+def assert_gate_figures(folder: Path, precision: str, figures: dict) -> float:
+    """The manifest's lexical and ColBERT figures are what the variant gives against fp32 on the gate texts,
+    recomputed here with scipy: Spearman over every pair of distinct texts. Returns the lower of the two."""
+    from scipy.stats import spearmanr
+
+    from bge_onnx_export import probes
+
+    scores = {}
+    for name in ("fp32", precision):
+        model = M3Embedder(folder, device="cpu", precision=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the gate texts include over-long ones on purpose
+            out = model.encode(list(probes.GATE_TEXTS), return_sparse=True, return_colbert_vecs=True)
+        lexical = model.compute_lexical_matching_score(out["lexical_weights"], out["lexical_weights"])
+        colbert = np.array([[model.colbert_score(q, p) for p in out["colbert_vecs"]] for q in out["colbert_vecs"]])
+        scores[name] = (lexical, colbert)
+    off = ~np.eye(len(probes.GATE_TEXTS), dtype=bool)
+    recomputed = [spearmanr(np.asarray(scores["fp32"][k])[off], np.asarray(scores[precision][k])[off]).statistic
+                  for k in (0, 1)]
+    assert figures["lexical_spearman"] == pytest.approx(recomputed[0], abs=1e-6)
+    assert figures["colbert_spearman"] == pytest.approx(recomputed[1], abs=1e-6)
+    return min(recomputed)
 
 
 def test_server_sparse_and_colbert(m3, tmp_path):

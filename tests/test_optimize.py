@@ -55,7 +55,7 @@ def test_optimized_folder_without_torch_gives_the_pytorch_vectors(kind, official
 @pytest.mark.parametrize("kind", RERANK_KINDS)
 def test_optimized_reranker_gives_the_pytorch_scores(kind, official, torch_models, tmp_path):
     spec = optimize_model(official[kind], tmp_path / "optimized", log=None)
-    assert spec.output == "logits" and spec.variants["fp32"].parity["max_abs_diff"] <= 1e-3
+    assert spec.output == "logits"  # its scores against PyTorch's: below
     reranker = Reranker(tmp_path / "optimized", device="cpu")
     model, tokenizer = torch_models[kind]
     pairs = list(PROBE_PAIRS)
@@ -74,11 +74,15 @@ def test_int8_is_gated_against_fp32_and_external_data_is_read(official, tmp_path
     assert vectors.shape == (2, spec.dim) and np.isfinite(vectors).all()
 
 
-def test_overrides_and_bad_sources(official, exported, checkpoints, tmp_path):
+def test_overrides_and_bad_sources(official, exported, checkpoints, torch_models, tmp_path):
     spec = optimize_model(official["bert-cls"], tmp_path / "mean", pooling="mean", max_length=32,
                           query_instruction="q: ", log=None)
     assert (spec.pooling.value, spec.max_length, spec.query_instruction) == ("mean", 32, "q: ")
-    assert json.loads((tmp_path / "mean" / "bge_onnx.json").read_text())["variants"]["fp32"]["parity"]["min_cosine"] >= 0.99999
+    model, tokenizer = torch_models["bert-cls"]  # the overridden pooling and length, against PyTorch
+    reference = torch_embeddings(model, tokenizer, VARIED_TEXTS, pooling=spec.pooling, max_length=32)
+    with pytest.warns(UserWarning, match="truncated"):
+        got = Embedder(tmp_path / "mean", device="cpu").encode(VARIED_TEXTS, normalize=False)
+    np.testing.assert_allclose(got, reference, atol=1e-4)
     with pytest.raises(ExportError, match="is a bge-onnx folder already"):
         optimize_model(exported["bert-cls"], tmp_path / "again", log=None)
     with pytest.raises(ModelFilesError, match=r"has no ONNX graph .*`bge-onnx export SRC"):

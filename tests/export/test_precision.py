@@ -61,6 +61,19 @@ def test_int8_variant_is_measured_recorded_and_loaded(model_copy, kind):
     assert Embedder(folder, device="cpu", precision="int8").precision is Precision.INT8
 
 
+
+def test_spearman_is_scipys_also_with_ties():
+    """The gate's rank correlation against scipy's: lexical scores of texts sharing no token tie at 0."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=300)
+    tied = np.where(rng.random(300) < 0.4, 0.0, a)
+    cases = [(a, a + rng.normal(scale=0.5, size=300)), (tied, np.round(tied + rng.normal(scale=0.1, size=300), 1)),
+             (rng.integers(0, 4, 300).astype(float), rng.integers(0, 4, 300).astype(float))]
+    for x, y in cases:
+        assert precision._spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+
 def test_cpu_description_names_the_int8_flags(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
