@@ -64,7 +64,6 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
             phases.setdefault("client JSON parse", []).append(time.perf_counter() - answered)
 
     seconds = {label: [] for label in ["in-process", *servers]}
-    encode_each: list[float] = []
     try:
         for texts in requests[:10]:  # warm-up
             embedder.encode(texts)
