@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import shutil
 import tempfile
 import warnings
@@ -42,6 +43,22 @@ from .staging import (
     stderr,
     versions,
 )
+
+
+def optimize_command(name: str, out: Path, *, revision: str | None, graph: str | None, pooling: str | None,
+                     max_length: int | None, query_instruction: str | None, precisions: list[str],
+                     allow_below_gate: bool) -> str:
+    """The `bge-onnx optimize` command that makes this folder again: every option given, shell-quoted (the model
+    card shows it)."""
+    args = ["bge-onnx", "optimize", name, "--out", os.fspath(out)]
+    for flag, value in (("--revision", revision), ("--file", graph), ("--pooling", pooling),
+                        ("--max-length", max_length), ("--query-instruction", query_instruction)):
+        if value is not None:
+            args += [flag, str(value)]
+    args += ["--precision", *precisions]
+    if allow_below_gate:
+        args.append("--allow-below-gate")
+    return shlex.join(args)
 
 
 def optimize_model(
@@ -89,6 +106,7 @@ def optimize_model(
     name = os.fspath(src)
     if name.endswith(".onnx") and Path(name).is_file():
         name, graph = graph_in_folder(Path(name))
+    picked = graph is not None  # the command records --file only where a graph was picked
     folder = hub.resolve(name, revision=revision, graph=graph)
     if (folder / MANIFEST).is_file():
         raise ExportError(f"{folder} is a bge-onnx folder already ({MANIFEST}); load it as it is")
@@ -122,7 +140,10 @@ def optimize_model(
         for kept in (TOKENIZER_FILE, adopt.CONFIG_FILE):
             shutil.copyfile(folder / kept, staging / kept)
         graph_files = [MODEL_FILE, *sorted(p.name for p in staging.iterdir() if p.name.startswith(MODEL_FILE + "."))]
-        command = ["bge-onnx", "optimize", name, "--out", str(out), "--precision", "fp32", *(p.value for p in extra)]
+        command = optimize_command(name, out, revision=revision, graph=found[0] if picked else None,
+                                   pooling=Pooling(pooling).value if pooling else None,
+                                   max_length=max_length, query_instruction=query_instruction,
+                                   precisions=["fp32", *(p.value for p in extra)], allow_below_gate=allow_below_gate)
         spec = ModelSpec(
             task=source.task,
             architecture=source.architecture,
@@ -139,7 +160,7 @@ def optimize_model(
             files={p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
             source={"id": source.source["id"], "revision": source.source.get("revision"), "path": str(folder),
                     "graph": found[0], "graph_sha256": sha256_file(folder / found[0]),
-                    "reference": "the source ONNX graph, run as it is by onnxruntime", "command": " ".join(command)},
+                    "reference": "the source ONNX graph, run as it is by onnxruntime", "command": command},
             versions=versions(),
         )
         write_spec(staging, spec)

@@ -162,6 +162,8 @@ def describe_source(
         chosen = chosen or known_model.pooling
         limit = limit or min(known_model.max_length, max_positions)
         instruction = instruction or known_model.query_instruction
+    if chosen is None and task is Task.EMBED and has_heads(folder):
+        chosen = Pooling.CLS  # bge-m3's heads: BGEM3FlagModel always pools the first token
     if pooling is not None:
         chosen = Pooling(pooling)
     if task is Task.RERANK:

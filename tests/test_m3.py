@@ -223,6 +223,12 @@ def test_export_heads_safely(m3, tmp_path):
     assert not any(name.endswith(".pt") for name in exported)  # the runtime never loads a pickle
     spec = json.loads((m3["export"] / "bge_onnx.json").read_text())
     assert spec["heads"]["skip_ids"] == [0, 1, 2, 3]  # (its outputs against FlagEmbedding's: the tests above)
+    # a checkpoint with bge-m3's heads, under a name no registry knows and without sentence-transformers files,
+    # pools CLS as BGEM3FlagModel always does (before: "cannot tell how it pools: pass --pooling")
+    unknown = Path(shutil.copytree(m3["checkpoint"], tmp_path / "renamed" / "my-multilingual-retriever"))
+    assert not (unknown / "modules.json").exists()
+    export_model(unknown, tmp_path / "out-cls", log=None)
+    assert json.loads((tmp_path / "out-cls" / "bge_onnx.json").read_text())["pooling"] == "cls"
     import onnx
 
     graph = onnx.load(str(m3["export"] / "model.onnx")).graph

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,16 @@ def test_overrides_and_bad_sources(official, exported, checkpoints, torch_models
     spec = optimize_model(official["bert-cls"], tmp_path / "mean", pooling="mean", max_length=32,
                           query_instruction="q: ", log=None)
     assert (spec.pooling.value, spec.max_length, spec.query_instruction) == ("mean", 32, "q: ")
+    # the recorded command has every option, quoted for a shell, and makes the same folder again
+    command = shlex.split(spec.source["command"])
+    assert command == ["bge-onnx", "optimize", str(official["bert-cls"]), "--out", str(tmp_path / "mean"), "--pooling",
+                       "mean", "--max-length", "32", "--query-instruction", "q: ", "--precision", "fp32"]
+    again = subprocess.run([sys.executable, "-m", "bge_onnx", *command[1:4], str(tmp_path / "again-mean"),
+                            *command[5:], "--quiet"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    rebuilt = read_spec(tmp_path / "again-mean")
+    assert (rebuilt.pooling, rebuilt.max_length, rebuilt.query_instruction) == (spec.pooling, 32, "q: ")
+    assert rebuilt.files == spec.files
     model, tokenizer = torch_models["bert-cls"]  # the overridden pooling and length, against PyTorch
     reference = torch_embeddings(model, tokenizer, VARIED_TEXTS, pooling=spec.pooling, max_length=32)
     with pytest.warns(UserWarning, match="truncated"):
