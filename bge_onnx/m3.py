@@ -4,6 +4,7 @@ gives them, without torch."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,11 +16,45 @@ from .checks import check_pairs, check_texts, describe, positive_int
 from .errors import InputError, InputTypeError, ModelFilesError
 from .handle import ModelHandle
 from .pooling import normalize as l2_normalize
+from .session import CUDA, choose_providers
 from .spec import Task
 from .tokenize import TextTokenizer
 
 # BGEM3FlagModel's default token limit for queries and passages (bge-m3 itself takes 8192: pass max_length=8192)
 FLAG_MAX_LENGTH = 512
+
+
+def _device_of(devices: object, device: str) -> str:
+    """BGEM3FlagModel's ``devices`` as one of ours: "cpu", "cuda", "cuda:0", 0, or a list of one of them."""
+    if devices is None:
+        return device
+    one = devices[0] if isinstance(devices, list) and len(devices) == 1 else devices
+    if isinstance(one, int) and not isinstance(one, bool):
+        one = f"cuda:{one}"
+    if one in ("cpu", "cuda", "cuda:0"):
+        chosen = one.split(":")[0]
+        if device not in ("auto", chosen):
+            raise InputError(f"devices={devices!r} and device={device!r} disagree: give one")
+        return chosen
+    raise InputError(f"devices={devices!r}: an M3Embedder runs on one device, the CPU or the first GPU (\"cpu\", "
+                     "\"cuda\", \"cuda:0\" or 0); for another GPU set CUDA_VISIBLE_DEVICES, for several run one "
+                     "M3Embedder per GPU")
+
+
+def _precision_of(use_fp16: bool | None, use_bf16: bool, precision: str, device: str) -> str:
+    """BGEM3FlagModel's use_fp16 / use_bf16 as a precision: fp16 on CUDA, fp32 on a CPU (where BGEM3FlagModel also
+    runs float32); an explicit precision wins."""
+    if use_bf16:
+        warnings.warn("M3Embedder has no bfloat16 graph: use_bf16=True runs as use_fp16=True", UserWarning,
+                      stacklevel=3)
+        use_fp16 = True
+    if use_fp16 is None:
+        return precision
+    if precision != "auto":
+        warnings.warn(f"M3Embedder ignores use_fp16={use_fp16}: precision={precision!r} was given", UserWarning,
+                      stacklevel=3)
+        return precision
+    return "fp16" if use_fp16 and CUDA in choose_providers(device) else "fp32"
 
 Lexical = dict[str, float]
 
@@ -34,7 +69,25 @@ class M3Embedder(ModelHandle):
         max_length: default token limit of encode and compute_score; default 512, as BGEM3FlagModel's (bge-m3 takes
             up to 8192; memory and time grow with it: see the README's bge-m3 section).
         batch_size, max_tokens: at most this many texts, and padded tokens, per forward pass (texts are sorted by
-            length: long texts go alone). Other arguments as :class:`bge_onnx.Embedder`.
+            length: long texts go alone). Other load options as :class:`bge_onnx.Embedder`.
+
+    BGEM3FlagModel's own constructor arguments are taken too, so that changing the import is enough; each is
+    mapped, or refused where bge-onnx cannot do what it asks:
+
+    - ``use_fp16``: with ``precision="auto"``, the fp16 graph on CUDA and fp32 on a CPU (where BGEM3FlagModel also
+      runs float32); ``False``: fp32. ``use_bf16=True``: there is no bfloat16 graph; a warning, then as use_fp16.
+      An explicit ``precision`` wins (a warning says the other was ignored).
+    - ``devices``: "cpu", "cuda", "cuda:0", 0 or a list of one of them; several devices are refused (one
+      M3Embedder runs on one device).
+    - ``query_instruction_for_retrieval``, ``query_instruction_format``: what :meth:`encode_queries` puts first
+      (``format.format(instruction, query)``), in place of the export's instruction (bge-m3 has none).
+    - ``query_max_length``, ``passage_max_length``: the default token limits of :meth:`encode_queries` and of
+      :meth:`encode` / :meth:`encode_corpus` (``passage_max_length`` is ``max_length``; give one of the two).
+    - ``return_dense``, ``return_sparse``, ``return_colbert_vecs``: what :meth:`encode` returns when not told.
+    - ``normalize_embeddings=True``, ``pooling_method="cls"``, ``colbert_dim=-1`` (or the export's), and
+      ``truncate_dim=None`` are what the export computes; other values are refused, naming why.
+    - ``trust_remote_code`` (no code is loaded from a model: no effect) and ``cache_dir`` (the hub cache is
+      huggingface_hub's: set ``HF_HUB_CACHE``) are ignored, with a warning when given.
 
     >>> m3 = M3Embedder("bge-m3-onnx")  # doctest: +SKIP
     >>> out = m3.encode(["What is BGE M3?"], return_sparse=True, return_colbert_vecs=True)  # doctest: +SKIP
@@ -56,12 +109,57 @@ class M3Embedder(ModelHandle):
         precision: str = "auto",
         revision: str | None = None,
         local_files_only: bool = False,
+        normalize_embeddings: bool = True,
+        use_fp16: bool | None = None,
+        use_bf16: bool = False,
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str = "{}{}",
+        devices: str | int | list[str] | list[int] | None = None,
+        pooling_method: str = "cls",
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        colbert_dim: int = -1,
+        query_max_length: int | None = None,
+        passage_max_length: int | None = None,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        truncate_dim: int | None = None,
     ) -> None:
+        if not normalize_embeddings:
+            raise InputError("normalize_embeddings=False is not supported: the export's ColBERT vectors are "
+                             "L2-normalised in its graph; normalise or not yourself from dense_vecs")
+        if pooling_method != "cls":
+            raise InputError(f"pooling_method={pooling_method!r}: bge-m3 pools the first token (cls), as the export "
+                             "does; re-export with --pooling for another")
+        if truncate_dim is not None:
+            raise InputError(f"truncate_dim={truncate_dim!r} is not supported: cut the vectors yourself "
+                             "(vectors[:, :k], then normalise again)")
+        for name, value in (("trust_remote_code", trust_remote_code), ("cache_dir", cache_dir)):
+            if value:
+                why = "no model code is ever loaded" if name == "trust_remote_code" else "set HF_HUB_CACHE instead"
+                warnings.warn(f"M3Embedder ignores {name}={value!r}: {why}", UserWarning, stacklevel=2)
+        if max_length is not None and passage_max_length is not None and max_length != passage_max_length:
+            raise InputError(f"max_length={max_length} and passage_max_length={passage_max_length} are the same "
+                             "option (encode's default limit): give one")
+        max_length = max_length if max_length is not None else passage_max_length
+        device = _device_of(devices, device)
+        precision = _precision_of(use_fp16, use_bf16, precision, device)
         super().__init__(model, device=device, threads=threads, max_length=max_length, batch_size=batch_size,
                          max_tokens=max_tokens, precision=precision, revision=revision,
                          local_files_only=local_files_only)
         length = self._model.tokenizer.max_length
         self._setup(length if max_length is not None else min(FLAG_MAX_LENGTH, length))
+        if colbert_dim not in (-1, self._heads.get("colbert_dim", -1)):
+            raise InputError(f"colbert_dim={colbert_dim}: the export's ColBERT head gives "
+                             f"{self._heads.get('colbert_dim')} dimensions")
+        if query_max_length is not None:
+            self._tokenizer(positive_int("query_max_length", query_max_length))  # checked against the positions
+        self._query_max_length = query_max_length
+        if query_instruction_for_retrieval is not None:
+            self._instruction = (query_instruction_for_retrieval, query_instruction_format.replace("\\n", "\n"))
+        self._returns = {"return_dense": return_dense, "return_sparse": return_sparse,
+                         "return_colbert_vecs": return_colbert_vecs}
 
     def _setup(self, max_length: int) -> None:
         tokenizer = self._model.tokenizer
@@ -69,6 +167,10 @@ class M3Embedder(ModelHandle):
         self._max_length = max_length
         self._heads = dict(self._model.spec.heads)
         self._skip = np.array(sorted(self._heads.get("skip_ids", ())), dtype=np.int64)
+        self._query_max_length: int | None = None
+        instruction = self._model.spec.query_instruction
+        self._instruction = (instruction, "{}{}") if instruction else None
+        self._returns = {"return_dense": True, "return_sparse": False, "return_colbert_vecs": False}
 
     @classmethod
     def sharing(cls, embedder: ModelHandle) -> M3Embedder:
@@ -117,12 +219,13 @@ class M3Embedder(ModelHandle):
         *,
         batch_size: int | None = None,
         max_length: int | None = None,
-        return_dense: bool = True,
-        return_sparse: bool = False,
-        return_colbert_vecs: bool = False,
+        return_dense: bool | None = None,
+        return_sparse: bool | None = None,
+        return_colbert_vecs: bool | None = None,
         show_progress: bool = False,
     ) -> dict[str, Any]:
-        """Dense vectors, lexical weights and/or ColBERT vectors of texts, from one pass.
+        """Dense vectors, lexical weights and/or ColBERT vectors of texts, from one pass (what to return: by default
+        dense only, or what the constructor's return_* said).
 
         Returns:
             ``{"dense_vecs": float32 (n, dim) L2-normalised, "lexical_weights": [{token id as str: weight}],
@@ -135,10 +238,13 @@ class M3Embedder(ModelHandle):
             InputTypeError, InputError (a text that is not UTF-8-encodable), ModelFilesError (lexical or ColBERT
             asked of a dense-only export).
         """
-        for name, value in (("return_dense", return_dense), ("return_sparse", return_sparse),
-                            ("return_colbert_vecs", return_colbert_vecs)):
+        asked = {"return_dense": return_dense, "return_sparse": return_sparse, "return_colbert_vecs": return_colbert_vecs}
+        for name, value in asked.items():
+            if value is None:
+                asked[name] = value = self._returns[name]
             if not isinstance(value, bool):
                 raise InputTypeError(f"{name} must be a bool, got {type(value).__name__} {describe(value)}")
+        return_dense, return_sparse, return_colbert_vecs = asked.values()
         single = isinstance(sentences, str)
         items = check_texts([sentences] if single else sentences, name="sentences")
         out = self._encode(items, batch_size, max_length, return_dense, return_sparse, return_colbert_vecs,
@@ -148,21 +254,21 @@ class M3Embedder(ModelHandle):
         return out
 
     def encode_queries(self, queries: str | list[str], **options: Any) -> dict[str, Any]:
-        """:meth:`encode` for search queries, with the model's query instruction if it has one (bge-m3 has none)."""
-        return self._with_instruction(queries, "queries", options)
+        """:meth:`encode` for search queries: with the query instruction if there is one (bge-m3 has none; see
+        ``query_instruction_for_retrieval``), and ``query_max_length`` as the default limit if it was given."""
+        if self._query_max_length is not None and options.get("max_length") is None:
+            options["max_length"] = self._query_max_length
+        if self._instruction is None:
+            return self.encode(queries, **options)
+        instruction, form = self._instruction
+        single = isinstance(queries, str)
+        items = check_texts([queries] if single else queries, name="queries")
+        out = self.encode([form.format(instruction, q) for q in items], **options)
+        return {key: None if value is None else value[0] for key, value in out.items()} if single else out
 
     def encode_corpus(self, corpus: str | list[str], **options: Any) -> dict[str, Any]:
         """:meth:`encode` for passages to search in (never an instruction)."""
         return self.encode(corpus, **options)
-
-    def _with_instruction(self, queries: object, name: str, options: dict[str, Any]) -> dict[str, Any]:
-        instruction = self._model.spec.query_instruction
-        if not instruction:
-            return self.encode(queries, **options)  # type: ignore[arg-type]
-        single = isinstance(queries, str)
-        items = check_texts([queries] if single else queries, name=name)
-        out = self.encode([instruction + q for q in items], **options)
-        return {key: None if value is None else value[0] for key, value in out.items()} if single else out
 
     def _encode(self, items: list[str], batch_size: int | None, max_length: int | None, dense: bool, sparse: bool,
                 colbert: bool, show_progress: bool) -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """FlagEmbedding's BGEM3FlagModel on a folder, run in its own environment (tests/test_m3.py makes it): the reference
 for bge_onnx.M3Embedder. Reads a JSON request on stdin, writes results to the .npz path given.
 
-    python flag_reference.py MODEL_DIR OUT.npz < {"texts": [...], "pairs": [[q, p], ...], "weights": [w0, w1, w2]}
+    python flag_reference.py MODEL_DIR OUT.npz < {"texts": [...], "pairs": [[q, p], ...], "weights": [w0, w1, w2],
+                                                  "configured": {BGEM3FlagModel keyword: value, ...}}
+
+"configured" builds a second model with those constructor arguments; its encode_queries and encode_corpus of the
+first texts (their defaults: what to return, limits, instruction) are the reference for M3Embedder's same arguments.
 """
 
 import json
@@ -32,6 +36,12 @@ def main(model_dir: str, out: str) -> None:
         "scores": model.compute_score(pairs),
         "weighted_scores": model.compute_score(pairs, weights_for_different_modes=request["weights"]),
     }
+    configured = BGEM3FlagModel(model_dir, use_fp16=False, devices="cpu", **request["configured"])
+    for kind, encode in (("queries", configured.encode_queries), ("corpus", configured.encode_corpus)):
+        encoded = encode(texts[:8])
+        arrays[f"configured_{kind}_dense"] = encoded["dense_vecs"]
+        result[f"configured_{kind}_lexical"] = [{k: float(v) for k, v in d.items()} for d in encoded["lexical_weights"]]
+        result[f"configured_{kind}_colbert"] = encoded["colbert_vecs"] is not None
     np.savez(out, json=np.array(json.dumps(result)), **arrays)
 
 

@@ -77,7 +77,7 @@ def m3(tmp_path_factory) -> dict[str, Path]:
 def flag(m3, tmp_path_factory) -> dict:
     """BGEM3FlagModel's outputs for TEXTS and PAIRS (tests/flag_reference.py in FlagEmbedding's environment)."""
     out = tmp_path_factory.mktemp("flag") / "reference.npz"
-    request = json.dumps({"texts": TEXTS, "pairs": PAIRS, "weights": WEIGHTS})
+    request = json.dumps({"texts": TEXTS, "pairs": PAIRS, "weights": WEIGHTS, "configured": CONFIGURED})
     subprocess.run([str(_flag_python()), str(HERE / "flag_reference.py"), str(m3["checkpoint"]), str(out)],
                    input=request.encode(), check=True, capture_output=True)
     arrays = np.load(out)
@@ -89,6 +89,42 @@ def ours(m3) -> tuple[M3Embedder, dict]:
     model = M3Embedder(m3["export"], device="cpu")
     with pytest.warns(UserWarning, match="2 of 36 sentences exceeded max_length=512"):
         return model, model.encode(TEXTS, return_sparse=True, return_colbert_vecs=True)
+
+
+# BGEM3FlagModel's constructor arguments that change what encode_queries / encode_corpus do by default
+CONFIGURED = {"query_instruction_for_retrieval": "Represent this query: ", "query_max_length": 8,
+              "passage_max_length": 16, "return_sparse": True}
+
+
+def test_flag_constructor_arguments(flag, m3):
+    """M3Embedder takes BGEM3FlagModel's constructor arguments and does with them what it does (run in the same test
+    run in FlagEmbedding's environment): the instruction and limits of queries and passages, what to return."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the limits cut most texts, on purpose
+        model = M3Embedder(m3["export"], use_fp16=True, devices="cpu", **CONFIGURED)
+        assert model.precision.value == "fp32"  # BGEM3FlagModel runs float32 on a CPU whatever use_fp16 says
+        for kind, encode in (("queries", model.encode_queries), ("corpus", model.encode_corpus)):
+            out = encode(TEXTS[:8])
+            assert np.sum(out["dense_vecs"] * flag[f"configured_{kind}_dense"], axis=1).min() >= 0.99999
+            assert out["colbert_vecs"] is None and flag[f"configured_{kind}_colbert"] is False
+            for ours_, theirs in zip(out["lexical_weights"], flag[f"configured_{kind}_lexical"]):
+                assert _clear(ours_).keys() == _clear(theirs).keys()
+                assert max((abs(ours_.get(t, 0.0) - theirs.get(t, 0.0)) for t in theirs), default=0.0) <= 1e-5
+    # what bge-onnx cannot do is refused by name, not ignored
+    for keywords, message in (({"devices": ["cuda:0", "cuda:1"]}, r"runs on one device"),
+                              ({"pooling_method": "mean"}, r"pooling_method='mean': bge-m3 pools the first token"),
+                              ({"normalize_embeddings": False}, r"ColBERT vectors are L2-normalised in its graph"),
+                              ({"colbert_dim": 7}, r"colbert_dim=7: the export's ColBERT head gives 32 dimensions"),
+                              ({"truncate_dim": 16}, r"truncate_dim=16 is not supported"),
+                              ({"max_length": 64, "passage_max_length": 32}, r"are the same option")):
+        with pytest.raises(InputError, match=message):
+            M3Embedder(m3["export"], **keywords)
+    with pytest.warns(UserWarning, match="ignores use_fp16=True: precision='fp32' was given"):
+        assert M3Embedder(m3["export"], use_fp16=True, precision="fp32").precision.value == "fp32"
+    with pytest.warns(UserWarning, match="ignores cache_dir='/somewhere': set HF_HUB_CACHE instead"):
+        M3Embedder(m3["export"], cache_dir="/somewhere")
+    with pytest.raises(InputTypeError, match=r"M3Embedder\(\) got an unexpected keyword argument 'use_fp61'"):
+        M3Embedder(m3["export"], use_fp61=True)
 
 
 def test_dense_vectors(flag, ours):
