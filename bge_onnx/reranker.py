@@ -139,11 +139,14 @@ class Reranker(ModelHandle):
         top_k: int | None = None,
         normalize: bool = False,
         batch_size: int | None = None,
+        show_progress: bool = False,
+        workers: int | None = None,
     ) -> list[RerankResult]:
         """Score each passage against ``query`` and return them best first (ties keep input order).
 
         Args:
             top_k: keep only the best ``top_k``; default all.
+            normalize, batch_size, show_progress, workers: as for :meth:`compute_score`.
 
         >>> reranker.rerank("what is a panda?", ["hi", "The giant panda is a bear."], top_k=1)  # doctest: +SKIP
         [RerankResult(index=1, score=5.2, text='The giant panda is a bear.')]
@@ -153,6 +156,7 @@ class Reranker(ModelHandle):
         items = check_texts(passages, name="passages")
         if top_k is not None:
             positive_int("top_k", top_k)
-        scores = self.compute_score([(query, p) for p in items], normalize=normalize, batch_size=batch_size)
+        scores = self.compute_score([(query, p) for p in items], normalize=normalize, batch_size=batch_size,
+                                    show_progress=show_progress, workers=workers)
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [RerankResult(int(i), float(scores[i]), items[i]) for i in order]

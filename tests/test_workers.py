@@ -90,6 +90,14 @@ def test_reranker_workers(exported):
             shared = reranker.compute_score(pairs, workers=2)
         with pytest.warns(UserWarning, match="truncated"):
             np.testing.assert_allclose(shared, reranker.compute_score(pairs), atol=1e-5)
+        passages = VARIED_TEXTS * 3
+        with pytest.warns(UserWarning, match="truncated"):
+            ranked = reranker.rerank(VARIED_TEXTS[0], passages, top_k=5, workers=2)
+        with pytest.warns(UserWarning, match="truncated"):
+            alone = reranker.rerank(VARIED_TEXTS[0], passages, top_k=5, show_progress=True)
+        scores = [r.score for r in alone]
+        assert [r.index for r in ranked] == [r.index for r in alone] or len(set(np.round(scores, 4))) < 5
+        np.testing.assert_allclose([r.score for r in ranked], scores, atol=1e-5)
     finally:
         reranker.close()
 
