@@ -28,6 +28,10 @@ class LoadedModel:
     tokenizer: TextTokenizer
     session: Session
     precision: Precision
+    # what another process opens to get the same model without the network: the folder, or for an export without
+    # a manifest opened by repo id (described by that name: its pooling may come from the registry) the repo id at
+    # the cached revision, with the load options that pin it
+    reopen: tuple[str, dict[str, object]] = ("", {})
 
 
 def gate_passed(spec: ModelSpec, precision: Precision) -> bool:
@@ -161,7 +165,7 @@ def open_model(
         variant = spec.variants[chosen.value]
         verify_files(folder, spec, variant.all_files)
         session = Session(folder / variant.file, device="cpu", threads=threads, output=spec.output)
-    return LoadedModel(folder, spec, tokenizer, session, chosen)
+    return LoadedModel(folder, spec, tokenizer, session, chosen, (str(folder), {}))
 
 
 def _open_export(
@@ -192,7 +196,9 @@ def _open_export(
         session.output = spec.output
         _check_task(folder, spec, task)
         tokenizer = TextTokenizer(folder, max_length=_max_length(spec, max_length))
-    return LoadedModel(folder, spec, tokenizer, session, kind)
+    by_name = _described_by_name(name)
+    reopen = (name, {"revision": folder.name, "local_files_only": True}) if by_name else (str(folder), {})
+    return LoadedModel(folder, spec, tokenizer, session, kind, reopen)
 
 
 def describe_export(
@@ -207,9 +213,14 @@ def describe_export(
     return adopt.describe(
         folder, graph=graph, data_files=data_files, inputs=session.input_names, outputs=session.outputs,
         precision=adopt.graph_precision(folder / graph),
-        name=name if hub.looks_like_repo_id(name) and not Path(name).exists() else None,
+        name=name if _described_by_name(name) else None,
         revision=folder.name if folder.parent.name == "snapshots" else None, **overrides,
     )
+
+
+def _described_by_name(name: str) -> bool:
+    """Whether an export without a manifest is described by the repo id it was opened by (not a local path)."""
+    return hub.looks_like_repo_id(name) and not Path(name).exists()
 
 
 def read_any_spec(folder: Path, name: str) -> ModelSpec:

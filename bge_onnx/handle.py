@@ -18,10 +18,9 @@ from .batching import MAX_TOKENS_CPU, MAX_TOKENS_CUDA, Progress, Tokenize, run_c
 from .checks import positive_int
 from .errors import InputError, InputTypeError
 from .folder import LoadedModel, batch_independent, open_model
-from .hub import looks_like_repo_id
 from .pooling import reducer
 from .session import CUDA
-from .spec import MANIFEST, ModelSpec, Precision, Task
+from .spec import ModelSpec, Precision, Task
 from .workers import WorkerPool, join, split
 
 
@@ -197,12 +196,8 @@ class ModelHandle:
         settings = {"precision": self.precision.value, "threads": max(1, self._model.session.threads // workers),
                     "max_length": self.max_length, "batch_size": self.batch_size, "max_tokens": self.max_tokens,
                     **self._worker_settings()}
-        source = self._model.folder
-        if not (source / MANIFEST).is_file() and looks_like_repo_id(self._name) and not Path(self._name).exists():
-            # an official export opened by name: its pooling may come from the registry, by that name, so the
-            # workers open the same cached snapshot by name too (no network)
-            source, settings = self._name, {**settings, "revision": source.name, "local_files_only": True}
-        return WorkerPool(source, task=self.task.value, processes=workers, settings=settings)
+        source, pinned = self._model.reopen
+        return WorkerPool(source, task=self.task.value, processes=workers, settings={**settings, **pinned})
 
     def _worker_settings(self) -> dict:
         return {}
