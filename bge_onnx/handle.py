@@ -69,7 +69,7 @@ class LoadOptions:
         names = [field.name for field in dataclasses.fields(cls)]
         for key in keywords:
             if key not in names:
-                raise unexpected_keyword(owner, key, [*also, *names])
+                raise unexpected_keyword(owner, key, list(dict.fromkeys([*also, *names])))
         return cls(**keywords)
 
     def changed(self) -> dict[str, object]:

@@ -42,8 +42,9 @@ def _device_of(devices: object, device: str) -> str:
 
 
 def _precision_of(use_fp16: bool | None, use_bf16: bool, precision: str, device: str) -> str:
-    """BGEM3FlagModel's use_fp16 / use_bf16 as a precision: fp16 on CUDA, fp32 on a CPU (where BGEM3FlagModel also
-    runs float32); an explicit precision wins."""
+    """BGEM3FlagModel's use_fp16 / use_bf16 as a precision: on CUDA "auto" (the fp16 graph where the folder has one
+    that passed its gate, else fp32), fp32 on a CPU (where BGEM3FlagModel also runs float32); an explicit precision
+    wins."""
     if use_bf16:
         warnings.warn("M3Embedder has no bfloat16 graph: use_bf16=True runs as use_fp16=True", UserWarning,
                       stacklevel=3)
@@ -54,7 +55,7 @@ def _precision_of(use_fp16: bool | None, use_bf16: bool, precision: str, device:
         warnings.warn(f"M3Embedder ignores use_fp16={use_fp16}: precision={precision!r} was given", UserWarning,
                       stacklevel=3)
         return precision
-    return "fp16" if use_fp16 and CUDA in choose_providers(device) else "fp32"
+    return "auto" if use_fp16 and CUDA in choose_providers(device) else "fp32"
 
 Lexical = dict[str, float]
 
@@ -74,8 +75,8 @@ class M3Embedder(ModelHandle):
     BGEM3FlagModel's own constructor arguments are taken too, so that changing the import is enough; each is
     mapped, or refused where bge-onnx cannot do what it asks:
 
-    - ``use_fp16``: with ``precision="auto"``, the fp16 graph on CUDA and fp32 on a CPU (where BGEM3FlagModel also
-      runs float32); ``False``: fp32. ``use_bf16=True``: there is no bfloat16 graph; a warning, then as use_fp16.
+    - ``use_fp16``: with ``precision="auto"``, on CUDA the fp16 graph where the folder has one within its gate (else
+      fp32), on a CPU fp32 (where BGEM3FlagModel also runs float32); ``False``: fp32. ``use_bf16=True``: there is no bfloat16 graph; a warning, then as use_fp16.
       An explicit ``precision`` wins (a warning says the other was ignored).
     - ``devices``: "cpu", "cuda", "cuda:0", 0 or a list of one of them; several devices are refused (one
       M3Embedder runs on one device).
@@ -128,7 +129,7 @@ class M3Embedder(ModelHandle):
     ) -> None:
         if not normalize_embeddings:
             raise InputError("normalize_embeddings=False is not supported: the export's ColBERT vectors are "
-                             "L2-normalised in its graph; normalise or not yourself from dense_vecs")
+                             "L2-normalised in its graph and its dense vectors in numpy")
         if pooling_method != "cls":
             raise InputError(f"pooling_method={pooling_method!r}: bge-m3 pools the first token (cls), as the export "
                              "does; re-export with --pooling for another")
@@ -151,13 +152,27 @@ class M3Embedder(ModelHandle):
         length = self._model.tokenizer.max_length
         self._setup(length if max_length is not None else min(FLAG_MAX_LENGTH, length))
         if colbert_dim not in (-1, self._heads.get("colbert_dim", -1)):
-            raise InputError(f"colbert_dim={colbert_dim}: the export's ColBERT head gives "
-                             f"{self._heads.get('colbert_dim')} dimensions")
+            given = self._heads.get("colbert_dim")
+            raise InputError(f"colbert_dim={colbert_dim}: " + (
+                f"the export's ColBERT head gives {given} dimensions" if given else
+                "this export has no ColBERT head (dense only)"))
         if query_max_length is not None:
-            self._tokenizer(positive_int("query_max_length", query_max_length))  # checked against the positions
+            positive_int("query_max_length", query_max_length)
+            if query_max_length > self._model.spec.max_positions:
+                raise InputError(f"query_max_length={query_max_length} exceeds what the model can take "
+                                 f"({self._model.spec.max_positions} tokens)")
         self._query_max_length = query_max_length
         if query_instruction_for_retrieval is not None:
-            self._instruction = (query_instruction_for_retrieval, query_instruction_format.replace("\\n", "\n"))
+            form = query_instruction_format.replace("\\n", "\n")  # as BGEM3FlagModel reads a written "\\n"
+            try:
+                shaped = form.format("\0instruction", "\0query")
+            except (IndexError, KeyError, ValueError) as err:
+                raise InputError(f"query_instruction_format={query_instruction_format!r} must have two {{}} fields, "
+                                 f"the instruction's and the query's: {err}") from None
+            if "\0instruction" not in shaped or "\0query" not in shaped:
+                raise InputError(f"query_instruction_format={query_instruction_format!r} must place both the "
+                                 "instruction and the query (two {} fields)")
+            self._instruction = (query_instruction_for_retrieval, form)
         self._returns = {"return_dense": return_dense, "return_sparse": return_sparse,
                          "return_colbert_vecs": return_colbert_vecs}
 
@@ -373,6 +388,8 @@ class M3Embedder(ModelHandle):
         if sum(weights) <= 0 or weights[0] + weights[1] <= 0:
             raise InputError(f"weights_for_different_modes must have positive sums, got {weights}")
         modes = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True, "batch_size": batch_size}
+        if max_query_length is None:  # as BGEM3FlagModel: the constructor's query_max_length, else encode's limit
+            max_query_length = self._query_max_length
         queries = self.encode([q for q, _ in pairs], max_length=max_query_length, **modes)
         passages = self.encode([p for _, p in pairs], max_length=max_passage_length, **modes)
         dense = np.sum(queries["dense_vecs"] * passages["dense_vecs"], axis=1).tolist() if pairs else []

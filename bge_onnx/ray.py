@@ -115,12 +115,13 @@ def _map(dataset: Any, actor: type, args: tuple, concurrency: int | tuple[int, i
     )
 
 
-def _options(owner: str, keywords: dict[str, object]) -> LoadOptions:
+def _options(owner: str, keywords: dict[str, object], own: tuple[str, ...]) -> LoadOptions:
     """The actors' load options: on the CPU with 1 thread unless told otherwise (Ray counts an actor's CPUs, not the
     GPU that device="auto" could take); ``batch_size`` is Ray's here (rows per batch), so the model keeps its own."""
     keywords = {"device": "cpu", **keywords}
-    keywords["threads"] = keywords.get("threads") or 1
-    return LoadOptions.of(owner, keywords, also=("concurrency", "batch_size", "kind", "normalize"))
+    if keywords.get("threads") is None:
+        keywords["threads"] = 1
+    return LoadOptions.of(owner, keywords, also=own)
 
 
 def embed_dataset(
@@ -154,7 +155,7 @@ def embed_dataset(
     """
     if kind not in _KINDS:
         raise InputError(f"kind must be one of {', '.join(map(repr, _KINDS))}, got {kind!r}")
-    load = _options("embed_dataset", options)
+    load = _options("embed_dataset", options, ("text_column", "output_column", "kind", "concurrency", "batch_size"))
     args = (os.fspath(model), kind, (text_column, output_column), dataclasses.asdict(load))
     return _map(dataset, _EmbedActor, args, concurrency, batch_size, load.threads)
 
@@ -173,6 +174,7 @@ def rerank_dataset(
 ) -> Any:
     """A Ray Dataset with a float32 column of scores for its (query, passage) rows, as :func:`embed_dataset` does
     for vectors; ``normalize``: sigmoid scores in (0, 1)."""
-    load = _options("rerank_dataset", options)
+    load = _options("rerank_dataset", options, ("query_column", "passage_column", "output_column", "normalize",
+                                                 "concurrency", "batch_size"))
     args = (os.fspath(model), (query_column, passage_column, output_column), normalize, dataclasses.asdict(load))
     return _map(dataset, _RerankActor, args, concurrency, batch_size, load.threads)

@@ -129,6 +129,8 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rank correlation, ties ranked by their mean (lexical scores of texts sharing no token tie at 0)."""
+    if np.isnan(a).any() or np.isnan(b).any():
+        return float("nan")  # fails the gate (failures: not >= limit)
     ra, rb = _ranks(a), _ranks(b)
     if ra.std() == 0 or rb.std() == 0:
         return 1.0 if np.array_equal(ra, rb) else 0.0
@@ -176,7 +178,7 @@ def compare(task: Task, reference: Any, ours: Any) -> dict[str, float]:
 
 
 def failures(figures: dict[str, float], gate: dict[str, float]) -> list[str]:
-    return [f"{name} {figures[name]:.5f} < {limit}" for name, limit in gate.items() if figures[name] < limit]
+    return [f"{name} {figures[name]:.5f} < {limit}" for name, limit in gate.items() if not figures[name] >= limit]
 
 
 def add_variant(

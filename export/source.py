@@ -128,8 +128,9 @@ def describe_source(
     query_instruction: str | None = None,
 ) -> Source:
     """Decide task, pooling, instruction and lengths: explicit arguments, then the checkpoint's
-    sentence-transformers config, then the registry of known models, then (max length only) the model's
-    positions (``max_position_embeddings``, less RoBERTa's offset). Never a silent guess at pooling.
+    sentence-transformers config, then the registry of known models, then (pooling only) bge-m3's heads, which
+    BGEM3FlagModel always pools CLS, then (max length only) the model's positions (``max_position_embeddings``,
+    less RoBERTa's offset). Never a silent guess at pooling otherwise.
 
     Raises:
         ModelFilesError: no such folder or repo, or no config.json.

@@ -117,10 +117,19 @@ def test_switches_refuse_what_they_do_not_know(exported, monkeypatch, name, expe
 def test_each_spin_mode_gives_the_same_vectors(exported, sentences, monkeypatch):
     texts = sentences[:40]
     expected = Embedder(exported["bert-mean"], device="cpu").encode(texts)
-    for value, mode in (("run", "run"), ("off", "0"), ("0", "0"), ("yes", "1")):
+    for value, mode, entries in (("run", "run", {"session.force_spinning_stop": "1"}),
+                                 ("off", "0", {"session.intra_op.allow_spinning": "0"}),
+                                 ("0", "0", {"session.intra_op.allow_spinning": "0"}), ("yes", "1", {})):
         monkeypatch.setenv("BGE_ONNX_SPIN", value)
         embedder = Embedder(exported["bert-mean"], device="cpu")
         assert embedder._model.session.spin == mode
+        given = embedder._model.session._session.get_session_options()  # what onnxruntime was told
+        for key in ("session.force_spinning_stop", "session.intra_op.allow_spinning"):
+            if key in entries:
+                assert given.get_session_config_entry(key) == entries[key]
+            else:
+                with pytest.raises(Exception, match="does not have configuration with key"):
+                    given.get_session_config_entry(key)
         np.testing.assert_allclose(embedder.encode(texts), expected, atol=1e-6)
 
 

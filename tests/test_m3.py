@@ -115,10 +115,20 @@ def test_flag_constructor_arguments(flag, m3):
                               ({"pooling_method": "mean"}, r"pooling_method='mean': bge-m3 pools the first token"),
                               ({"normalize_embeddings": False}, r"ColBERT vectors are L2-normalised in its graph"),
                               ({"colbert_dim": 7}, r"colbert_dim=7: the export's ColBERT head gives 32 dimensions"),
+                              ({"query_max_length": 9000}, r"query_max_length=9000 exceeds what the model can take"),
+                              ({"query_instruction_for_retrieval": "q", "query_instruction_format": "{}"},
+                               r"must place both the instruction and the query"),
                               ({"truncate_dim": 16}, r"truncate_dim=16 is not supported"),
                               ({"max_length": 64, "passage_max_length": 32}, r"are the same option")):
         with pytest.raises(InputError, match=message):
             M3Embedder(m3["export"], **keywords)
+    limited = M3Embedder(m3["export"], query_max_length=4, passage_max_length=6)  # compute_score's limits too
+    with pytest.warns(UserWarning, match="exceeded max_length"):
+        cut = M3Embedder(m3["export"]).compute_score(PAIRS[:3], max_query_length=4, max_passage_length=6)
+    with pytest.warns(UserWarning, match="exceeded max_length"):
+        by_default = limited.compute_score(PAIRS[:3])
+    for mode in ("dense", "sparse", "colbert"):
+        np.testing.assert_allclose(by_default[mode], cut[mode], atol=1e-6)
     with pytest.warns(UserWarning, match="ignores use_fp16=True: precision='fp32' was given"):
         assert M3Embedder(m3["export"], use_fp16=True, precision="fp32").precision.value == "fp32"
     with pytest.warns(UserWarning, match="ignores cache_dir='/somewhere': set HF_HUB_CACHE instead"):

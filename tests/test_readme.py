@@ -1,9 +1,10 @@
 """The README's figures are the results files' figures: a re-run that changes one fails here until the README follows.
 
 Every paragraph of the README that links a results file (``[...](benchmarks/results/NAME.md)``), and a table right
-after such a paragraph, may quote only figures found in that file or its JSON: each number with a decimal point or a
-unit (x, ms, s, MB, GB, %) must be some figure of the file rounded to the digits the README shows (a GB figure may be
-the file's MB over 1000 or 1024). Figures that are not measurements (gate thresholds, tolerances) go in paragraphs
+after such a paragraph, may quote only figures found in that file as its script rendered it (not in the raw rounds of
+its JSON, where almost any figure would turn up): each number with a decimal point or a unit (x, ms, s, MB, GB, %)
+must be some figure of the file rounded to the digits the README shows (a GB figure may be the file's MB over 1000
+or 1024). Figures that are not measurements (gate thresholds, tolerances) go in paragraphs
 without such a link; a figure derived from others (a ratio of two medians) is not quoted.
 """
 
@@ -56,9 +57,8 @@ def unsupported(readme: str) -> list[str]:
         linked = links
         if not links:
             continue
-        text = "".join((RESULTS / f"{name}{suffix}").read_text(encoding="utf-8")
-                       for name in sorted(links) for suffix in (".md", ".json")
-                       if (RESULTS / f"{name}{suffix}").is_file())
+        text = "".join((RESULTS / f"{name}.md").read_text(encoding="utf-8") for name in sorted(links)
+                       if (RESULTS / f"{name}.md").is_file())
         values = [float(v) for v in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", text.replace(",", ""))]
         for figure in figures(block):
             gigabytes = re.search(re.escape(figure) + r"\s?GB", block.replace(",", "")) is not None
@@ -81,7 +81,7 @@ def test_readme_figures_are_the_results_figures():
 def test_the_check_fails_on_a_figure_the_results_do_not_hold():
     """The check itself: a stale figure (or one rounded from no result) fails, a rounded one passes."""
     name = next(path.stem for path in sorted(RESULTS.glob("*.md")))
-    text = (RESULTS / f"{name}.md").read_text(encoding="utf-8") + (RESULTS / f"{name}.json").read_text(encoding="utf-8")
+    text = (RESULTS / f"{name}.md").read_text(encoding="utf-8")
     values = sorted({float(v) for v in re.findall(r"\d+\.\d+", text)})
     assert values, name
     some = values[len(values) // 2]

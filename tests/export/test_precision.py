@@ -73,6 +73,10 @@ def test_spearman_is_scipys_also_with_ties():
              (rng.integers(0, 4, 300).astype(float), rng.integers(0, 4, 300).astype(float))]
     for x, y in cases:
         assert precision._spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    # a variant that gives NaN fails its gate (NaN < limit is False: it passed before)
+    broken = np.where(np.arange(300) == 7, np.nan, a)
+    figures = {"score_spearman": precision._spearman(a, broken)}
+    assert precision.failures(figures, {"score_spearman": 0.99}) == ["score_spearman nan < 0.99"]
 
 def test_cpu_description_names_the_int8_flags(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
