@@ -235,8 +235,10 @@ class Answer:
     headers: dict[str, str]
 
 
-async def embed_request(service: Service, texts: list[str], *, name: str, truncate: bool, normalize: bool) -> Answer:
-    """Check, queue and embed one request's texts (already prefixed with any instruction)."""
+async def embed_request(service: Service, texts: list[str], *, name: str, truncate: bool, normalize: bool = True,
+                        output: str = "dense") -> Answer:
+    """Check, queue and embed one request's texts (already prefixed with any instruction): dense vectors, or with
+    ``output`` "sparse" / "colbert" bge-m3's lexical weights or ColBERT vectors."""
     start = time.perf_counter()
     embedder = service.require("embed")
     characters = sum(map(len, texts))
@@ -245,30 +247,15 @@ async def embed_request(service: Service, texts: list[str], *, name: str, trunca
     check_lengths(counts, cut, embedder.max_length, names=[f"{name}[{i}]" for i in range(len(texts))], param=name,
                   truncate=truncate)
     used = [min(c, embedder.max_length) for c in counts]
-    rows, timing = await service.embed(texts, sum(used))
-    finite(rows)
+    if output == "dense":
+        rows, timing = await service.embed(texts, sum(used))
+        finite(rows)
+    else:
+        rows, timing = await service.multi(output, texts, sum(used))
     service.metrics.tei_success("embed", len(texts), total=time.perf_counter() - start, tokenize=tokenize,
                                 queue=timing.queue, inference=timing.inference, lengths=used)
-    if normalize:
+    if output == "dense" and normalize:
         rows = l2_normalize(rows)
-    headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=characters,
-                             device=_device(embedder))
-    return Answer(rows, used, headers)
-
-
-async def multi_request(service: Service, output: str, texts: list[str], *, name: str, truncate: bool) -> Answer:
-    """Check, queue and compute bge-m3's lexical weights or ColBERT vectors for one request's texts."""
-    start = time.perf_counter()
-    embedder = service.require("embed")
-    characters = sum(map(len, texts))
-    service.metrics.tei_request("embed", len(texts))
-    texts, counts, cut, tokenize = await service.measure("embed", texts, embedder.max_length)
-    check_lengths(counts, cut, embedder.max_length, names=[f"{name}[{i}]" for i in range(len(texts))], param=name,
-                  truncate=truncate)
-    used = [min(c, embedder.max_length) for c in counts]
-    rows, timing = await service.multi(output, texts, sum(used))
-    service.metrics.tei_success("embed", len(texts), total=time.perf_counter() - start, tokenize=tokenize,
-                                queue=timing.queue, inference=timing.inference, lengths=used)
     headers = timing_headers(start, tokenize, timing, tokens=sum(used), characters=characters,
                              device=_device(embedder))
     return Answer(rows, used, headers)

@@ -41,7 +41,6 @@ from .render import JSONResponse
 from .service import (
     Service,
     embed_request,
-    multi_request,
     rerank_request,
     score_request,
     sigmoid,
@@ -119,7 +118,7 @@ async def _multi(service: Service, body: object, output: str) -> tuple[list, dic
     check_direction(body)
     prefix = _prompt(service, body)
     truncate = flag(body, "truncate", service.config.auto_truncate)
-    answer = await multi_request(service, output, [prefix + t for t in texts], name="inputs", truncate=truncate)
+    answer = await embed_request(service, [prefix + t for t in texts], name="inputs", truncate=truncate, output=output)
     return answer.rows, answer.headers
 
 
