@@ -368,11 +368,12 @@ class M3Embedder(ModelHandle):
         max_query_length: int | None = None,
         max_passage_length: int | None = None,
         weights_for_different_modes: Sequence[float] | None = None,
+        show_progress: bool = False,
     ) -> dict[str, list[float] | float]:
         """Dense, lexical ("sparse") and ColBERT scores of (query, passage) pairs, and their weighted sums, as
         BGEM3FlagModel.compute_score: ``weights_for_different_modes`` = [dense, sparse, colbert] (default 1, 1, 1);
         "sparse+dense" = (w1 sparse + w0 dense) / (w0 + w1), "colbert+sparse+dense" = (w2 colbert + w1 sparse +
-        w0 dense) / (w0 + w1 + w2).
+        w0 dense) / (w0 + w1 + w2). ``show_progress``: a counter for the queries, then one for the passages.
 
         Returns:
             ``{"colbert": [...], "sparse": [...], "dense": [...], "sparse+dense": [...],
@@ -387,7 +388,8 @@ class M3Embedder(ModelHandle):
                              f"{describe(weights_for_different_modes)}")
         if sum(weights) <= 0 or weights[0] + weights[1] <= 0:
             raise InputError(f"weights_for_different_modes must have positive sums, got {weights}")
-        modes = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True, "batch_size": batch_size}
+        modes = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True, "batch_size": batch_size,
+                 "show_progress": show_progress}
         if max_query_length is None:  # as BGEM3FlagModel: the constructor's query_max_length, else encode's limit
             max_query_length = self._query_max_length
         queries = self.encode([q for q, _ in pairs], max_length=max_query_length, **modes)

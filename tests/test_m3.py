@@ -192,11 +192,12 @@ def test_convert_id_to_token(flag, ours):
         np.testing.assert_allclose(list(got.values()), [expected[k] for k in got], atol=1e-4)
 
 
-def test_compute_score(flag, ours):
+def test_compute_score(flag, ours, capsys):
     model = ours[0]
     with pytest.warns(UserWarning, match="truncated"):
         scores = model.compute_score(PAIRS)
-        weighted = model.compute_score(PAIRS, weights_for_different_modes=WEIGHTS)
+        weighted = model.compute_score(PAIRS, weights_for_different_modes=WEIGHTS, show_progress=True)
+    assert capsys.readouterr().err.count(f"embedded: {len(PAIRS)}/{len(PAIRS)}") == 2  # queries, then passages
     assert list(scores) == list(flag["scores"])
     for mode in ("dense", "sparse", "sparse+dense"):
         np.testing.assert_allclose(scores[mode], flag["scores"][mode], atol=1e-4, err_msg=mode)
