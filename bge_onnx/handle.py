@@ -182,9 +182,9 @@ class ModelHandle:
         small to share (fewer than 2 items per worker)."""
         return workers is not None and positive_int("workers", workers) > 1 and items >= 2 * workers
 
-    def _in_workers(self, workers: int, method: str, items: list, options: dict) -> np.ndarray:
+    def _in_workers(self, workers: int, method: str, items: list, options: dict) -> np.ndarray | dict:
         """``method`` over ``items`` split across ``workers`` processes (started on first use, kept until close()),
-        rows in input order. Threads take turns: one thread's call never closes the pool another's is running on."""
+        rows in input order (for M3Embedder, each of its outputs). Threads take turns: one thread's call never closes the pool another's is running on."""
         with self._workers_lock:
             if self._workers is None or self._workers.processes != workers:
                 self.close()
@@ -197,7 +197,12 @@ class ModelHandle:
                     "max_length": self.max_length, "batch_size": self.batch_size, "max_tokens": self.max_tokens,
                     **self._worker_settings()}
         source, pinned = self._model.reopen
-        return WorkerPool(source, task=self.task.value, processes=workers, settings={**settings, **pinned})
+        return WorkerPool(source, task=self._worker_task, processes=workers, settings={**settings, **pinned})
+
+    @property
+    def _worker_task(self) -> str:
+        """What a worker process opens the model as (workers.main)."""
+        return self.task.value
 
     def _worker_settings(self) -> dict:
         return {}

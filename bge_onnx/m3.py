@@ -18,7 +18,7 @@ from .handle import ModelHandle
 from .pooling import normalize as l2_normalize
 from .session import CUDA, choose_providers
 from .spec import Task
-from .tokenize import TextTokenizer
+from .tokenize import TextTokenizer, check_encodable
 
 # BGEM3FlagModel's default token limit for queries and passages (bge-m3 itself takes 8192: pass max_length=8192)
 FLAG_MAX_LENGTH = 512
@@ -187,6 +187,10 @@ class M3Embedder(ModelHandle):
         self._instruction = (instruction, "{}{}") if instruction else None
         self._returns = {"return_dense": True, "return_sparse": False, "return_colbert_vecs": False}
 
+    @property
+    def _worker_task(self) -> str:
+        return "m3"
+
     @classmethod
     def sharing(cls, embedder: ModelHandle) -> M3Embedder:
         """An M3Embedder over an Embedder's loaded model (one session, one copy of the weights), with its max
@@ -238,9 +242,11 @@ class M3Embedder(ModelHandle):
         return_sparse: bool | None = None,
         return_colbert_vecs: bool | None = None,
         show_progress: bool = False,
+        workers: int | None = None,
     ) -> dict[str, Any]:
         """Dense vectors, lexical weights and/or ColBERT vectors of texts, from one pass (what to return: by default
-        dense only, or what the constructor's return_* said).
+        dense only, or what the constructor's return_* said). ``workers``: split the texts over this many
+        processes, as :meth:`Embedder.encode` does (not with show_progress).
 
         Returns:
             ``{"dense_vecs": float32 (n, dim) L2-normalised, "lexical_weights": [{token id as str: weight}],
@@ -262,8 +268,14 @@ class M3Embedder(ModelHandle):
         return_dense, return_sparse, return_colbert_vecs = asked.values()
         single = isinstance(sentences, str)
         items = check_texts([sentences] if single else sentences, name="sentences")
-        out = self._encode(items, batch_size, max_length, return_dense, return_sparse, return_colbert_vecs,
-                           show_progress)
+        if self._shares_work(workers, len(items)):
+            check_encodable(items, name="sentences")  # here, where the index in the caller's input is known
+            out = self._in_workers(workers, "encode", items, {
+                "batch_size": batch_size, "max_length": max_length, "return_dense": return_dense,
+                "return_sparse": return_sparse, "return_colbert_vecs": return_colbert_vecs})
+        else:
+            out = self._encode(items, batch_size, max_length, return_dense, return_sparse, return_colbert_vecs,
+                               show_progress)
         if single:
             out = {key: None if value is None else value[0] for key, value in out.items()}
         return out
@@ -369,11 +381,13 @@ class M3Embedder(ModelHandle):
         max_passage_length: int | None = None,
         weights_for_different_modes: Sequence[float] | None = None,
         show_progress: bool = False,
+        workers: int | None = None,
     ) -> dict[str, list[float] | float]:
         """Dense, lexical ("sparse") and ColBERT scores of (query, passage) pairs, and their weighted sums, as
         BGEM3FlagModel.compute_score: ``weights_for_different_modes`` = [dense, sparse, colbert] (default 1, 1, 1);
         "sparse+dense" = (w1 sparse + w0 dense) / (w0 + w1), "colbert+sparse+dense" = (w2 colbert + w1 sparse +
-        w0 dense) / (w0 + w1 + w2). ``show_progress``: a counter for the queries, then one for the passages.
+        w0 dense) / (w0 + w1 + w2). ``show_progress``: a counter for the queries, then one for the passages;
+        ``workers``: as for :meth:`encode`.
 
         Returns:
             ``{"colbert": [...], "sparse": [...], "dense": [...], "sparse+dense": [...],
@@ -389,7 +403,7 @@ class M3Embedder(ModelHandle):
         if sum(weights) <= 0 or weights[0] + weights[1] <= 0:
             raise InputError(f"weights_for_different_modes must have positive sums, got {weights}")
         modes = {"return_dense": True, "return_sparse": True, "return_colbert_vecs": True, "batch_size": batch_size,
-                 "show_progress": show_progress}
+                 "show_progress": show_progress, "workers": workers}
         if max_query_length is None:  # as BGEM3FlagModel: the constructor's query_max_length, else encode's limit
             max_query_length = self._query_max_length
         queries = self.encode([q for q, _ in pairs], max_length=max_query_length, **modes)

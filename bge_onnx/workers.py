@@ -133,9 +133,18 @@ def split(items: list, n: int) -> list[list]:
     return [items[k::n] for k in range(n)]
 
 
-def join(parts: list[np.ndarray], n: int, total: int) -> np.ndarray:
-    """The inverse of split for arrays: rows back in input order."""
-    out = np.empty((total, *parts[0].shape[1:]), dtype=parts[0].dtype)
+def join(parts: list, n: int, total: int) -> Any:
+    """The inverse of split: rows back in input order, for arrays, lists, and dicts of them (M3Embedder.encode's,
+    whose outputs not asked for are None)."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {key: None if first[key] is None else join([part[key] for part in parts], n, total) for key in first}
+    if isinstance(first, list):
+        rows: list = [None] * total
+        for k, part in enumerate(parts):
+            rows[k::n] = part
+        return rows
+    out = np.empty((total, *first.shape[1:]), dtype=first.dtype)
     for k, part in enumerate(parts):
         out[k::n] = part
     return out
@@ -148,9 +157,10 @@ def main() -> None:
     sys.stdout = sys.stderr  # nothing else may write to the answer stream
     try:
         from .embedder import Embedder
+        from .m3 import M3Embedder
         from .reranker import Reranker
 
-        cls = Reranker if settings.pop("task") == "rerank" else Embedder
+        cls = {"embed": Embedder, "rerank": Reranker, "m3": M3Embedder}[settings.pop("task")]
         model = cls(settings.pop("folder"), device="cpu", **settings)
     except Exception as err:  # the parent names the folder and raises
         _send(stdout, (type(err).__name__, f"{type(err).__name__}: {err}"))

@@ -218,6 +218,29 @@ def test_compute_score(flag, ours, capsys):
     assert one["dense"] == pytest.approx(scores["dense"][0], abs=1e-6) and isinstance(one["colbert"], float)
 
 
+def test_workers_give_the_same_three_outputs(m3, ours):
+    """workers=2: the texts split over two processes (each an M3Embedder), the three outputs back in input order."""
+    model = M3Embedder(m3["export"], device="cpu")
+    try:
+        with pytest.warns(UserWarning, match="exceeded max_length"):  # a worker's warning comes back here
+            shared = model.encode(TEXTS, return_sparse=True, return_colbert_vecs=True, workers=2)
+        with pytest.warns(UserWarning, match="exceeded max_length"):
+            scores = model.compute_score(PAIRS, workers=2)
+        with pytest.warns(UserWarning, match="exceeded max_length"):
+            expected_scores = model.compute_score(PAIRS)
+    finally:
+        model.close()
+    expected = ours[1]
+    np.testing.assert_allclose(shared["dense_vecs"], expected["dense_vecs"], atol=1e-6)
+    for got, want in zip(shared["lexical_weights"], expected["lexical_weights"]):
+        assert _clear(got).keys() == _clear(want).keys()
+        assert max((abs(got.get(t, 0.0) - w) for t, w in want.items()), default=0.0) <= 1e-5
+    for got, want in zip(shared["colbert_vecs"], expected["colbert_vecs"], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    for mode in expected_scores:
+        np.testing.assert_allclose(scores[mode], expected_scores[mode], atol=1e-5)
+
+
 def test_same_dense_as_embedder_and_one_text(m3, ours):
     model, out = ours
     np.testing.assert_allclose(Embedder(m3["export"], device="cpu", max_length=512).encode(TEXTS[:30]),
