@@ -147,24 +147,31 @@ def _fields(data, start: int, end: int):
             raise ValueError(f"protobuf wire type {wire} at byte {pos}")
 
 
-def graph_precision(path: Path) -> Precision:
-    """INT8 where the graph holds a quantised op, else FP32: the op types of its nodes, read by walking the file's
-    protobuf fields (ModelProto.graph = 7, GraphProto.node = 1, NodeProto.op_type = 4), which steps over the weights
-    instead of reading them, and needs no onnx package. A file that is not such a message is left to the session."""
+def quantised_ops(path: Path) -> set[str]:
+    """The quantised op types (QUANTISED_OPS) among the graph's nodes, read by walking the file's protobuf fields
+    (ModelProto.graph = 7, GraphProto.node = 1, NodeProto.op_type = 4), which steps over the weights instead of
+    reading them, and needs no onnx package. A file that is not such a message is left to the session (none)."""
     if path.stat().st_size == 0:
-        return Precision.FP32
-    quantised = {op.encode() for op in QUANTISED_OPS}
+        return set()
+    wanted = {op.encode() for op in QUANTISED_OPS}
+    found: set[str] = set()
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         try:
             for number, graph in _fields(data, 0, len(data)):
                 if number != 7:
                     continue
                 for field, node in _fields(data, *graph):
-                    if field == 1 and any(f == 4 and data[s:e] in quantised for f, (s, e) in _fields(data, *node)):
-                        return Precision.INT8
+                    if field == 1:
+                        found.update(data[s:e].decode() for f, (s, e) in _fields(data, *node)
+                                     if f == 4 and data[s:e] in wanted)
         except (ValueError, IndexError):  # not an ONNX model: the session's load says what is wrong
             pass
-    return Precision.FP32
+    return found
+
+
+def graph_precision(path: Path) -> Precision:
+    """INT8 where the graph holds a quantised op, else FP32 (:func:`quantised_ops`)."""
+    return Precision.INT8 if quantised_ops(path) else Precision.FP32
 
 
 def find_graph(folder: Path, graph: str | None = None) -> tuple[str, tuple[str, ...]] | None:

@@ -192,7 +192,7 @@ def _open_export(
     checked = in_background(hub.verify_hub_files, folder, adopt.needed_files(folder))
     with _explained_by(checked):
         session = Session(folder / graph, device=device, threads=threads, providers=providers)
-        spec = describe_export(folder, name, session)
+        spec = describe_export(folder, name, session, precision=kind)
         session.output = spec.output
         _check_task(folder, spec, task)
         tokenizer = TextTokenizer(folder, max_length=_max_length(spec, max_length))
@@ -203,16 +203,16 @@ def _open_export(
 
 def describe_export(
     folder: Path, name: str, session: Session | None = None, *, graph: str | None = None,
-    **overrides: Pooling | int | str | None
+    precision: Precision | None = None, **overrides: Pooling | int | str | None
 ) -> ModelSpec:
     """The ModelSpec of an export folder without a manifest (adopt.describe, which takes ``overrides``: pooling,
     max_length, query_instruction), its graph (``graph``, else adopt.find_graph's) and that graph's inputs and
-    outputs read from ``session`` or a CPU session."""
+    outputs read from ``session`` or a CPU session; ``precision``: the graph's, where the caller has read it."""
     graph, data_files = adopt.find_graph(folder, graph)
     session = session or Session(folder / graph, device="cpu", threads=1)
     return adopt.describe(
         folder, graph=graph, data_files=data_files, inputs=session.input_names, outputs=session.outputs,
-        precision=adopt.graph_precision(folder / graph),
+        precision=precision or adopt.graph_precision(folder / graph),
         name=name if _described_by_name(name) else None,
         revision=folder.name if folder.parent.name == "snapshots" else None, **overrides,
     )

@@ -31,7 +31,6 @@ THREADS_ENV = "BGE_ONNX_THREADS"
 # wakes them; the serverless handler's default), "run" spin within a call and sleep once it ends (the server's
 # default; docs/decisions.md section 14).
 SPIN_ENV = "BGE_ONNX_SPIN"
-SPIN_MODES = ("1", "0", "run")
 # "1": weights stay in the pages mapped from the model's data file instead of being repacked per process, so that
 # processes on one host share them (at a cost in speed; docs/decisions.md section 14). Worker processes and Ray
 # actors set it.
@@ -171,7 +170,7 @@ def choose_providers(
 
 
 def spin_mode() -> str:
-    """$BGE_ONNX_SPIN as one of SPIN_MODES ("1" when unset; yes/no words as 1/0).
+    """$BGE_ONNX_SPIN as "1", "0" or "run" ("1" when unset; yes/no words as 1/0).
 
     Raises:
         ConfigError: any other value.

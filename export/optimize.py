@@ -24,6 +24,7 @@ from bge_onnx.spec import (
     POOLED_OUTPUT,
     ModelSpec,
     Pooling,
+    Precision,
     Task,
     Variant,
     sha256_file,
@@ -118,9 +119,10 @@ def optimize_model(
             + (f" (it has {', '.join(graphs)}: pick one with --file)" if graphs else "")
             + "; convert a checkpoint with `bge-onnx export SRC --out DIR` (needs torch)"
         )
-    refuse_quantised(folder / found[0])
-    source = describe_export(folder, name, graph=found[0], pooling=Pooling(pooling) if pooling else None,
-                             max_length=max_length, query_instruction=query_instruction)
+    refuse_quantised(folder / found[0])  # so the graph is fp32
+    source = describe_export(folder, name, graph=found[0], precision=Precision.FP32,
+                             pooling=Pooling(pooling) if pooling else None, max_length=max_length,
+                             query_instruction=query_instruction)
     if source.task is Task.EMBED and source.output not in adopt.TOKEN_OUTPUTS:
         raise ExportError(f"{folder / found[0]} outputs pooled vectors ({source.output}); bge-onnx optimises a "
                           "graph that outputs token states (last_hidden_state)")
@@ -196,7 +198,7 @@ def graph_in_folder(path: Path) -> tuple[str, str]:
 
 def refuse_quantised(path: Path) -> None:
     """optimize starts from fp32: refuse a graph that is already quantised, with the way out."""
-    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node} & set(adopt.QUANTISED_OPS)
+    ops = adopt.quantised_ops(path)
     if ops:
         raise ExportError(
             f"{path} is already quantised ({', '.join(sorted(ops))}): optimize starts from an fp32 graph and writes "
