@@ -4,7 +4,7 @@ alone, never on its batch neighbours."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +24,14 @@ class Recipe:
 
     weight_bits: 8 or 7. Weights are signed and symmetric with one scale per output channel; 8-bit ones are fitted so
         that AVX2's u8 x s8 kernel cannot saturate (fit_pairs); 7-bit ones never can.
-    symmetric: each token row's activations scaled by its largest magnitude (uint8 around a fixed zero point 128);
-        otherwise by its own min and max (a zero point per row, corrected after the integer product).
+    zero_point: "per-token" scales each token row by its own min and max, with a zero point per row corrected after
+        the integer product (two elementwise passes); "fixed" gives each MatMul one zero point, chosen on the
+        calibration rows (128 without calibration), that the integer kernel applies itself, each row scaled so its
+        min and max fit around it (one pass after).
+    static_roles: MatMuls (by role) whose activations take one scale calibrated at export instead of one per row:
+        no per-row reductions and no pass after the integer product. A smoothed one is also centred per channel
+        (the calibrated midpoint, subtracted in the same per-channel op as SmoothQuant's division; its product with
+        the weights goes into the bias that follows). Still a text's own: no row's scale depends on another row.
     smooth: SmoothQuant's alpha (0 = off) for the MatMuls whose role is in smooth_roles: per input channel,
         max|x|^alpha / max|w|^(1-alpha) moved from the activations into the weights, calibrated on texts the export
         ships.
@@ -38,7 +44,8 @@ class Recipe:
     """
 
     weight_bits: int = 8
-    symmetric: bool = False
+    zero_point: str = "per-token"
+    static_roles: frozenset[str] = frozenset()
     smooth: float = 0.5
     smooth_roles: frozenset[str] = frozenset({"qkv", "ffn_in", "ffn_out"})
     gptq: bool = True
@@ -50,7 +57,7 @@ class Recipe:
     def describe(self) -> dict:
         """What the manifest records of the recipe."""
         return {"activations": "per-token", "weight_bits": self.weight_bits,
-                "activation_zero_point": "fixed" if self.symmetric else "per-token",
+                "activation_zero_point": self.zero_point, "static_roles": sorted(self.static_roles),
                 "smooth_alpha": self.smooth, "gptq": self.gptq, "attention": self.attention}
 
 
@@ -196,56 +203,103 @@ def _reduce(graph: onnx.GraphProto, op: str, x: str, out: str, opset: int) -> on
                             keepdims=0)
 
 
+def choose_zero_point(low: np.ndarray, high: np.ndarray) -> int:
+    """The one uint8 zero point for rows with these minima and maxima that wastes the least of 8 bits: each row's
+    step is the larger of max/(255 - z) and -min/z, and the mean of its square relative to the per-row step
+    (max - min)/255 is least."""
+    low, high = np.minimum(low, 0).astype(np.float64), np.maximum(high, 0).astype(np.float64)
+    span = high - low
+    low, high, span = low[span > 0], high[span > 0], span[span > 0]
+    if not len(span):
+        return 128
+    z = np.arange(256, dtype=np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = np.maximum(np.where(z < 255, high / (255 - z), np.where(high > 0, np.inf, 0)),
+                          np.where(z > 0, -low / z, np.where(low < 0, np.inf, 0)))
+    return int(np.argmin(((step * 255 / span) ** 2).mean(axis=1)))
+
+
 def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray, recipe: Recipe,
-                     smooth: np.ndarray | None, tag: str, gram: np.ndarray | None, opset: int) -> list[onnx.NodeProto]:
-    """Nodes computing node's output from its input quantised per token row and its int8 weight."""
+                     smooth: np.ndarray | None, centre: np.ndarray | None, zero_point: int | None, tag: str,
+                     gram: np.ndarray | None, opset: int, static: float | None = None
+                     ) -> tuple[list[onnx.NodeProto], np.ndarray | None]:
+    """Nodes computing node's output from its input quantised per token row and its int8 weight, and what must be
+    added to that output (centre @ weight) when the input is centred.
+
+    smooth, centre: per input channel, the input becomes (x - centre) / smooth and the weight smooth * weight.
+    zero_point: one for every row (the kernel applies it), or None for one per row. static: the one activation scale
+    (calibrated) instead of one per row. gram: the Gram matrix of the transformed input, for GPTQ."""
     p = f"{PREFIX}{tag}/"
     x, y = node.input[0], node.output[0]
     k, n = weight.shape
-    nodes = []
+    offset = None if centre is None else (centre.astype(np.float64) @ weight).astype(np.float32)
     if smooth is not None:
         weight = weight * smooth[:, None]
-        nodes.append(helper.make_node("Mul", [x, _const(graph, p + "inv_smooth", (1 / smooth).astype(np.float32))],
-                                      [p + "smoothed"], name=p + "smooth"))
-        x = p + "smoothed"
     wq, wscale = quantize_weight(weight, recipe.weight_bits)
     if recipe.gptq:
-        if smooth is not None:  # the Gram matrix of x / s
-            gram = gram / np.outer(smooth, smooth)
         wq = gptq(weight, gram, wscale, recipe.weight_bits, damp=recipe.damp)
     w_name = _const(graph, p + "w", wq)
-    nodes += [
+    x2 = p + "x2"
+    nodes = [
         helper.make_node("Shape", [x], [p + "shape"], name=p + "shape"),
         helper.make_node("Slice", [p + "shape", _const(graph, p + "zero1", np.array([0], np.int64)),
                                    _const(graph, p + "minus1", np.array([-1], np.int64))], [p + "lead"],
                          name=p + "lead"),
         helper.make_node("Concat", [p + "lead", _const(graph, p + "n", np.array([n], np.int64))], [p + "out_shape"],
                          name=p + "out_shape", axis=0),
-        helper.make_node("Reshape", [x, _const(graph, p + "rows_k", np.array([-1, k], np.int64))], [p + "x2"],
-                         name=p + "x2"),
-        *(_reduce(graph, op, p + "x2", f"{p}{out}", opset) for op, out in (("ReduceMax", "max"), ("ReduceMin", "min"))),
+        helper.make_node("Reshape", [x, _const(graph, p + "rows_k", np.array([-1, k], np.int64))], [x2], name=x2),
     ]
-    tiny = _const(graph, p + "tiny", np.array(1e-12, np.float32))
-    if recipe.symmetric:
+    inverse = (1 / smooth if smooth is not None else np.ones(k)).astype(np.float32)
+    if centre is not None:  # (x - centre) / smooth in one per-channel pass
+        nodes.append(helper.make_node(
+            "BatchNormalization", [x2, _const(graph, p + "inv_smooth", inverse),
+                                   _const(graph, p + "shift", (-centre * inverse).astype(np.float32)),
+                                   _const(graph, p + "mean0", np.zeros(k, np.float32)),
+                                   _const(graph, p + "var1", np.ones(k, np.float32))],
+            [p + "smoothed"], name=p + "smooth", epsilon=0.0))
+        x2 = p + "smoothed"
+    elif smooth is not None:
+        nodes.append(helper.make_node("Mul", [x2, _const(graph, p + "inv_smooth", inverse)], [p + "smoothed"],
+                                      name=p + "smooth"))
+        x2 = p + "smoothed"
+    if static is not None:  # one scale for every row, calibrated: the transformed range is [-127, 127] static
         nodes += [
-            helper.make_node("Neg", [p + "min"], [p + "neg_min"], name=p + "neg_min"),
-            helper.make_node("Max", [p + "max", p + "neg_min", tiny], [p + "absmax"], name=p + "absmax"),
-            helper.make_node("Mul", [p + "absmax", _const(graph, p + "inv127", np.array(1 / 127, np.float32))],
-                             [p + "scale"], name=p + "scale"),
-            # uint8 with zero point 128: onnxruntime's fast x86 kernels are u8 x s8
+            helper.make_node("QuantizeLinear", [x2, _const(graph, p + "static_scale", np.array(static, np.float32)),
+                                                _const(graph, p + "a_zp", np.array(128, np.uint8))],
+                             [p + "q"], name=p + "q"),
+            helper.make_node("MatMulIntegerToFloat", [p + "q", w_name, p + "static_scale",
+                                                      _const(graph, p + "wscale", wscale), p + "a_zp"],
+                             [p + "y2"], name=p + "matmul", domain="com.microsoft"),
+            helper.make_node("Reshape", [p + "y2", p + "out_shape"], [y], name=p + "y"),
+        ]
+        return nodes, offset
+    nodes += [_reduce(graph, op, x2, f"{p}{out}", opset) for op, out in (("ReduceMax", "max"), ("ReduceMin", "min"))]
+    tiny = _const(graph, p + "tiny", np.array(1e-12, np.float32))
+    axis1 = _const(graph, p + "axis1", np.array([1], np.int64))
+    if zero_point is not None:
+        # every row around one zero point z: its scale fits the row's max in 255 - z steps and its min in z
+        z = zero_point
+        bounds = [p + "from_max"]
+        nodes.append(helper.make_node("Mul", [p + "max", _const(graph, p + "inv_top", np.array(
+            1 / (255 - z) if z < 255 else 0, np.float32))], [p + "from_max"], name=p + "from_max"))
+        if z > 0:
+            bounds.append(p + "from_min")
+            nodes.append(helper.make_node("Mul", [p + "min", _const(graph, p + "inv_bottom", np.array(
+                -1 / z, np.float32))], [p + "from_min"], name=p + "from_min"))
+        nodes += [
+            helper.make_node("Max", [*bounds, tiny], [p + "scale"], name=p + "scale"),
+            # the zero point as a tensor of the scale's shape, as QuantizeLinear on axis 0 wants
             helper.make_node("Mul", [p + "scale", _const(graph, p + "zero_f", np.array(0, np.float32))],
                              [p + "zeros"], name=p + "zeros"),
-            helper.make_node("Add", [p + "zeros", _const(graph, p + "f128", np.array(128, np.float32))],
+            helper.make_node("Add", [p + "zeros", _const(graph, p + "z_f", np.array(z, np.float32))],
                              [p + "zp_f"], name=p + "zp_f"),
             helper.make_node("Cast", [p + "zp_f"], [p + "zp"], name=p + "zp", to=TensorProto.UINT8),
-            helper.make_node("QuantizeLinear", [p + "x2", p + "scale", p + "zp"], [p + "q"], name=p + "q", axis=0),
+            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", axis=0),
             helper.make_node("MatMulIntegerToFloat",
                              [p + "q", w_name, _const(graph, p + "one", np.array(1, np.float32)),
-                              _const(graph, p + "wscale", wscale),
-                              _const(graph, p + "a_zp", np.array(128, np.uint8))],
+                              _const(graph, p + "wscale", wscale), _const(graph, p + "a_zp", np.array(z, np.uint8))],
                              [p + "acc"], name=p + "matmul", domain="com.microsoft"),
-            helper.make_node("Unsqueeze", [p + "scale", _const(graph, p + "axis1", np.array([1], np.int64))],
-                             [p + "scale_col"], name=p + "scale_col"),
+            helper.make_node("Unsqueeze", [p + "scale", axis1], [p + "scale_col"], name=p + "scale_col"),
             helper.make_node("Mul", [p + "acc", p + "scale_col"], [p + "y2"], name=p + "rescale"),
         ]
     else:
@@ -262,21 +316,51 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
             helper.make_node("Neg", [p + "lo_q"], [p + "zp_raw"], name=p + "zp_raw"),
             helper.make_node("Round", [p + "zp_raw"], [p + "zp_f"], name=p + "zp_f"),
             helper.make_node("Cast", [p + "zp_f"], [p + "zp"], name=p + "zp", to=TensorProto.UINT8),
-            helper.make_node("QuantizeLinear", [p + "x2", p + "scale", p + "zp"], [p + "q"], name=p + "q", axis=0),
+            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", axis=0),
             helper.make_node("MatMulIntegerToFloat",
                              [p + "q", w_name, _const(graph, p + "one", np.array(1, np.float32)),
                               _const(graph, p + "wscale", wscale)],
                              [p + "acc"], name=p + "matmul", domain="com.microsoft"),
-            helper.make_node("Unsqueeze", [p + "zp_f", _const(graph, p + "axis1", np.array([1], np.int64))],
-                             [p + "zp_col"], name=p + "zp_col"),
+            helper.make_node("Unsqueeze", [p + "zp_f", axis1], [p + "zp_col"], name=p + "zp_col"),
             helper.make_node("Mul", [p + "zp_col", _const(graph, p + "colsum", colsum)], [p + "correction"],
                              name=p + "correction"),
             helper.make_node("Sub", [p + "acc", p + "correction"], [p + "centred"], name=p + "centred"),
-            helper.make_node("Unsqueeze", [p + "scale", p + "axis1"], [p + "scale_col"], name=p + "scale_col"),
+            helper.make_node("Unsqueeze", [p + "scale", axis1], [p + "scale_col"], name=p + "scale_col"),
             helper.make_node("Mul", [p + "centred", p + "scale_col"], [p + "y2"], name=p + "rescale"),
         ]
     nodes.append(helper.make_node("Reshape", [p + "y2", p + "out_shape"], [y], name=p + "y"))
-    return nodes
+    return nodes, offset
+
+
+def _add_to_bias(graph: onnx.GraphProto, name: str, offset: np.ndarray, p: str) -> str | None:
+    """Add ``offset`` (one value per channel) to the tensor ``name``: folded into the bias its one consumer adds
+    (Add, BiasGelu, SkipLayerNormalization, or MultiHeadAttention after the QKV Split), else by a new Add. Returns
+    the name of the bias replaced, if one was."""
+    consumers = [c for c in graph.node if name in c.input]
+    inits = {t.name: t for t in graph.initializer}
+    target, slot = None, None
+    if len(consumers) == 1:
+        c = consumers[0]
+        if c.op_type == "Add" and c.domain in ("", "ai.onnx"):
+            target, slot = c, 1 - list(c.input).index(name)
+        elif c.op_type == "BiasGelu" and c.input[0] == name:
+            target, slot = c, 1
+        elif c.op_type == "SkipLayerNormalization" and len(c.input) > 4 and c.input[4]:
+            target, slot = c, 4
+        elif c.op_type == "Split":
+            after = [m for m in graph.node if set(c.output) & set(m.input)]
+            if len(after) == 1 and after[0].op_type == "MultiHeadAttention" and len(after[0].input) > 3:
+                target, slot = after[0], 3
+    bias = inits.get(target.input[slot]) if target is not None else None
+    if bias is not None and tuple(bias.dims) == offset.shape:
+        total = numpy_helper.to_array(bias).astype(np.float32) + offset
+        target.input[slot] = _const(graph, p + "bias", total)
+        return bias.name
+    producer = next(n for n in graph.node if name in n.output)
+    producer.output[list(producer.output).index(name)] = p + "uncentred"
+    graph.node.insert(list(graph.node).index(producer) + 1, helper.make_node(
+        "Add", [p + "uncentred", _const(graph, p + "offset", offset)], [name], name=p + "uncentre"))
+    return None
 
 
 def _quantize_gather(graph: onnx.GraphProto, node: onnx.NodeProto, table: np.ndarray, tag: str) -> list:
@@ -295,10 +379,40 @@ def _quantize_gather(graph: onnx.GraphProto, node: onnx.NodeProto, table: np.nda
     ]
 
 
-def input_statistics(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[dict[str, np.ndarray]]
-                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-channel max |x| and the Gram matrix x^T x of each named tensor's real token rows over the calibration
-    batches, from the fp32 graph."""
+@dataclass
+class Channels:
+    """Calibration statistics of one tensor's real token rows, per channel: min, max, sum, row count and the Gram
+    matrix x^T x (float64)."""
+
+    low: np.ndarray
+    high: np.ndarray
+    total: np.ndarray
+    count: int
+    gram: np.ndarray
+
+    def add(self, rows: np.ndarray) -> None:
+        self.low = np.minimum(self.low, rows.min(axis=0))
+        self.high = np.maximum(self.high, rows.max(axis=0))
+        rows = rows.astype(np.float64)
+        self.total = self.total + rows.sum(axis=0)
+        self.count += len(rows)
+        self.gram = self.gram + rows.T @ rows
+
+    def centre(self) -> np.ndarray:
+        return (self.total / max(self.count, 1)).astype(np.float32)
+
+    def transformed_gram(self, centre: np.ndarray | None, smooth: np.ndarray | None) -> np.ndarray:
+        """The Gram matrix of (x - centre) / smooth."""
+        gram = self.gram
+        if centre is not None:
+            c = centre.astype(np.float64)
+            gram = gram - np.outer(c, self.total) - np.outer(self.total, c) + self.count * np.outer(c, c)
+        return gram / np.outer(smooth, smooth) if smooth is not None else gram
+
+
+def _calibration_rows(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[dict[str, np.ndarray]]
+                      ) -> Iterator[dict[str, np.ndarray]]:
+    """Per calibration batch, each named tensor of the fp32 graph as its real token rows (2-D)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -314,17 +428,39 @@ def input_statistics(model: onnx.ModelProto, names: Sequence[str], feeds: Iterab
             graph = str(Path(scratch) / "probe.onnx")
             onnx.save(probe, graph, save_as_external_data=True, location="probe.onnx.data")
         session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        maxima: dict[str, np.ndarray] = {}
-        grams: dict[str, np.ndarray] = {}
         for feed in feeds:
             mask = feed["attention_mask"].astype(bool)
-            for name, value in zip(names, session.run(list(names), feed)):
-                rows = value[mask[:, : value.shape[1]]] if value.ndim == 3 else value.reshape(-1, value.shape[-1])
-                top = np.abs(rows).max(axis=0)
-                maxima[name] = np.maximum(maxima[name], top) if name in maxima else top
-                rows = rows.astype(np.float64)
-                grams[name] = grams.get(name, 0) + rows.T @ rows
-    return maxima, grams
+            yield {name: value[mask[:, : value.shape[1]]] if value.ndim == 3 else value.reshape(-1, value.shape[-1])
+                   for name, value in zip(names, session.run(list(names), feed))}
+
+
+def input_statistics(model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[dict[str, np.ndarray]]
+                     ) -> dict[str, Channels]:
+    """Per-channel statistics of each named tensor's real token rows over the calibration batches."""
+    stats: dict[str, Channels] = {}
+    for batch in _calibration_rows(model, names, feeds):
+        for name, rows in batch.items():
+            if name not in stats:
+                k = rows.shape[1]
+                stats[name] = Channels(np.full(k, np.inf, np.float32), np.full(k, -np.inf, np.float32),
+                                       np.zeros(k), 0, np.zeros((k, k)))
+            stats[name].add(rows)
+    return stats
+
+
+def row_ranges(model: onnx.ModelProto, inputs: dict[str, tuple[str, np.ndarray | None, np.ndarray | None]],
+               feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """For each key's (input tensor, centre, smooth): the min and max of every calibration row of
+    (x - centre) / smooth."""
+    low: dict[str, list] = {key: [] for key in inputs}
+    high: dict[str, list] = {key: [] for key in inputs}
+    for batch in _calibration_rows(model, sorted({name for name, _, _ in inputs.values()}), feeds):
+        for key, (name, centre, smooth) in inputs.items():
+            rows = batch[name] - (centre if centre is not None else 0)
+            rows = rows / smooth if smooth is not None else rows
+            low[key].append(rows.min(axis=1))
+            high[key].append(rows.max(axis=1))
+    return {key: (np.concatenate(low[key]), np.concatenate(high[key])) for key in inputs}
 
 
 def gptq(weight: np.ndarray, gram: np.ndarray, scale: np.ndarray, bits: int, *, damp: float = 0.01,
@@ -365,8 +501,8 @@ def gptq(weight: np.ndarray, gram: np.ndarray, scale: np.ndarray, bits: int, *, 
 def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[str, np.ndarray]] = ()) -> dict:
     """Rewrite ``model`` in place to per-token int8 by ``recipe``; return what was done, for the manifest.
 
-    ``calibration``: fp32 graph inputs (padded batches) for SmoothQuant's per-channel maxima and GPTQ's Gram
-    matrices; needed when the recipe smooths or uses GPTQ.
+    ``calibration``: fp32 graph inputs (padded batches) for SmoothQuant's per-channel ranges, GPTQ's Gram matrices,
+    static scales and fixed zero points; needed when the recipe smooths, uses GPTQ or static scales.
     """
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
@@ -381,26 +517,49 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
     kept = [m for m in matmuls if named[m.name] in keep or named[m.name].split(":")[0] in keep]
     matmuls = [m for m in matmuls if m not in kept]
     weights = {t.name: t for t in graph.initializer}
+    calibration = list(calibration)
+    calibrates = bool(recipe.smooth or recipe.gptq or recipe.static_roles)
+    if matmuls and calibrates and not calibration:
+        raise ValueError("this int8 recipe calibrates (SmoothQuant, GPTQ or static scales): pass calibration batches")
+    inputs = sorted({m.input[0] for m in matmuls})
+    stats = input_statistics(model, inputs, calibration) if matmuls and calibrates else {}
     smooth: dict[str, np.ndarray] = {}
-    grams: dict[str, np.ndarray] = {}
-    if matmuls and (recipe.smooth or recipe.gptq):
-        maxima, grams = input_statistics(model, sorted({m.input[0] for m in matmuls}), calibration)
-    if recipe.smooth:
-        for m in matmuls:
-            if named[m.name].split(":")[0] not in recipe.smooth_roles:
-                continue
-            w = numpy_helper.to_array(weights[m.input[1]])
-            act = np.maximum(maxima[m.input[0]], 1e-5)
-            wmax = np.maximum(np.abs(w).max(axis=1), 1e-5)
+    centres: dict[str, np.ndarray] = {}
+    static: dict[str, float] = {m.name: 1.0 for m in matmuls if named[m.name].split(":")[0] in recipe.static_roles}
+    for m in matmuls:
+        channels = stats.get(m.input[0])
+        smoothed = bool(recipe.smooth) and named[m.name].split(":")[0] in recipe.smooth_roles
+        w = numpy_helper.to_array(weights[m.input[1]])
+        wmax = np.maximum(np.abs(w).max(axis=1), 1e-5)
+        if m.name in static:  # centred when smoothed (the same per-channel op), then one scale for [-127, 127]
+            centre = (channels.low + channels.high) / 2 if smoothed else np.zeros_like(channels.low)
+            half = np.maximum(np.maximum(channels.high - centre, centre - channels.low), 1e-6)
+            factor = half ** recipe.smooth / wmax ** (1 - recipe.smooth) if smoothed else np.ones_like(half)
+            if smoothed:
+                smooth[m.name] = factor.astype(np.float32)
+                centres[m.name] = centre.astype(np.float32)
+            static[m.name] = float((half / factor).max() / 127)
+        elif smoothed:
+            act = np.maximum(np.maximum(-channels.low, channels.high), 1e-5)
             smooth[m.name] = (act ** recipe.smooth / wmax ** (1 - recipe.smooth)).astype(np.float32)
+    zero_points: dict[str, int | None] = {m.name: None for m in matmuls}
+    if recipe.zero_point == "fixed":
+        ranges = row_ranges(model, {m.name: (m.input[0], centres.get(m.name), smooth.get(m.name))
+                                    for m in matmuls if m.name not in static}, calibration) if calibration else {}
+        zero_points = {m.name: choose_zero_point(*ranges[m.name]) if m.name in ranges else 128
+                       for m in matmuls if m.name not in static}
     replaced = set()
     for i, m in enumerate(matmuls):
         w = numpy_helper.to_array(weights[m.input[1]]).astype(np.float32)
-        new = _quantize_matmul(graph, m, w, recipe, smooth.get(m.name), f"mm{i}", grams.get(m.input[0]), opset)
+        gram = stats[m.input[0]].transformed_gram(centres.get(m.name), smooth.get(m.name)) if recipe.gptq else None
+        new, offset = _quantize_matmul(graph, m, w, recipe, smooth.get(m.name), centres.get(m.name),
+                                       zero_points.get(m.name), f"mm{i}", gram, opset, static.get(m.name))
         position = list(graph.node).index(m)
         graph.node.remove(m)
-        for offset, node in enumerate(new):
-            graph.node.insert(position + offset, node)
+        for offset_i, node in enumerate(new):
+            graph.node.insert(position + offset_i, node)
+        if offset is not None:
+            replaced.add(_add_to_bias(graph, m.output[0], offset, f"{PREFIX}mm{i}/"))
         replaced.add(m.input[1])
     gathers = 0
     if recipe.embeddings:
@@ -421,4 +580,5 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
     # the int8 ops' outputs are typed by onnxruntime at load; stale value_info would only mislead
     del graph.value_info[:]
     return {**recipe.describe(), "quantized_matmuls": len(matmuls), "fp32_matmuls": len(kept),
-            "unfused_attention": attention, "quantized_embeddings": gathers, "smoothed_matmuls": len(smooth)}
+            "unfused_attention": attention, "quantized_embeddings": gathers, "smoothed_matmuls": len(smooth),
+            "static_matmuls": len(static)}

@@ -206,3 +206,117 @@ def test_int8_needs_an_onnxruntime_with_the_vnni_fix(int8_exported, monkeypatch)
     if read_spec(folder).variants["int8"].parity["passed"]:  # auto would pick int8: it runs fp32 instead
         with pytest.warns(RuntimeWarning, match="running fp32, not int8: onnxruntime 1.24.4"):
             assert Embedder(folder, device="cpu").precision is Precision.FP32
+
+
+def _with_recipe(folder, recipe: pertoken.Recipe) -> None:
+    """Replace folder's int8 graph by one quantised with ``recipe``, whatever the gate says of it."""
+    spec = read_spec(folder)
+    made = precision.quantize_int8(folder, folder / "model.onnx", folder / "model_int8.onnx", recipe)
+    precision.record_variant(folder, spec, Precision.INT8, Variant("model_int8.onnx", (),
+                                                                   {"recipe": "test", **made, "passed": True}))
+
+
+@pytest.mark.parametrize("kind", ["bert-cls", "xlmr-rerank"])
+def test_static_scales_keep_a_text_independent_of_its_batch(model_copy, sentences, kind):
+    """The first recipe (static scales for FFN-in and the attention output, one zero point for FFN-out) on the tiny
+    models that the gate sends to later recipes: still a text's own output within 1e-6."""
+    folder = model_copy(kind)
+    _with_recipe(folder, precision.STATIC)
+    parity = read_spec(folder).variants["int8"].parity
+    assert parity["static_matmuls"] == 4 and parity["activation_zero_point"] == "fixed"  # 2 layers x 2 roles
+    texts = mixed_texts(sentences, 300)
+    picked = list(range(0, 300, 23))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind in RERANK_KINDS:
+            model = Reranker(folder, device="cpu", precision="int8")
+            pairs = list(zip(texts[1:] + texts[:1], texts))
+            batch = model.compute_score(pairs)
+            alone = np.array([model.compute_score([pairs[i]])[0] for i in picked])
+        else:
+            model = Embedder(folder, device="cpu", precision="int8")
+            batch = model.encode(texts)
+            alone = np.stack([model.encode([texts[i]])[0] for i in picked])
+    assert model.batch_independent and _max_diff(alone, batch[picked]) <= 1e-6
+
+
+def _cost(low: np.ndarray, high: np.ndarray, z: int) -> float:
+    """Mean squared step of rows quantised around zero point z, relative to their own min-max step."""
+    steps = []
+    for lo, hi in zip(np.minimum(low, 0), np.maximum(high, 0)):
+        up = hi / (255 - z) if z < 255 else (np.inf if hi > 0 else 0.0)
+        down = -lo / z if z > 0 else (np.inf if lo < 0 else 0.0)
+        steps.append(max(up, down) * 255 / (hi - lo))
+    return float(np.mean(np.square(steps)))
+
+
+def test_one_zero_point_is_the_one_that_wastes_least():
+    rng = np.random.default_rng(0)
+    symmetric = rng.uniform(1, 3, 200)
+    assert abs(pertoken.choose_zero_point(-symmetric, symmetric) - 127.5) <= 1
+    assert pertoken.choose_zero_point(np.zeros(50), rng.uniform(1, 3, 50)) == 0  # GELU-like rows never below 0
+    low, high = -rng.uniform(0.1, 1, 64), rng.uniform(1, 6, 64)  # skewed rows, as after GELU
+    chosen = pertoken.choose_zero_point(low, high)
+    assert 10 < chosen < 128
+    assert _cost(low, high, chosen) <= min(_cost(low, high, z) for z in range(256)) + 1e-12
+
+
+def _consumer_graph(kind: str) -> onnx.ModelProto:
+    """x (1, 4, 8) -> MatMul -> y -> one consumer of kind -> out; the consumer adds a bias where its op has one."""
+    rng = np.random.default_rng(1)
+    n = 24 if kind == "mha" else 8
+    const = {"w": rng.standard_normal((8, n)), "b": rng.standard_normal(n), "gamma": rng.uniform(0.5, 1.5, n),
+             "beta": rng.standard_normal(n), "sizes": np.array([8, 8, 8], np.int64)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])]
+    if kind == "add":
+        nodes.append(helper.make_node("Add", ["y", "b"], ["out"]))
+    elif kind == "biasgelu":
+        nodes.append(helper.make_node("BiasGelu", ["y", "b"], ["out"], domain="com.microsoft"))
+    elif kind == "skiplayernorm":
+        inputs.append(helper.make_tensor_value_info("skip", TensorProto.FLOAT, [1, 4, 8]))
+        nodes.append(helper.make_node("SkipLayerNormalization", ["y", "skip", "gamma", "beta", "b"], ["out"],
+                                      domain="com.microsoft", epsilon=1e-12))
+    elif kind == "mha":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT32, [1, 4]))
+        nodes += [helper.make_node("Split", ["y", "sizes"], ["q", "k", "v"], axis=2),
+                  helper.make_node("MultiHeadAttention", ["q", "k", "v", "b", "mask"], ["out"],
+                                   domain="com.microsoft", num_heads=2)]
+    else:  # no bias to fold into
+        nodes.append(helper.make_node("Relu", ["y"], ["out"]))
+    inits = [numpy_helper.from_array(v.astype(np.int64 if v.dtype == np.int64 else np.float32), k)
+             for k, v in const.items()]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("kind", ["add", "biasgelu", "skiplayernorm", "mha", "relu"])
+def test_a_centred_matmuls_offset_lands_where_its_output_goes(kind):
+    """Centring a static MatMul's input moves centre @ W into the bias that follows (or a new Add): the graph then
+    computes what it computes with the offset appended to the weights as one more input channel."""
+    rng = np.random.default_rng(2)
+    model = _consumer_graph(kind)
+    weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w"))
+    offset = rng.standard_normal(weight.shape[1]).astype(np.float32)
+    feeds = {"x": rng.standard_normal((1, 4, 8)).astype(np.float32),
+             "skip": rng.standard_normal((1, 4, 8)).astype(np.float32), "mask": np.ones((1, 4), np.int32)}
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    replaced = pertoken._add_to_bias(folded.graph, "y", offset, "t/")
+    assert (replaced is None) == (kind == "relu")
+    assert sum(node.op_type == "Add" for node in folded.graph.node) == int(kind in ("add", "relu"))  # none added
+    extended = onnx.ModelProto()  # x @ W + offset = [x, 1] @ [W; offset]
+    extended.CopyFrom(model)
+    w = next(t for t in extended.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(np.vstack([weight, offset[None]]), "w"))
+    extended.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 9
+
+    def run(m, x):
+        session = onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {i.name: (x if i.name == "x" else feeds[i.name]) for i in session.get_inputs()})[0]
+
+    ones = np.ones((1, 4, 1), np.float32)
+    np.testing.assert_allclose(run(folded, feeds["x"]), run(extended, np.concatenate([feeds["x"], ones], 2)),
+                               rtol=1e-5, atol=1e-5)
