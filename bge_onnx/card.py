@@ -20,10 +20,11 @@ _CONTEXT_KEYS = {"reference", "recipe", "gate", "passed", "texts", "pairs", "dev
                  "fused_ops", "last_layer_first_token_only", "graph_from"}
 _RECIPE_KEYS = {"quantized_matmuls": "MatMuls int8", "fp32_matmuls": "MatMuls kept fp32",
                 "quantized_attention": "attention int8", "weight_bits": "weight bits",
-                "quantized_embeddings": "embedding tables int8"}
+                "quantized_embeddings": "embedding tables int8", "static_matmuls": "MatMuls with static scales"}
 # recipe settings, shown as "name value"
 _RECIPE_SETTINGS = {"activations": "activations", "activation_zero_point": "activation zero point",
-                    "smooth_alpha": "SmoothQuant alpha", "gptq": "GPTQ", "attention": "attention"}
+                    "smooth_alpha": "SmoothQuant alpha", "gptq": "GPTQ", "attention": "attention",
+                    "static_roles": "static scales for"}
 # what a variant's row does not list among its figures
 _NOT_FIGURES = _CONTEXT_KEYS | set(_RECIPE_KEYS) | set(_RECIPE_SETTINGS) | {"unfused_attention", "smoothed_matmuls"}
 

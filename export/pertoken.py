@@ -57,7 +57,8 @@ class Recipe:
     def describe(self) -> dict:
         """What the manifest records of the recipe."""
         return {"activations": "per-token", "weight_bits": self.weight_bits,
-                "activation_zero_point": self.zero_point, "static_roles": sorted(self.static_roles),
+                "activation_zero_point": self.zero_point,
+                "static_roles": ", ".join(sorted(self.static_roles)) or "none",
                 "smooth_alpha": self.smooth, "gptq": self.gptq, "attention": self.attention}
 
 
