@@ -20,7 +20,7 @@ PREFIX = "bge_onnx_int8/"
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the rewrite quantises (the export's choice is precision.INT8_RECIPES; docs/decisions.md section 12).
+    """How the rewrite quantises (the export's choice is precision.INT8_RECIPES; docs/decisions.md sections 12, 17).
 
     weight_bits: 8 or 7. Weights are signed and symmetric with one scale per output channel; 8-bit ones are fitted so
         that AVX2's u8 x s8 kernel cannot saturate (fit_pairs); 7-bit ones never can.
@@ -34,7 +34,7 @@ class Recipe:
         the weights goes into the bias that follows). Still a text's own: no row's scale depends on another row.
     smooth: SmoothQuant's alpha (0 = off) for the MatMuls whose role is in smooth_roles: per input channel,
         max|x|^alpha / max|w|^(1-alpha) moved from the activations into the weights, calibrated on texts the export
-        ships.
+        ships (for a static MatMul |x| is measured from the channel's midpoint).
     gptq: weights rounded by GPTQ on the calibration inputs, with damp (relative to the Gram matrix's mean diagonal).
     attention: "int8" unfuses the fused Attention into its QKV MatMul (int8) and MultiHeadAttention; "fp32" keeps
         the fused Attention, or a QKV MatMul that is already unfused, in fp32.
@@ -207,25 +207,25 @@ def _reduce(graph: onnx.GraphProto, op: str, x: str, out: str, opset: int) -> on
 def choose_zero_point(low: np.ndarray, high: np.ndarray) -> int:
     """The one uint8 zero point for rows with these minima and maxima that wastes the least of 8 bits: each row's
     step is the larger of max/(255 - z) and -min/z, and the mean of its square relative to the per-row step
-    (max - min)/255 is least."""
+    (max - min)/255 is least. Kept within 1..254, so that a later row below (or above) every calibration row still
+    gets a scale that fits it rather than being clipped."""
     low, high = np.minimum(low, 0).astype(np.float64), np.maximum(high, 0).astype(np.float64)
     span = high - low
     low, high, span = low[span > 0], high[span > 0], span[span > 0]
     if not len(span):
         return 128
-    z = np.arange(256, dtype=np.float64)[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        step = np.maximum(np.where(z < 255, high / (255 - z), np.where(high > 0, np.inf, 0)),
-                          np.where(z > 0, -low / z, np.where(low < 0, np.inf, 0)))
-    return int(np.argmin(((step * 255 / span) ** 2).mean(axis=1)))
+    z = np.arange(1, 255, dtype=np.float64)[:, None]
+    step = np.maximum(high / (255 - z), -low / z)
+    return int(np.argmin(((step * 255 / span) ** 2).mean(axis=1))) + 1
 
 
 def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray, recipe: Recipe,
                      smooth: np.ndarray | None, centre: np.ndarray | None, zero_point: int | None, tag: str,
                      gram: np.ndarray | None, opset: int, static: float | None = None
                      ) -> tuple[list[onnx.NodeProto], np.ndarray | None]:
-    """Nodes computing node's output from its input quantised per token row and its int8 weight, and what must be
-    added to that output (centre @ weight) when the input is centred.
+    """Nodes computing node's output from its input quantised row by row (each row on its own: with its own scale,
+    or the static one) and its int8 weight, and what must be added to that output (centre @ weight) when the input
+    is centred.
 
     smooth, centre: per input channel, the input becomes (x - centre) / smooth and the weight smooth * weight.
     zero_point: one for every row (the kernel applies it), or None for one per row. static: the one activation scale
@@ -280,15 +280,12 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
     if zero_point is not None:
         # every row around one zero point z: its scale fits the row's max in 255 - z steps and its min in z
         z = zero_point
-        bounds = [p + "from_max"]
-        nodes.append(helper.make_node("Mul", [p + "max", _const(graph, p + "inv_top", np.array(
-            1 / (255 - z) if z < 255 else 0, np.float32))], [p + "from_max"], name=p + "from_max"))
-        if z > 0:
-            bounds.append(p + "from_min")
-            nodes.append(helper.make_node("Mul", [p + "min", _const(graph, p + "inv_bottom", np.array(
-                -1 / z, np.float32))], [p + "from_min"], name=p + "from_min"))
         nodes += [
-            helper.make_node("Max", [*bounds, tiny], [p + "scale"], name=p + "scale"),
+            helper.make_node("Mul", [p + "max", _const(graph, p + "inv_top", np.array(1 / (255 - z), np.float32))],
+                             [p + "from_max"], name=p + "from_max"),
+            helper.make_node("Mul", [p + "min", _const(graph, p + "inv_bottom", np.array(-1 / z, np.float32))],
+                             [p + "from_min"], name=p + "from_min"),
+            helper.make_node("Max", [p + "from_max", p + "from_min", tiny], [p + "scale"], name=p + "scale"),
             # the zero point as a tensor of the scale's shape, as QuantizeLinear on axis 0 wants
             helper.make_node("Mul", [p + "scale", _const(graph, p + "zero_f", np.array(0, np.float32))],
                              [p + "zeros"], name=p + "zeros"),
@@ -340,7 +337,7 @@ def _add_to_bias(graph: onnx.GraphProto, name: str, offset: np.ndarray, p: str) 
     consumers = [c for c in graph.node if name in c.input]
     inits = {t.name: t for t in graph.initializer}
     target, slot = None, None
-    if len(consumers) == 1:
+    if len(consumers) == 1 and name not in {o.name for o in graph.output}:
         c = consumers[0]
         if c.op_type == "Add" and c.domain in ("", "ai.onnx"):
             target, slot = c, 1 - list(c.input).index(name)
@@ -348,9 +345,10 @@ def _add_to_bias(graph: onnx.GraphProto, name: str, offset: np.ndarray, p: str) 
             target, slot = c, 1
         elif c.op_type == "SkipLayerNormalization" and len(c.input) > 4 and c.input[4]:
             target, slot = c, 4
-        elif c.op_type == "Split":
+        elif c.op_type == "Split" and next((a.i for a in c.attribute if a.name == "axis"), 0) in (2, -1):
             after = [m for m in graph.node if set(c.output) & set(m.input)]
-            if len(after) == 1 and after[0].op_type == "MultiHeadAttention" and len(after[0].input) > 3:
+            if (len(after) == 1 and after[0].op_type == "MultiHeadAttention" and len(after[0].input) > 3
+                    and list(after[0].input[:3]) == list(c.output)):
                 target, slot = after[0], 3
     bias = inits.get(target.input[slot]) if target is not None else None
     if bias is not None and tuple(bias.dims) == offset.shape:
@@ -399,9 +397,6 @@ class Channels:
         self.count += len(rows)
         self.gram = self.gram + rows.T @ rows
 
-    def centre(self) -> np.ndarray:
-        return (self.total / max(self.count, 1)).astype(np.float32)
-
     def transformed_gram(self, centre: np.ndarray | None, smooth: np.ndarray | None) -> np.ndarray:
         """The Gram matrix of (x - centre) / smooth."""
         gram = self.gram
@@ -449,16 +444,16 @@ def input_statistics(model: onnx.ModelProto, names: Sequence[str], feeds: Iterab
     return stats
 
 
-def row_ranges(model: onnx.ModelProto, inputs: dict[str, tuple[str, np.ndarray | None, np.ndarray | None]],
+def row_ranges(model: onnx.ModelProto, inputs: dict[str, tuple[str, np.ndarray | None]],
                feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """For each key's (input tensor, centre, smooth): the min and max of every calibration row of
-    (x - centre) / smooth."""
+    """For each key's (input tensor, smooth): the min and max of every calibration row of x / smooth."""
+    if not inputs:
+        return {}
     low: dict[str, list] = {key: [] for key in inputs}
     high: dict[str, list] = {key: [] for key in inputs}
-    for batch in _calibration_rows(model, sorted({name for name, _, _ in inputs.values()}), feeds):
-        for key, (name, centre, smooth) in inputs.items():
-            rows = batch[name] - (centre if centre is not None else 0)
-            rows = rows / smooth if smooth is not None else rows
+    for batch in _calibration_rows(model, sorted({name for name, _ in inputs.values()}), feeds):
+        for key, (name, smooth) in inputs.items():
+            rows = batch[name] / smooth if smooth is not None else batch[name]
             low[key].append(rows.min(axis=1))
             high[key].append(rows.max(axis=1))
     return {key: (np.concatenate(low[key]), np.concatenate(high[key])) for key in inputs}
@@ -545,8 +540,8 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
             smooth[m.name] = (act ** recipe.smooth / wmax ** (1 - recipe.smooth)).astype(np.float32)
     zero_points: dict[str, int | None] = {m.name: None for m in matmuls}
     if recipe.zero_point == "fixed":
-        ranges = row_ranges(model, {m.name: (m.input[0], centres.get(m.name), smooth.get(m.name))
-                                    for m in matmuls if m.name not in static}, calibration) if calibration else {}
+        ranges = row_ranges(model, {m.name: (m.input[0], smooth.get(m.name)) for m in matmuls if m.name not in static},
+                            calibration) if calibration else {}
         zero_points = {m.name: choose_zero_point(*ranges[m.name]) if m.name in ranges else 128
                        for m in matmuls if m.name not in static}
     replaced = set()
