@@ -34,8 +34,9 @@ STATIC = precision.STATIC
 RECIPES = {
     "static (shipped: fused fp32 attention, static FFN-in and attention-output scales, FFN-out one zero point, "
     "SmoothQuant 0.7 on FFN-in, GPTQ, 8-bit fitted weights)": STATIC,
-    "  QKV int8 too, static (attention unfused)": replace(STATIC, attention="int8", static_roles=frozenset(
-        {"qkv", "square", "ffn_in"})),
+    "  QKV int8 too, static and smoothed (attention unfused)": replace(
+        STATIC, attention="int8", static_roles=frozenset({"qkv", "square", "ffn_in"}),
+        smooth_roles=frozenset({"qkv", "ffn_in"})),
     "  FFN-out zero point per row": replace(STATIC, zero_point="per-token"),
     "  FFN-out smoothed (alpha 0.7)": replace(STATIC, smooth_roles=frozenset({"qkv", "ffn_in", "ffn_out"})),
     "  SmoothQuant alpha 0.5": replace(STATIC, smooth=0.5),
@@ -50,7 +51,7 @@ RECIPES = {
     "  7-bit weights": pertoken.Recipe(weight_bits=7),
     "  no SmoothQuant": pertoken.Recipe(smooth=0),
     "  no GPTQ": pertoken.Recipe(gptq=False),
-    "plain per-token (7-bit, zero point 128, no SmoothQuant, no GPTQ)": pertoken.Recipe(
+    "plain per-token (7-bit, one zero point per MatMul, no SmoothQuant, no GPTQ)": pertoken.Recipe(
         weight_bits=7, zero_point="fixed", smooth=0, gptq=False),
 }
 
@@ -184,8 +185,8 @@ def main(argv: list[str], *, name: str = "int8") -> None:
                 f"STS-B sentences), {args.threads} threads, {args.rounds} interleaved rounds (fp32 median "
                 f"{statistics.median(seconds['fp32']):.2f} s per pass over the mixed corpus). Cosines and Spearman "
                 "against fp32; the gate is min cosine 0.995, mean 0.999, Spearman 0.995 on the gate texts. Drift: max "
-                "abs difference between a text alone and the same text in the corpus's batches. Indented rows change "
-                "one thing from the unindented row above them.")
+                "abs difference between a text alone and the same text in the corpus's batches. Indented rows are "
+                "variants of the unindented row above them, as their labels say.")
     report.table(["variant", "gate texts: min / mean / Spearman", "mixed: min / mean / Spearman", "gate",
                   "drift", "speed vs fp32"], rows)
     focus_speed = {label: statistics.median(b / s for b, s in zip(focused["fp32"], focused[label])) for label in FOCUS}
