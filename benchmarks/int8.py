@@ -32,18 +32,18 @@ from .harness import Report, interleave, log
 
 STATIC = precision.STATIC
 RECIPES = {
-    "static (shipped: fused fp32 attention, static FFN-in and attention-output scales, FFN-out one zero point, "
-    "SmoothQuant 0.7 on FFN-in, GPTQ, 8-bit fitted weights)": STATIC,
+    "static (not shipped: fused fp32 attention, static FFN-in and attention-output scales, FFN-out zero point per "
+    "row, SmoothQuant 0.7 on FFN-in, GPTQ, 8-bit fitted weights)": STATIC,
     "  QKV int8 too, static and smoothed (attention unfused)": replace(
         STATIC, attention="int8", static_roles=frozenset({"qkv", "square", "ffn_in"}),
         smooth_roles=frozenset({"qkv", "ffn_in"})),
-    "  FFN-out zero point per row": replace(STATIC, zero_point="per-token"),
+    "  FFN-out one zero point per MatMul": replace(STATIC, zero_point="fixed"),
     "  FFN-out smoothed (alpha 0.7)": replace(STATIC, smooth_roles=frozenset({"qkv", "ffn_in", "ffn_out"})),
     "  SmoothQuant alpha 0.5": replace(STATIC, smooth=0.5),
-    "  FFN-in and attention output dynamic (one zero point per MatMul)": replace(STATIC, static_roles=frozenset()),
-    "  FFN-in and attention output dynamic, zero point per row": replace(STATIC, static_roles=frozenset(),
-                                                                         zero_point="per-token"),
-    "zero point per row (the previous first recipe: QKV int8, SmoothQuant 0.5 on QKV, FFN in and out)":
+    "  FFN-in and attention output dynamic (zero point per row)": replace(STATIC, static_roles=frozenset()),
+    "  FFN-in and attention output dynamic, one zero point per MatMul": replace(STATIC, static_roles=frozenset(),
+                                                                                zero_point="fixed"),
+    "zero point per row (shipped: QKV int8, SmoothQuant 0.5 on QKV, FFN in and out)":
         pertoken.Recipe(),
     "  attention fp32 (fused Attention, QKV in fp32)": pertoken.Recipe(attention="fp32"),
     "  embeddings fp32": pertoken.Recipe(embeddings=False),

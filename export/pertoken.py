@@ -27,7 +27,7 @@ class Recipe:
     zero_point: "per-token" scales each token row by its own min and max, with a zero point per row corrected after
         the integer product (two elementwise passes); "fixed" gives each MatMul one zero point, chosen on the
         calibration rows (128 without calibration), that the integer kernel applies itself, each row scaled so its
-        min and max fit around it (one pass after).
+        min and max fit around it (one pass after). No shipped recipe uses "fixed" (docs/decisions.md section 17).
     static_roles: MatMuls (by role) whose activations take one scale calibrated at export instead of one per row:
         no per-row reductions and no pass after the integer product. A smoothed one is also centred per channel
         (the calibrated midpoint, subtracted in the same per-channel op as SmoothQuant's division; its product with
@@ -264,12 +264,16 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
                                       name=p + "smooth"))
         x2 = p + "smoothed"
     if static is not None:  # one scale for every row, calibrated: the transformed range is [-127, 127] static
+        # The zero point 128 is taken off after the product as a constant (128 x the weights' column sums), folded
+        # into the bias like the centre, so the kernel runs without a zero point, as for the per-row recipes.
+        correction = -128.0 * static * wq.astype(np.float64).sum(axis=0) * wscale
+        offset = (correction if offset is None else offset + correction).astype(np.float32)
         nodes += [
             helper.make_node("QuantizeLinear", [x2, _const(graph, p + "static_scale", np.array(static, np.float32)),
                                                 _const(graph, p + "a_zp", np.array(128, np.uint8))],
                              [p + "q"], name=p + "q"),
             helper.make_node("MatMulIntegerToFloat", [p + "q", w_name, p + "static_scale",
-                                                      _const(graph, p + "wscale", wscale), p + "a_zp"],
+                                                      _const(graph, p + "wscale", wscale)],
                              [p + "y2"], name=p + "matmul", domain="com.microsoft"),
             helper.make_node("Reshape", [p + "y2", p + "out_shape"], [y], name=p + "y"),
         ]
