@@ -58,7 +58,7 @@ class Recipe:
         """What the manifest records of the recipe."""
         return {"activations": "per-token", "weight_bits": self.weight_bits,
                 "activation_zero_point": self.zero_point,
-                "static_roles": ", ".join(sorted(self.static_roles)) or "none",
+                **({"static_roles": ", ".join(sorted(self.static_roles))} if self.static_roles else {}),
                 "smooth_alpha": self.smooth, "gptq": self.gptq, "attention": self.attention}
 
 
@@ -529,8 +529,8 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
     for m in matmuls:
         channels = stats.get(m.input[0])
         smoothed = bool(recipe.smooth) and named[m.name].split(":")[0] in recipe.smooth_roles
-        w = numpy_helper.to_array(weights[m.input[1]])
-        wmax = np.maximum(np.abs(w).max(axis=1), 1e-5)
+        if smoothed:  # each input channel's largest weight (the weights are read again when quantised)
+            wmax = np.maximum(np.abs(numpy_helper.to_array(weights[m.input[1]])).max(axis=1), 1e-5)
         if m.name in static:  # centred when smoothed (the same per-channel op), then one scale for [-127, 127]
             centre = (channels.low + channels.high) / 2 if smoothed else np.zeros_like(channels.low)
             half = np.maximum(np.maximum(channels.high - centre, centre - channels.low), 1e-6)
@@ -542,7 +542,7 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
         elif smoothed:
             act = np.maximum(np.maximum(-channels.low, channels.high), 1e-5)
             smooth[m.name] = (act ** recipe.smooth / wmax ** (1 - recipe.smooth)).astype(np.float32)
-    zero_points: dict[str, int | None] = {m.name: None for m in matmuls}
+    zero_points: dict[str, int] = {}
     if recipe.zero_point == "fixed":
         ranges = row_ranges(model, {m.name: (m.input[0], smooth.get(m.name)) for m in matmuls if m.name not in static},
                             calibration) if calibration else {}

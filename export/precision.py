@@ -42,10 +42,10 @@ FILES = {Precision.INT8: "model_int8.onnx", Precision.FP16: "model_fp16.onnx"}
 
 # int8 recipes, fastest first; the export keeps the first that passes the gate. Every one scales activations per
 # token row (a text's vector depends on the text alone), with 8-bit weights that AVX2 runs exactly, SmoothQuant and
-# GPTQ calibrated on probes.CALIBRATION_TEXTS; they differ in what stays fp32. The first
-# quantises every weight MatMul, attention's QKV projection included, and the embedding tables. all-MiniLM-L6-v2's
-# gate texts against fp32: min cosine 0.996, mean 0.9990, 1.1-1.2x fp32 on AVX2 (docs/decisions.md section 12). Tiny
-# random models, whose attention and embeddings carry more of the error, pass at the later ones.
+# GPTQ calibrated on probes.CALIBRATION_TEXTS; they differ in what stays fp32. The first quantises every weight
+# MatMul, attention's QKV projection included, and the embedding tables. all-MiniLM-L6-v2's gate texts against
+# fp32: min cosine 0.996, mean 0.9991, 1.1-1.2x fp32 on AVX2 (docs/decisions.md section 12). Tiny random models,
+# whose attention and embeddings carry more of the error, pass at the later ones.
 INT8_RECIPES: tuple[tuple[str, pertoken.Recipe], ...] = (
     ("per-token", pertoken.Recipe()),
     ("per-token, embeddings fp32", pertoken.Recipe(embeddings=False)),
@@ -79,13 +79,13 @@ def calibration_batches(folder: Path, spec: ModelSpec, input_names: list[str], b
     with ``specials`` also special_token_texts (static scales must cover them; scales per row need not)."""
     tokenizer = TextTokenizer(folder, max_length=spec.max_length)
     texts = list(probes.CALIBRATION_TEXTS)
-    specials = special_token_texts(folder) if specials else []
+    extra = special_token_texts(folder) if specials else []
     if spec.task is Task.RERANK:
         pairs = list(zip(texts[:20], texts[20:])) + list(zip(texts[20:], texts[:20]))
-        pairs += [(text, special) for text, special in zip(texts, specials)]
+        pairs += [(text, special) for text, special in zip(texts, extra)]
         encodings, _ = tokenizer.encode_pairs(pairs, query_max_length=spec.max_length * 3 // 4)
     else:
-        encodings, _ = tokenizer.encode_texts(texts + specials)
+        encodings, _ = tokenizer.encode_texts(texts + extra)
     return [pad_batch(encodings[i:i + batch], pad_id=spec.pad_token_id, input_names=input_names)
             for i in range(0, len(encodings), batch)]
 
