@@ -196,12 +196,52 @@ def quantize_weight(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarr
     return (fit_pairs(q) if bits == 8 else q), scale
 
 
-def _reduce(graph: onnx.GraphProto, op: str, x: str, out: str, opset: int) -> onnx.NodeProto:
-    """ReduceMax/ReduceMin of each row of a 2-D tensor: axes an attribute before opset 18, an input from it."""
+def _reduce(graph: onnx.GraphProto, op: str, x: str, out: str, opset: int, blocked: bool = False) -> onnx.NodeProto:
+    """ReduceMax/ReduceMin of each row: of a 2-D tensor to one value a row, or (blocked) over the last axis of any
+    rank, keeping it (the shape blocked QuantizeLinear wants its scale in). axes: an attribute before opset 18, an
+    input from it."""
+    axes, keepdims = ([-1], 1) if blocked else ([1], 0)
     if opset < 18:
-        return helper.make_node(op, [x], [out], name=out, axes=[1], keepdims=0)
-    return helper.make_node(op, [x, _const(graph, out + "_axes", np.array([1], np.int64))], [out], name=out,
-                            keepdims=0)
+        return helper.make_node(op, [x], [out], name=out, axes=axes, keepdims=keepdims)
+    return helper.make_node(op, [x, _const(graph, out + "_axes", np.array(axes, np.int64))], [out], name=out,
+                            keepdims=keepdims)
+
+
+BLOCKED_OPSET = 21  # QuantizeLinear's blocked form: one scale per row of any rank, without Reshapes
+
+
+# Standard ops whose every schema change from opset 13 to 21 only added types (float8, int4, bfloat16) or optional
+# inputs and attributes whose defaults keep the old meaning (Shape's start/end, Reshape's allowzero, Cast's saturate,
+# which applies to float8 alone, Pad's axes and wrap mode, ScatterND's reductions, blocked (De)QuantizeLinear).
+TYPES_ONLY = frozenset({"Cast", "CastLike", "Shape", "Size", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose",
+                        "Identity", "Constant", "ConstantOfShape", "Equal", "Where", "Pow", "ScatterND", "Pad",
+                        "QuantizeLinear", "DequantizeLinear"})
+
+
+def raise_opset(model: onnx.ModelProto) -> bool:
+    """Raise the graph to opset 21 (blocked QuantizeLinear) where every standard op in it means the same there as at
+    the graph's own opset; return whether the graph is now at 21 or later. Split with its sizes as an input keeps
+    its meaning (opset 18 only added num_outputs for the form without them)."""
+    entry = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if entry is None:
+        return False
+    if entry.version >= BLOCKED_OPSET:
+        return True
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            old = onnx.defs.get_schema(node.op_type, entry.version).since_version
+            new = onnx.defs.get_schema(node.op_type, BLOCKED_OPSET).since_version
+        except onnx.defs.SchemaError:
+            return False
+        same = old == new or old >= 13 and (node.op_type in TYPES_ONLY
+                                             or node.op_type == "Split" and len(node.input) > 1)
+        if not same:
+            return False
+    entry.version = BLOCKED_OPSET
+    model.ir_version = max(model.ir_version, 10)  # opset 21's IR version
+    return True
 
 
 def choose_zero_point(low: np.ndarray, high: np.ndarray) -> int:
@@ -221,7 +261,7 @@ def choose_zero_point(low: np.ndarray, high: np.ndarray) -> int:
 
 def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.ndarray, recipe: Recipe,
                      smooth: np.ndarray | None, centre: np.ndarray | None, zero_point: int | None, tag: str,
-                     gram: np.ndarray | None, opset: int, static: float | None = None
+                     gram: np.ndarray | None, opset: int, static: float | None = None, blocked: bool = False
                      ) -> tuple[list[onnx.NodeProto], np.ndarray | None]:
     """Nodes computing node's output from its input quantised row by row (each row on its own: with its own scale,
     or the static one) and its int8 weight, and what must be added to that output (centre @ weight) when the input
@@ -240,8 +280,9 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
     if recipe.gptq:
         wq = gptq(weight, gram, wscale, recipe.weight_bits, damp=recipe.damp)
     w_name = _const(graph, p + "w", wq)
-    x2 = p + "x2"
-    nodes = [
+    blocked = blocked and static is None and centre is None  # BatchNormalization's channels are axis 1 of 2-D rows
+    x2 = x if blocked else p + "x2"
+    nodes = [] if blocked else [
         helper.make_node("Shape", [x], [p + "shape"], name=p + "shape"),
         helper.make_node("Slice", [p + "shape", _const(graph, p + "zero1", np.array([0], np.int64)),
                                    _const(graph, p + "minus1", np.array([-1], np.int64))], [p + "lead"],
@@ -278,9 +319,20 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
             helper.make_node("Reshape", [p + "y2", p + "out_shape"], [y], name=p + "y"),
         ]
         return nodes, offset
-    nodes += [_reduce(graph, op, x2, f"{p}{out}", opset) for op, out in (("ReduceMax", "max"), ("ReduceMin", "min"))]
+    nodes += [_reduce(graph, op, x2, f"{p}{out}", opset, blocked)
+              for op, out in (("ReduceMax", "max"), ("ReduceMin", "min"))]
     tiny = _const(graph, p + "tiny", np.array(1e-12, np.float32))
-    axis1 = _const(graph, p + "axis1", np.array([1], np.int64))
+    # per-row values: 1-D for QuantizeLinear on axis 0 of 2-D rows, turned into a column for the product's output;
+    # blocked, they keep the reduced axis (one block a row on the last axis) and broadcast as they are
+    quantize = {"axis": -1, "block_size": k} if blocked else {"axis": 0}
+    y2 = y if blocked else p + "y2"
+    axis1 = None if blocked else _const(graph, p + "axis1", np.array([1], np.int64))
+
+    def column(name: str) -> tuple[list[onnx.NodeProto], str]:
+        if axis1 is None:
+            return [], name
+        return [helper.make_node("Unsqueeze", [name, axis1], [name + "_col"], name=name + "_col")], name + "_col"
+
     if zero_point is not None:
         # every row around one zero point z: its scale fits the row's max in 255 - z steps and its min in z
         z = zero_point
@@ -296,14 +348,14 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
             helper.make_node("Add", [p + "zeros", _const(graph, p + "z_f", np.array(z, np.float32))],
                              [p + "zp_f"], name=p + "zp_f"),
             helper.make_node("Cast", [p + "zp_f"], [p + "zp"], name=p + "zp", to=TensorProto.UINT8),
-            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", axis=0),
+            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", **quantize),
             helper.make_node("MatMulIntegerToFloat",
                              [p + "q", w_name, _const(graph, p + "one", np.array(1, np.float32)),
                               _const(graph, p + "wscale", wscale), _const(graph, p + "a_zp", np.array(z, np.uint8))],
                              [p + "acc"], name=p + "matmul", domain="com.microsoft"),
-            helper.make_node("Unsqueeze", [p + "scale", axis1], [p + "scale_col"], name=p + "scale_col"),
-            helper.make_node("Mul", [p + "acc", p + "scale_col"], [p + "y2"], name=p + "rescale"),
         ]
+        scale_nodes, scale_col = column(p + "scale")
+        nodes += scale_nodes + [helper.make_node("Mul", [p + "acc", scale_col], [y2], name=p + "rescale")]
     else:
         colsum = (wq.astype(np.int64).sum(axis=0) * wscale.astype(np.float64)).astype(np.float32)
         nodes += [
@@ -318,19 +370,21 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
             helper.make_node("Neg", [p + "lo_q"], [p + "zp_raw"], name=p + "zp_raw"),
             helper.make_node("Round", [p + "zp_raw"], [p + "zp_f"], name=p + "zp_f"),
             helper.make_node("Cast", [p + "zp_f"], [p + "zp"], name=p + "zp", to=TensorProto.UINT8),
-            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", axis=0),
+            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", **quantize),
             helper.make_node("MatMulIntegerToFloat",
                              [p + "q", w_name, _const(graph, p + "one", np.array(1, np.float32)),
                               _const(graph, p + "wscale", wscale)],
                              [p + "acc"], name=p + "matmul", domain="com.microsoft"),
-            helper.make_node("Unsqueeze", [p + "zp_f", axis1], [p + "zp_col"], name=p + "zp_col"),
-            helper.make_node("Mul", [p + "zp_col", _const(graph, p + "colsum", colsum)], [p + "correction"],
+        ]
+        zp_nodes, zp_col = column(p + "zp_f")
+        scale_nodes, scale_col = column(p + "scale")
+        nodes += zp_nodes + [
+            helper.make_node("Mul", [zp_col, _const(graph, p + "colsum", colsum)], [p + "correction"],
                              name=p + "correction"),
             helper.make_node("Sub", [p + "acc", p + "correction"], [p + "centred"], name=p + "centred"),
-            helper.make_node("Unsqueeze", [p + "scale", axis1], [p + "scale_col"], name=p + "scale_col"),
-            helper.make_node("Mul", [p + "centred", p + "scale_col"], [p + "y2"], name=p + "rescale"),
-        ]
-    nodes.append(helper.make_node("Reshape", [p + "y2", p + "out_shape"], [y], name=p + "y"))
+        ] + scale_nodes + [helper.make_node("Mul", [p + "centred", scale_col], [y2], name=p + "rescale")]
+    if not blocked:
+        nodes.append(helper.make_node("Reshape", [y2, p + "out_shape"], [y], name=p + "y"))
     return nodes, offset
 
 
@@ -505,11 +559,12 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
     static scales and fixed zero points; needed when the recipe smooths, uses GPTQ or static scales.
     """
     graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):  # MatMulIntegerToFloat's domain
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     masked_attention_only(model)
     attention = unfuse_attention(model) if recipe.attention == "int8" else 0
+    blocked = raise_opset(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     matmuls = weight_matmuls(model)
     named = roles(model, matmuls)
     # attention in fp32 also keeps a QKV projection that is already a plain MatMul (bge-m3's flash-attention graph)
@@ -553,7 +608,8 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
         w = numpy_helper.to_array(weights[m.input[1]]).astype(np.float32)
         gram = stats[m.input[0]].transformed_gram(centres.get(m.name), smooth.get(m.name)) if recipe.gptq else None
         new, offset = _quantize_matmul(graph, m, w, recipe, smooth.get(m.name), centres.get(m.name),
-                                       zero_points.get(m.name), f"mm{i}", gram, opset, static.get(m.name))
+                                       zero_points.get(m.name), f"mm{i}", gram, opset, static.get(m.name),
+                                       blocked)
         position = list(graph.node).index(m)
         graph.node.remove(m)
         for offset_i, node in enumerate(new):

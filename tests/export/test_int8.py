@@ -81,6 +81,19 @@ def test_the_int8_graph_is_what_the_manifest_says(int8_exported):
             assert pertoken.pair_sums(weights[node.input[1]].astype(np.int32)).max() <= 128
 
 
+def test_every_family_quantises_its_rows_in_place(int8_exported):
+    """Each family's int8 graph (bge-m3's with its flash-attention branch replaced) is raised to opset 21 and
+    quantises every per-row MatMul input by blocked QuantizeLinear, with none of the 2-D Reshapes."""
+    for kind, folder in int8_exported.items():
+        variant = read_spec(folder).variants["int8"]
+        graph = onnx.load(str(folder / variant.file), load_external_data=False)
+        assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 21, kind
+        quantise = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+        assert len(quantise) == variant.parity["quantized_matmuls"] > 0, kind
+        assert all(any(a.name == "block_size" for a in n.attribute) for n in quantise), kind
+        assert not any(n.op_type == "Reshape" and n.name.startswith(pertoken.PREFIX) for n in graph.graph.node), kind
+
+
 def _integer_matmul(weight: np.ndarray) -> onnxruntime.InferenceSession:
     """onnxruntime's MatMulIntegerToFloat: uint8 activations around zero point 128 times int8 weights."""
     k, n = weight.shape
@@ -142,25 +155,36 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     assert np.linalg.norm(x @ w - x @ (gptq * scale)) < 0.8 * rounded
 
 
-def test_graphs_of_opset_18_and_later_take_reduce_axes_as_inputs(exported):
-    """sentence-transformers' ONNX exports are opset 18, where ReduceMax/ReduceMin take axes as an input (bge-onnx
-    optimize converts them): the rewrite writes the form of the graph's opset, and both give the same output."""
+def test_rows_quantised_in_place_where_the_graph_can_be_raised_to_opset_21(exported):
+    """Per-row scales as blocked QuantizeLinear (opset 21) on the rows where they are, or, in a graph holding an op
+    whose meaning changed before opset 21, on axis 0 of rows reshaped to 2-D at the graph's own opset (ReduceMax's
+    axes an attribute before 18, an input from it: sentence-transformers' exports are opset 18). All three give the
+    same vectors, to the bit."""
     from bge_onnx.tokenize import TextTokenizer, pad_batch
 
     folder = exported["bert-mean"]
     spec = read_spec(folder)
     encodings, _ = TextTokenizer(folder, max_length=spec.max_length).encode_texts(list(VARIED_TEXTS))
     outputs = []
-    for opset in (17, 18):
+    for opset, changed_op in ((17, None), (17, "ReduceMean"), (18, "IsNaN")):
         model = onnx.load(str(folder / "model.onnx"))
         next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = opset
+        if changed_op:  # an op whose schema changed after the graph's opset (ReduceMean 18, IsNaN 20), unread
+            extra = {"axes": [1]} if changed_op == "ReduceMean" else {}
+            model.graph.node.append(helper.make_node(changed_op, ["embeddings/output"], ["unread"], **extra))
         pertoken.quantize(model, pertoken.Recipe(smooth=0, gptq=False))
+        raised = changed_op is None
+        assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == (21 if raised else opset)
+        quantise = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        assert quantise and all(any(a.name == "block_size" for a in n.attribute) == raised for n in quantise)
+        assert any(n.op_type == "Reshape" and n.name.startswith(pertoken.PREFIX) for n in model.graph.node) != raised
         reduce = next(n for n in model.graph.node if n.op_type == "ReduceMax")
-        assert (len(reduce.input) == 2) == (opset >= 18)
+        assert (len(reduce.input) == 2) == (raised or opset >= 18)
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         feeds = pad_batch(encodings, pad_id=spec.pad_token_id, input_names=[i.name for i in session.get_inputs()])
         outputs.append(session.run(None, feeds)[0])
     np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])
 
 
 def _per_batch_int8(folder) -> None:
