@@ -359,17 +359,18 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
     else:
         colsum = (wq.astype(np.int64).sum(axis=0) * wscale.astype(np.float64)).astype(np.float32)
         nodes += [
+            # the row's range with zero in it (hi >= tiny, so the range is never 0), and the zero point
+            # round(-lo / scale) as uint8 by QuantizeLinear itself: 7 small nodes, each a few microseconds a call
             helper.make_node("Min", [p + "min", _const(graph, p + "zero_f", np.array(0, np.float32))], [p + "lo"],
                              name=p + "lo"),
-            helper.make_node("Max", [p + "max", p + "zero_f"], [p + "hi"], name=p + "hi"),
+            helper.make_node("Max", [p + "max", tiny], [p + "hi"], name=p + "hi"),
             helper.make_node("Sub", [p + "hi", p + "lo"], [p + "range"], name=p + "range"),
-            helper.make_node("Max", [p + "range", tiny], [p + "range_safe"], name=p + "range_safe"),
-            helper.make_node("Mul", [p + "range_safe", _const(graph, p + "inv255", np.array(1 / 255, np.float32))],
+            helper.make_node("Mul", [p + "range", _const(graph, p + "inv255", np.array(1 / 255, np.float32))],
                              [p + "scale"], name=p + "scale"),
-            helper.make_node("Div", [p + "lo", p + "scale"], [p + "lo_q"], name=p + "lo_q"),
-            helper.make_node("Neg", [p + "lo_q"], [p + "zp_raw"], name=p + "zp_raw"),
-            helper.make_node("Round", [p + "zp_raw"], [p + "zp_f"], name=p + "zp_f"),
-            helper.make_node("Cast", [p + "zp_f"], [p + "zp"], name=p + "zp", to=TensorProto.UINT8),
+            helper.make_node("Neg", [p + "lo"], [p + "minus_lo"], name=p + "minus_lo"),
+            helper.make_node("QuantizeLinear", [p + "minus_lo", p + "scale"], [p + "zp"], name=p + "zp",
+                             **({"axis": -1, "block_size": 1} if blocked else {"axis": 0})),
+            helper.make_node("Cast", [p + "zp"], [p + "zp_f"], name=p + "zp_f", to=TensorProto.FLOAT),
             helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", **quantize),
             helper.make_node("MatMulIntegerToFloat",
                              [p + "q", w_name, _const(graph, p + "one", np.array(1, np.float32)),
