@@ -210,18 +210,20 @@ def _reduce(graph: onnx.GraphProto, op: str, x: str, out: str, opset: int, block
 BLOCKED_OPSET = 21  # QuantizeLinear's blocked form: one scale per row of any rank, without Reshapes
 
 
-# Standard ops whose every schema change from opset 13 to 21 only added types (float8, int4, bfloat16) or optional
-# inputs and attributes whose defaults keep the old meaning (Shape's start/end, Reshape's allowzero, Cast's saturate,
-# which applies to float8 alone, Pad's axes and wrap mode, ScatterND's reductions, blocked (De)QuantizeLinear).
-TYPES_ONLY = frozenset({"Cast", "CastLike", "Shape", "Size", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transpose",
-                        "Identity", "Constant", "ConstantOfShape", "Equal", "Where", "Pow", "ScatterND", "Pad",
-                        "QuantizeLinear", "DequantizeLinear"})
+# Standard ops whose every schema change from the version given to opset 21 only added types (float8, int4, bfloat16)
+# or optional inputs and attributes whose defaults keep the old meaning (Shape's start/end, Reshape's allowzero, Cast's
+# saturate, which applies to float8 alone, Pad's axes and wrap mode, ScatterND's reductions, blocked
+# (De)QuantizeLinear). Before 13, Squeeze, Unsqueeze, Split and the Reduce ops took their axes as attributes.
+TYPES_ONLY = {"Cast": 13, "CastLike": 15, "Shape": 13, "Size": 13, "Reshape": 13, "Squeeze": 13, "Unsqueeze": 13,
+              "Flatten": 13, "Transpose": 13, "Identity": 13, "Constant": 13, "ConstantOfShape": 9, "Equal": 13,
+              "Where": 9, "Pow": 13, "ScatterND": 13, "Pad": 13, "QuantizeLinear": 13, "DequantizeLinear": 13}
 
 
 def raise_opset(model: onnx.ModelProto) -> bool:
     """Raise the graph to opset 21 (blocked QuantizeLinear) where every standard op in it means the same there as at
     the graph's own opset; return whether the graph is now at 21 or later. Split with its sizes as an input keeps
-    its meaning (opset 18 only added num_outputs for the form without them)."""
+    its meaning (opset 18 only added num_outputs for the form without them). A graph with subgraphs (If, Loop,
+    Scan: their schemas changed) keeps its opset."""
     entry = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if entry is None:
         return False
@@ -235,8 +237,9 @@ def raise_opset(model: onnx.ModelProto) -> bool:
             new = onnx.defs.get_schema(node.op_type, BLOCKED_OPSET).since_version
         except onnx.defs.SchemaError:
             return False
-        same = old == new or old >= 13 and (node.op_type in TYPES_ONLY
-                                             or node.op_type == "Split" and len(node.input) > 1)
+        types_only = node.op_type in TYPES_ONLY and old >= TYPES_ONLY[node.op_type]
+        split_sizes = node.op_type == "Split" and old >= 13 and len(node.input) > 1
+        same = old == new or types_only or split_sizes
         if not same:
             return False
     entry.version = BLOCKED_OPSET
