@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from bge_onnx import Embedder, Reranker
@@ -72,6 +73,10 @@ def test_int8_is_gated_against_fp32_and_external_data_is_read(official, tmp_path
     assert int8["reference"] == "fp32" and "min_cosine" in int8 and "passed" in int8
     vectors = Embedder(tmp_path / "m3", device="cpu", precision="int8").encode(["a text", "another text"])
     assert vectors.shape == (2, spec.dim) and np.isfinite(vectors).all()
+    # the official graph's position ids (CumSum, Equal, Where, ConstantOfShape) keep their meaning at opset 21, so
+    # its rows are quantised in place too
+    graph = onnx.load(str(tmp_path / "m3" / spec.variants["int8"].file), load_external_data=False)
+    assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 21
 
 
 def test_overrides_and_bad_sources(official, exported, checkpoints, torch_models, tmp_path):
