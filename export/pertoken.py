@@ -213,7 +213,7 @@ BLOCKED_OPSET = 21  # QuantizeLinear's blocked form: one scale per row of any ra
 # Standard ops whose every schema change from the version given to opset 21 only added types (float8, int4, bfloat16)
 # or optional inputs and attributes whose defaults keep the old meaning (Shape's start/end, Reshape's allowzero, Cast's
 # saturate, which applies to float8 alone, Pad's axes and wrap mode, ScatterND's reductions, blocked
-# (De)QuantizeLinear). Before 13, Squeeze, Unsqueeze, Split and the Reduce ops took their axes as attributes.
+# (De)QuantizeLinear). Before 13, Squeeze, Unsqueeze and Split took their axes or sizes as attributes.
 TYPES_ONLY = {"Cast": 13, "CastLike": 15, "Shape": 13, "Size": 13, "Reshape": 13, "Squeeze": 13, "Unsqueeze": 13,
               "Flatten": 13, "Transpose": 13, "Identity": 13, "Constant": 13, "ConstantOfShape": 9, "Equal": 13,
               "Where": 9, "Pow": 13, "ScatterND": 13, "Pad": 13, "QuantizeLinear": 13, "DequantizeLinear": 13}
@@ -222,14 +222,16 @@ TYPES_ONLY = {"Cast": 13, "CastLike": 15, "Shape": 13, "Size": 13, "Reshape": 13
 def raise_opset(model: onnx.ModelProto) -> bool:
     """Raise the graph to opset 21 (blocked QuantizeLinear) where every standard op in it means the same there as at
     the graph's own opset; return whether the graph is now at 21 or later. Split with its sizes as an input keeps
-    its meaning (opset 18 only added num_outputs for the form without them). A graph with subgraphs (If, Loop,
-    Scan: their schemas changed) keeps its opset."""
+    its meaning (opset 18 only added num_outputs for the form without them). A graph with subgraphs keeps its
+    opset."""
     entry = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if entry is None:
         return False
     if entry.version >= BLOCKED_OPSET:
         return True
     for node in model.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return False  # its subgraphs' ops are not checked here
         if node.domain not in ("", "ai.onnx"):
             continue
         try:
@@ -238,7 +240,7 @@ def raise_opset(model: onnx.ModelProto) -> bool:
         except onnx.defs.SchemaError:
             return False
         types_only = node.op_type in TYPES_ONLY and old >= TYPES_ONLY[node.op_type]
-        split_sizes = node.op_type == "Split" and old >= 13 and len(node.input) > 1
+        split_sizes = node.op_type == "Split" and old >= 13 and len(node.input) > 1 and node.input[1] != ""
         same = old == new or types_only or split_sizes
         if not same:
             return False
@@ -283,7 +285,9 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
     if recipe.gptq:
         wq = gptq(weight, gram, wscale, recipe.weight_bits, damp=recipe.damp)
     w_name = _const(graph, p + "w", wq)
-    blocked = blocked and static is None and centre is None  # BatchNormalization's channels are axis 1 of 2-D rows
+    # rows flattened to 2-D (x2, y2) where QuantizeLinear's per-axis form needs them, and on the static path (its
+    # BatchNormalization takes channels on axis 1); blocked, the rows are quantised where they are
+    blocked = blocked and static is None
     x2 = x if blocked else p + "x2"
     nodes = [] if blocked else [
         helper.make_node("Shape", [x], [p + "shape"], name=p + "shape"),
@@ -327,12 +331,13 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
     tiny = _const(graph, p + "tiny", np.array(1e-12, np.float32))
     # per-row values: 1-D for QuantizeLinear on axis 0 of 2-D rows, turned into a column for the product's output;
     # blocked, they keep the reduced axis (one block a row on the last axis) and broadcast as they are
-    quantize = {"axis": -1, "block_size": k} if blocked else {"axis": 0}
+    per_row = {"axis": -1, "block_size": k} if blocked else {"axis": 0}  # x's rows, each on its own scale
+    per_value = {"axis": -1, "block_size": 1} if blocked else {"axis": 0}  # a value a row, on its row's scale
     y2 = y if blocked else p + "y2"
     axis1 = None if blocked else _const(graph, p + "axis1", np.array([1], np.int64))
 
     def column(name: str) -> tuple[list[onnx.NodeProto], str]:
-        if axis1 is None:
+        if blocked:
             return [], name
         return [helper.make_node("Unsqueeze", [name, axis1], [name + "_col"], name=name + "_col")], name + "_col"
 
@@ -351,7 +356,7 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
             helper.make_node("Add", [p + "zeros", _const(graph, p + "z_f", np.array(z, np.float32))],
                              [p + "zp_f"], name=p + "zp_f"),
             helper.make_node("Cast", [p + "zp_f"], [p + "zp"], name=p + "zp", to=TensorProto.UINT8),
-            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", **quantize),
+            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", **per_row),
             helper.make_node("MatMulIntegerToFloat",
                              [p + "q", w_name, _const(graph, p + "one", np.array(1, np.float32)),
                               _const(graph, p + "wscale", wscale), _const(graph, p + "a_zp", np.array(z, np.uint8))],
@@ -371,10 +376,9 @@ def _quantize_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, weight: np.nd
             helper.make_node("Mul", [p + "range", _const(graph, p + "inv255", np.array(1 / 255, np.float32))],
                              [p + "scale"], name=p + "scale"),
             helper.make_node("Neg", [p + "lo"], [p + "minus_lo"], name=p + "minus_lo"),
-            helper.make_node("QuantizeLinear", [p + "minus_lo", p + "scale"], [p + "zp"], name=p + "zp",
-                             **({"axis": -1, "block_size": 1} if blocked else {"axis": 0})),
+            helper.make_node("QuantizeLinear", [p + "minus_lo", p + "scale"], [p + "zp"], name=p + "zp", **per_value),
             helper.make_node("Cast", [p + "zp"], [p + "zp_f"], name=p + "zp_f", to=TensorProto.FLOAT),
-            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", **quantize),
+            helper.make_node("QuantizeLinear", [x2, p + "scale", p + "zp"], [p + "q"], name=p + "q", **per_row),
             helper.make_node("MatMulIntegerToFloat",
                              [p + "q", w_name, _const(graph, p + "one", np.array(1, np.float32)),
                               _const(graph, p + "wscale", wscale)],
@@ -641,4 +645,4 @@ def quantize(model: onnx.ModelProto, recipe: Recipe, calibration: Iterable[dict[
     del graph.value_info[:]
     return {**recipe.describe(), "quantized_matmuls": len(matmuls), "fp32_matmuls": len(kept),
             "unfused_attention": attention, "quantized_embeddings": gathers, "smoothed_matmuls": len(smooth),
-            "static_matmuls": len(static)}
+            "static_matmuls": len(static), "rows_in_place": blocked}

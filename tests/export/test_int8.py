@@ -94,6 +94,41 @@ def test_every_family_quantises_its_rows_in_place(int8_exported):
         assert not any(n.op_type == "Reshape" and n.name.startswith(pertoken.PREFIX) for n in graph.graph.node), kind
 
 
+def test_traced_graphs_are_raised_too(traced):
+    """The torch-traced export (fused by onnxruntime's optimiser) holds nothing whose meaning changed by opset 21."""
+    for kind, folder in traced.items():
+        model = onnx.load(str(folder / "model.onnx"))
+        made = pertoken.quantize(model, pertoken.Recipe(smooth=0, gptq=False))
+        assert made["rows_in_place"], kind
+
+
+def test_raise_opset_takes_only_ops_whose_meaning_stays():
+    """ConstantOfShape and Where keep their meaning from opset 9, Cast from 13, Split with its sizes as an input;
+    Split without them (num_outputs needed from 18), ReduceMean (axes an input from 18), Cast from before 13 and
+    anything holding a subgraph keep the graph at its opset."""
+    def graph(opset: int, *nodes: onnx.NodeProto) -> onnx.ModelProto:
+        g = helper.make_graph(list(nodes), "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])], [])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+    sizes = helper.make_node("Split", ["x", "sizes"], ["a", "b"], axis=1)
+    kept = {
+        "split without sizes": graph(17, helper.make_node("Split", ["x"], ["a", "b"], axis=1)),
+        "ReduceMean": graph(17, helper.make_node("ReduceMean", ["x"], ["m"], axes=[1])),
+        "a subgraph": graph(17, helper.make_node("If", ["c"], ["o"], then_branch=helper.make_graph([], "t", [], []),
+                                                 else_branch=helper.make_graph([], "e", [], []))),
+        "Cast before 13": graph(8, helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT64)),
+    }
+    for what, model in kept.items():
+        before = model.opset_import[0].version
+        assert not pertoken.raise_opset(model), what
+        assert model.opset_import[0].version == before, what
+    raised = graph(13, helper.make_node("ConstantOfShape", ["s"], ["z"]),
+                   helper.make_node("Where", ["c", "x", "z"], ["w"]),
+                   helper.make_node("Cast", ["w"], ["y"], to=TensorProto.INT64), sizes)
+    assert pertoken.raise_opset(raised)
+    assert raised.opset_import[0].version == 21 and raised.ir_version >= 10
+
+
 def _integer_matmul(weight: np.ndarray) -> onnxruntime.InferenceSession:
     """onnxruntime's MatMulIntegerToFloat: uint8 activations around zero point 128 times int8 weights."""
     k, n = weight.shape
@@ -371,19 +406,26 @@ def _one_matmul_graph(role: str) -> tuple[onnx.ModelProto, list[dict[str, np.nda
     return model, batches
 
 
-@pytest.mark.parametrize(("role", "recipe"), [
-    ("ffn_in", replace(precision.STATIC, gptq=False)),  # static, smoothed and centred
-    ("ffn_in", precision.STATIC),
-    ("square", precision.STATIC),  # static, neither smoothed nor centred
-    ("ffn_out", replace(precision.STATIC, zero_point="fixed")),  # one zero point per MatMul, a scale per row
-    ("ffn_out", pertoken.Recipe(smooth=0, gptq=False)),  # a zero point per row
+@pytest.mark.parametrize(("role", "recipe", "flat"), [
+    ("ffn_in", replace(precision.STATIC, gptq=False), False),  # static, smoothed and centred
+    ("ffn_in", precision.STATIC, False),
+    ("square", precision.STATIC, False),  # static, neither smoothed nor centred
+    ("ffn_out", replace(precision.STATIC, zero_point="fixed"), False),  # one zero point per MatMul, a scale per row
+    ("ffn_out", pertoken.Recipe(smooth=0, gptq=False), False),  # a zero point per row
+    ("ffn_out", replace(precision.STATIC, zero_point="fixed"), True),
+    ("ffn_out", pertoken.Recipe(smooth=0, gptq=False), True),
 ])
-def test_each_way_of_quantising_a_matmul_computes_its_product(role, recipe):
+def test_each_way_of_quantising_a_matmul_computes_its_product(role, recipe, flat):
     """One MatMul and its bias, quantised each way the recipes can, against fp32 on inputs like the calibration's:
-    int8's error only (a wrong centre, shift or zero point would be off by the offsets' size)."""
+    int8's error only (a wrong centre, shift or zero point would be off by the offsets' size). flat: in a graph
+    that cannot be raised to opset 21 (an unread IsNaN, whose schema changed at 20), so the rows are flattened to
+    2-D and quantised on axis 0."""
     model, batches = _one_matmul_graph(role)
     fp32 = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    if flat:
+        model.graph.node.append(helper.make_node("IsNaN", ["x"], ["unread"]))
     made = pertoken.quantize(model, recipe, batches[:6])
+    assert made["rows_in_place"] != flat
     assert made["quantized_matmuls"] == 1 and made["static_matmuls"] == int(role in recipe.static_roles)
     int8 = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for feed in batches[6:]:
