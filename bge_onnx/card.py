@@ -26,7 +26,8 @@ _RECIPE_SETTINGS = {"activations": "activations", "activation_zero_point": "acti
                     "smooth_alpha": "SmoothQuant alpha", "gptq": "GPTQ", "attention": "attention",
                     "static_roles": "static scales for"}
 # what a variant's row does not list among its figures
-_NOT_FIGURES = _CONTEXT_KEYS | set(_RECIPE_KEYS) | set(_RECIPE_SETTINGS) | {"unfused_attention", "smoothed_matmuls"}
+_NOT_FIGURES = (_CONTEXT_KEYS | set(_RECIPE_KEYS) | set(_RECIPE_SETTINGS)
+                | {"unfused_attention", "smoothed_matmuls", "rows_in_place"})
 
 
 def model_card(spec: ModelSpec, repo_id: str, *, revision: str | None = None) -> str:
