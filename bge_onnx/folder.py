@@ -96,6 +96,11 @@ def choose_precision(spec: ModelSpec, precision: str | Precision, *, on_cuda: bo
         )
     if precision is Precision.INT8 and (problem := int8_runtime_problem()):
         raise ProviderError(f"precision='int8': {problem}")
+    if precision is Precision.INT8 and on_cuda and spec.variants[precision.value].parity.get("rows_in_place"):
+        raise ProviderError(
+            f"precision='int8' with device='cuda': {folder}'s int8 graph quantises its rows with blocked "
+            "QuantizeLinear, which onnxruntime's CUDA provider runs for 4-bit types only; int8 is the CPU variant: "
+            "run it with device='cpu' (or 'auto'), or run precision='fp16' or 'fp32' on CUDA")
     if precision is Precision.FP16 and not on_cuda:
         warnings.warn(
             "precision='fp16' on CPU: onnxruntime runs it through casts, slower than fp32; fp16 is meant for CUDA",
@@ -129,6 +134,8 @@ def open_model(
     """
     if max_length is not None:
         positive_int("max_length", max_length)
+    if device == "auto" and precision != "auto" and _precision(precision) is Precision.INT8:
+        device = "cpu"  # the CPU variant: its integer MatMuls have no CUDA kernel (com.microsoft ops, CPU only)
     providers = choose_providers(device)
     on_cuda = CUDA in providers
 

@@ -31,7 +31,7 @@ class LoadOptions:
     names and defaults).
 
     Args:
-        device: "auto" (CUDA if onnxruntime-gpu can use it, else CPU), "cpu" or "cuda".
+        device: "auto" (CUDA if onnxruntime-gpu can use it, else CPU; CPU for precision="int8"), "cpu" or "cuda".
         precision: "auto" (int8 on CPU where exported, fp16 on CUDA, else fp32), "fp32", "fp16" or "int8".
         threads: onnxruntime's CPU threads; default the CPUs the process may use ($BGE_ONNX_THREADS).
         max_length: token limit per text (per pair for a reranker); default the model's.

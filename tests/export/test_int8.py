@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tiny_models import EMBED_KINDS, RERANK_KINDS, VARIED_TEXTS
 
 from bge_onnx import Embedder, ProviderError, Reranker
-from bge_onnx.folder import int8_runtime_problem
+from bge_onnx.folder import choose_precision, int8_runtime_problem
+from bge_onnx.session import CPU, CUDA
 from bge_onnx.spec import Precision, Variant, read_spec
 
 
@@ -266,6 +267,26 @@ def test_int8_needs_an_onnxruntime_with_the_vnni_fix(int8_exported, monkeypatch)
     if read_spec(folder).variants["int8"].parity["passed"]:  # auto would pick int8: it runs fp32 instead
         with pytest.warns(RuntimeWarning, match="running fp32, not int8: onnxruntime 1.24.4"):
             assert Embedder(folder, device="cpu").precision is Precision.FP32
+
+
+def test_int8_is_the_cpu_variant(int8_exported, monkeypatch):
+    """An explicit int8 runs on the CPU under device="auto" even where onnxruntime offers CUDA; device="cuda"
+    refuses a graph whose rows are quantised in place (blocked QuantizeLinear, which onnxruntime's CUDA provider
+    runs for 4-bit types only) and says what to run instead."""
+    folder = int8_exported["bert-mean"]
+    spec = read_spec(folder)
+    assert spec.variants["int8"].parity["rows_in_place"]
+    with pytest.raises(ProviderError, match=r"precision='int8' with device='cuda'.*device='cpu'.*'fp16' or 'fp32'"):
+        choose_precision(spec, "int8", on_cuda=True, folder=folder)
+    assert choose_precision(spec, "int8", on_cuda=False, folder=folder) is Precision.INT8
+    assert choose_precision(spec, "fp32", on_cuda=True, folder=folder) is Precision.FP32
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])  # as onnxruntime-gpu's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = Embedder(folder, precision="int8")
+    assert model.providers == [CPU] and model.precision is Precision.INT8
+    with pytest.raises(ProviderError, match="with device='cuda'"):
+        Embedder(folder, device="cuda", precision="int8")
 
 
 def _with_recipe(folder, recipe: pertoken.Recipe) -> None:
