@@ -2,7 +2,8 @@
 
 One keep-alive connection sends /embed requests of 4 short texts one after another; in turns with it (A B C A B C
 ...), the same requests go through Embedder.encode in this process, and, with ``--baseline DIR``, to a server
-started from another checkout (a ``git worktree`` of an earlier commit). Medians of the rounds. The client, the
+started from another checkout (a ``git worktree`` of an earlier commit), and to the floor of any server on this
+stack (benchmarks/bare_server.py: one Starlette route, no checks or batching). Medians of the rounds. The client, the
 in-process model and the servers share the machine's CPUs. Where this tree's time goes comes from its answers'
 Server-Timing header (per request, medians): the route's tokenising, queueing, inference and the hop to the
 inference thread and back; the rest of the route (checks, normalising, metrics); and outside the route, HTTP in
@@ -15,13 +16,17 @@ import argparse
 import http.client
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .harness import Report, log
 from .serve_hostile import start
-from .serve_load import _free_port, synthetic
+from .serve_load import _free_port, synthetic, wait_healthy
+
+# the floor of serving on this stack (benchmarks/bare_server.py): one Starlette route that encodes in a thread
+FLOOR = "bare Starlette route"
 
 
 def main(argv: list[str], *, name: str = "serve-one") -> None:
@@ -44,6 +49,11 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
         port = _free_port()
         servers[label] = (start(tree, args.model, args.precision, port),
                           http.client.HTTPConnection("127.0.0.1", port, timeout=120))
+    port = _free_port()
+    bare = subprocess.Popen([sys.executable, "-m", "benchmarks.bare_server", str(args.model), args.precision, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_healthy(bare, port, "benchmarks.bare_server")
+    servers[FLOOR] = (bare, http.client.HTTPConnection("127.0.0.1", port, timeout=120))
 
     phases: dict[str, list[float]] = {}
 
@@ -96,7 +106,10 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
     report = Report(name, "One client against in-process encode, interleaved", argv, models={"model": args.model})
     report.data = data
     report.text(f"{len(requests)} requests of 4 short texts per round, {args.rounds} rounds, in turns; precision "
-                f"{args.precision}; medians. 'vs in-process': in-process time over the contestant's.")
+                f"{args.precision}; medians. 'vs in-process': in-process time over the contestant's. '{FLOOR}' "
+                "(benchmarks/bare_server.py) is the floor of any server on this stack: uvicorn with httptools, one "
+                "Starlette route that parses the body with orjson, encodes in a worker thread and writes the vectors "
+                "with orjson, with none of a server's checks, batching or metrics.")
     report.table(["contestant", "ms per request", "vs in-process"], rows)
     median = {name: statistics.median(values) * 1000 for name, values in phases.items()}
     route = ["tokenize", "queue", "inference", "hop"]
