@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 
@@ -12,6 +13,22 @@ def describe(value: object) -> str:
     """``repr(value)``, cut to 80 characters for error messages."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def json_loads(text: str | bytes | bytearray) -> object:
+    """``json.loads``, with nesting too deep for Python's parser (a RecursionError: 100,000 ``[`` fit in a
+    200 KB body) raised as the ValueError that every other malformed JSON raises, so that it is refused as bad
+    input, not taken for an internal error.
+
+    >>> json_loads("[" * 100000 + "]" * 100000)
+    Traceback (most recent call last):
+    ...
+    ValueError: JSON nested too deeply for this parser
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply for this parser") from None
 
 
 def positive_int(name: str, value: object, *, error: type[BgeOnnxError] = InputError) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import CLEAN_HINT, describe, utf8_problem
+from .checks import CLEAN_HINT, describe, json_loads, utf8_problem
 from .errors import InputError, MissingExtraError, install_hint
 from .storage import output_dtype as output_dtype_of
 
@@ -125,7 +125,7 @@ class Source:
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                item = json_loads(line)
             except ValueError as err:
                 yield BadRow(number, f"not valid JSON: {err}", line)
                 continue

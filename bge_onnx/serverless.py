@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-from .checks import check_texts, describe, env_flag
+from .checks import check_texts, describe, env_flag, json_loads
 from .embedder import Embedder
 from .errors import BgeOnnxError, ConfigError, InputError
 from .session import SPIN_ENV
@@ -188,7 +188,7 @@ def _body(event: dict) -> dict:
         except (binascii.Error, UnicodeDecodeError) as err:
             raise InputError(f"body is marked isBase64Encoded but is not base64 of UTF-8 text: {err}") from err
     try:
-        request = json.loads(body)
+        request = json_loads(body)
     except ValueError as err:
         raise InputError(f"body is not valid JSON: {err}") from err
     if not isinstance(request, dict):
@@ -209,7 +209,7 @@ def _respond(http: bool, status: int, body: dict) -> dict:
 def main() -> int:
     """Run the event read from stdin, print the response; exit status 0 for a 200, else 1."""
     try:
-        event = json.loads(sys.stdin.buffer.read())
+        event = json_loads(sys.stdin.buffer.read())
     except ValueError as err:
         response = {"statusCode": 400, "error": f"stdin is not a JSON event: {err}"}
     else:

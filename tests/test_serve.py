@@ -248,10 +248,17 @@ def test_tei_errors(server):
         assert message in body["error"], body
     status, body, _ = call(server.base, "POST", "/embed", raw=b'{"inputs": ')
     assert status == 422 and "the body is not valid JSON" in body["error"]
-    # a lone surrogate leaves the keep-alive connection open: the next request on it is answered
+    # JSON nested deeper than Python's parser goes (a RecursionError inside json.loads) is bad JSON too
+    deep = '{"inputs": ' + "[" * 5000 + "]" * 5000 + "}"
+    status, body, _ = call(server.base, "POST", "/embed", raw=deep.encode())
+    assert status == 422 and "not valid JSON: JSON nested too deeply" in body["error"], body
+    status, body, _ = call(server.base, "POST", "/v1/embeddings", raw=deep.replace("inputs", "input").encode())
+    assert status == 400 and "nested too deeply" in body["error"]["message"], body
+    # a lone surrogate, or JSON nested too deep, leaves the keep-alive connection open: the next request on it is
+    # answered
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
-        for payload, expected in (('{"inputs": "\\ud800"}', 422), ('{"inputs": "fine"}', 200)) * 3:
+        for payload, expected in (('{"inputs": "\\ud800"}', 422), ('{"inputs": "fine"}', 200), (deep, 422)) * 3:
             connection.request("POST", "/embed", body=payload, headers={"content-type": "application/json"})
             response = connection.getresponse()
             response.read()
@@ -660,3 +667,46 @@ def test_vectors_for_storage_on_every_route(server, embedder, model_copy):
     with pytest.raises(Refusal, match=r"output_dtype 'uint8' is not offered: this model was exported without "
                                       r"per-dimension ranges \(offered: float32, binary, ubinary; see /info\)"):
         storage_form(older, "uint8", "output_dtype")
+
+
+def test_an_error_no_route_handled_is_answered_by_the_gate():
+    """An exception that escaped every route is logged and answered by the gate in the error format of the path's
+    API family (TEI's 424, OpenAI's 500), so the ASGI call ends normally: left to Starlette's outermost middleware,
+    it is answered and then raised again to uvicorn, which drops the keep-alive connection. An app that fails after
+    its answer started is not answered twice."""
+    from bge_onnx.serve.app import Gate
+    from bge_onnx.serve.limits import ServeConfig
+    from bge_onnx.serve.metrics import Metrics
+    from bge_onnx.serve.service import Service
+
+    async def failing(scope, receive, send):
+        raise RuntimeError("boom")
+
+    async def failing_late(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("late")
+
+    def run(app, path: str) -> tuple[list[dict], Metrics]:
+        config, metrics = ServeConfig("unused"), Metrics()
+        gate = Gate(app, config=config, metrics=metrics, service=Service(config, metrics))
+        sent = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        asyncio.run(gate({"type": "http", "method": "POST", "path": path, "headers": []}, receive, send))
+        return sent, metrics
+
+    sent, metrics = run(failing, "/embed")
+    assert sent[0]["status"] == 424
+    assert json.loads(sent[1]["body"]) == {"error": "internal error: RuntimeError: boom", "error_type": "Backend"}
+    assert metrics.registry.get_sample_value("te_request_failure", {"err": "inference"}) == 1
+    assert metrics.registry.get_sample_value("bge_onnx_requests_total", {"route": "/embed", "status": "424"}) == 1
+    sent, _ = run(failing, "/v1/embeddings")
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"])["error"]["message"] == "internal error: RuntimeError: boom"
+    with pytest.raises(RuntimeError, match="late"):
+        run(failing_late, "/embed")

@@ -95,7 +95,7 @@ class Gate:
                 await render(path, refusal)(scope, receive, send_status)
                 return
             if not counted:
-                await self.app(scope, receive, send_status)
+                await self._run(scope, receive, send_status)
                 return
             self.service.in_flight += 1
             self.metrics.in_flight.inc()
@@ -139,7 +139,7 @@ class Gate:
 
         watcher = asyncio.ensure_future(watch())
         try:
-            await self.app(scope, tracked_receive, tracked_send)
+            await self._run(scope, tracked_receive, tracked_send)
             return True
         except asyncio.CancelledError:
             if not gone:
@@ -148,6 +148,28 @@ class Gate:
             return False
         finally:
             watcher.cancel()
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app, with an error no route handled logged and answered here, in the error format of the path's API
+        family (TEI's 424, OpenAI's 500), before its answer has started. (Starlette's outermost middleware would
+        answer it too, then raise it again to the server, which drops the connection: a client's next request on
+        it would fail.)"""
+        started = []
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started.append(True)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as err:
+            if started:
+                raise
+            log.error("bge-onnx serve: %s %s failed", scope["method"], scope["path"], exc_info=err)
+            self.metrics.tei_failure("inference")
+            await render(scope["path"], Refusal(BACKEND, f"internal error: {type(err).__name__}: {err}"))(
+                scope, receive, send)
 
     def _retry_after(self) -> int:
         """When to come back: a slot frees within one request's time; each refused client after that gets the
@@ -168,12 +190,6 @@ async def _refusal_handler(request: Request, err: Exception) -> Response:
 async def _gone_handler(request: Request, err: Exception) -> Response:
     """The client closed its connection while its body was being read: nobody to answer, nothing to log."""
     return Response(status_code=DISCONNECTED)
-
-
-async def _error_handler(request: Request, err: Exception) -> Response:
-    log.error("bge-onnx serve: %s %s failed", request.method, request.url.path, exc_info=err)
-    request.app.state.service.metrics.tei_failure("inference")
-    return render(request.url.path, Refusal(BACKEND, f"internal error: {type(err).__name__}: {err}"))
 
 
 def create_app(
@@ -210,7 +226,7 @@ def create_app(
 
     app = Starlette(
         routes=[*tei.ROUTES, *openai.ROUTES, *cohere.ROUTES],
-        exception_handlers={Refusal: _refusal_handler, ClientDisconnect: _gone_handler, Exception: _error_handler},
+        exception_handlers={Refusal: _refusal_handler, ClientDisconnect: _gone_handler},
         lifespan=lifespan,
     )
     app.state.service = service

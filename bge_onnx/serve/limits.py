@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Sequence
 
 from starlette.requests import Request
 
-from ..checks import describe, positive_int, utf8_problem
+from ..checks import describe, json_loads, positive_int, utf8_problem
 from ..errors import BgeOnnxError, ConfigError, InputError
 from ..storage import OutputDtype, output_dtype
 
@@ -159,7 +158,7 @@ async def read_json(request: Request, limit: int) -> object:
     if not body.strip():
         raise Refusal(BAD_JSON, "the body is empty; send a JSON object")
     try:
-        return json.loads(body)
+        return json_loads(body)
     except ValueError as err:  # also UnicodeDecodeError
         raise Refusal(BAD_JSON, f"the body is not valid JSON: {err}") from err
 
