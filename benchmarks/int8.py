@@ -13,6 +13,7 @@ per-token graphs' kernel) with 7-bit, fitted 8-bit and plain 8-bit weights, and 
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import statistics
 import tempfile
@@ -76,6 +77,12 @@ def variant_folder(model: Path, root: Path, name: str, recipe: pertoken.Recipe) 
 KERNEL_CALLS = 10
 
 
+def calls(session, a: np.ndarray) -> None:
+    """KERNEL_CALLS runs of a one-MatMul session: one takes milliseconds, within this host's jitter."""
+    for _ in range(KERNEL_CALLS):
+        session.run(None, {"a": a})
+
+
 def kernels(rounds: int, threads: int) -> list[list]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -125,12 +132,7 @@ def kernels(rounds: int, threads: int) -> list[list]:
                                   block_size=block, accuracy_level=4)],
                 fin, [numpy_helper.from_array(np.ascontiguousarray(b), "b"),
                       numpy_helper.from_array(scale.T.reshape(-1).copy(), "s")]), x)
-        def calls(s, a) -> None:
-            """KERNEL_CALLS runs: one takes milliseconds, within this host's jitter."""
-            for _ in range(KERNEL_CALLS):
-                s.run(None, {"a": a})
-
-        seconds = interleave({label: (lambda s=s, a=a: calls(s, a)) for label, (s, a) in runs.items()}, rounds=rounds)
+        seconds = interleave({label: functools.partial(calls, s, a) for label, (s, a) in runs.items()}, rounds=rounds)
         base = seconds["fp32 MatMul"]
         for label in runs:
             ratio = statistics.median(b / s for b, s in zip(base, seconds[label]))
@@ -204,9 +206,10 @@ def main(argv: list[str], *, name: str = "int8") -> None:
     report.table(["variant", "speed vs fp32"], [[label.strip(), f"{focus_speed[label]:.2f}x"] for label in FOCUS])
     log("timing the kernels")
     start = time.perf_counter()
-    kernel_rows = kernels(max(args.rounds, 5) * 3, args.threads)
+    kernel_rounds = max(args.rounds, 5) * 3
+    kernel_rows = kernels(kernel_rounds, args.threads)
     report.text(f"Kernels: one MatMul of each BERT shape (512 token rows), {KERNEL_CALLS} calls per timing, medians of "
-                f"{max(args.rounds, 5) * 3} interleaved rounds, speed vs the "
+                f"{kernel_rounds} interleaved rounds, speed vs the "
                 "fp32 MatMul; 'exact' when the integer product equals numpy's at random uint8 activations (plain 8-bit "
                 f"weights saturate AVX2's kernel without VNNI). {time.perf_counter() - start:.0f} s.")
     report.table(["shape", "kernel", "speed vs fp32", "integer product"], kernel_rows)

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bge_onnx.session import SPIN_ENV
 
 from .harness import Report, log
 from .serve_hostile import start
@@ -44,16 +47,7 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
     embedder = Embedder(args.model, precision=args.precision)
     words = synthetic(4 * args.requests, 8)
     requests = [words[i : i + 4] for i in range(0, len(words), 4)]
-    servers = {}
-    for label, tree in [("this tree", None)] + ([(args.baseline_label, args.baseline)] if args.baseline else []):
-        port = _free_port()
-        servers[label] = (start(tree, args.model, args.precision, port),
-                          http.client.HTTPConnection("127.0.0.1", port, timeout=120))
-    port = _free_port()
-    bare = subprocess.Popen([sys.executable, "-m", "benchmarks.bare_server", str(args.model), args.precision, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_healthy(bare, port, "benchmarks.bare_server")
-    servers[FLOOR] = (bare, http.client.HTTPConnection("127.0.0.1", port, timeout=120))
+    servers: dict[str, tuple[subprocess.Popen, http.client.HTTPConnection]] = {}
 
     phases: dict[str, list[float]] = {}
 
@@ -73,8 +67,18 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
             phases.setdefault("round trip", []).append(answered - began)
             phases.setdefault("client JSON parse", []).append(time.perf_counter() - answered)
 
-    seconds = {label: [] for label in ["in-process", *servers]}
     try:
+        for label, tree in [("this tree", None)] + ([(args.baseline_label, args.baseline)] if args.baseline else []):
+            port = _free_port()
+            servers[label] = (start(tree, args.model, args.precision, port),
+                              http.client.HTTPConnection("127.0.0.1", port, timeout=120))
+        port = _free_port()
+        # the server's own setting of onnxruntime's threads (spin within a call), so that only the serving differs
+        bare = subprocess.Popen([sys.executable, "-m", "benchmarks.bare_server", str(args.model), args.precision,
+                                 str(port)], stdout=subprocess.DEVNULL, env={**os.environ, SPIN_ENV: "run"})
+        servers[FLOOR] = (bare, http.client.HTTPConnection("127.0.0.1", port, timeout=120))
+        wait_healthy(bare, port, "python -m benchmarks.bare_server")
+        seconds = {label: [] for label in ["in-process", *servers]}
         for texts in requests[:10]:  # warm-up
             embedder.encode(texts)
             for _, connection in servers.values():
@@ -95,7 +99,11 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
     finally:
         for process, _ in servers.values():
             process.terminate()
-            process.wait(60)
+        for process, _ in servers.values():
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
     base = statistics.median(seconds["in-process"])
     rows, data = [], {}
     for label, values in seconds.items():
