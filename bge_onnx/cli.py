@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
@@ -207,6 +208,16 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value!r}")
+    return number
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
@@ -221,7 +232,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.model, reranker=args.reranker, host=args.host, port=args.port, max_batch_tokens=args.max_batch_tokens,
         max_client_batch_size=args.max_client_batch_size, openai_max_inputs=args.openai_max_inputs,
         max_concurrent_requests=args.max_concurrent_requests, cors_allow_origin=tuple(args.cors_allow_origin or ()),
-        payload_limit=args.payload_limit, auto_truncate=args.auto_truncate or env_flag("BGE_ONNX_AUTO_TRUNCATE"),
+        payload_limit=args.payload_limit, body_timeout=args.body_timeout, auto_truncate=args.auto_truncate or env_flag("BGE_ONNX_AUTO_TRUNCATE"),
         api_key=args.api_key or None, max_wait_ms=args.max_wait_ms, max_queue_ms=args.max_queue_ms,
         isolate_batches=args.isolate_batches or env_flag("BGE_ONNX_ISOLATE_BATCHES"), precision=args.precision,
         revision=args.revision, device=args.device, threads=args.threads, max_length=args.max_length,
@@ -274,6 +285,9 @@ def _serve_parser(commands) -> None:
                        help="requests in flight; more are answered 429 at once ($BGE_ONNX_MAX_CONCURRENT_REQUESTS; default 512)")
     serve.add_argument("--payload-limit", type=_positive_int, default=env("PAYLOAD_LIMIT", "2000000"), metavar="BYTES",
                        help="largest request body; larger is answered 413 ($BGE_ONNX_PAYLOAD_LIMIT; default 2000000)")
+    serve.add_argument("--body-timeout", type=_positive_float, default=env("BODY_TIMEOUT", "60"), metavar="SECONDS",
+                       help="time a request's body may take to arrive; later is answered 408 and the connection closed "
+                            "($BGE_ONNX_BODY_TIMEOUT; default 60)")
     serve.add_argument("--auto-truncate", action="store_true",
                        help="cut texts over the model's max length instead of refusing them ($BGE_ONNX_AUTO_TRUNCATE=1)")
     serve.add_argument("--api-key", default=env("API_KEY"), metavar="KEY",

@@ -206,6 +206,7 @@ def test_openai_wire_format_and_errors(server, embedder):
         ({"input": "x", "dimensions": 8}, "dimensions=8 is not supported", "dimensions"),
         ({"input": "\ud800"}, "input cannot be encoded as UTF-8 (surrogates not allowed at position 0)", "input"),
         ({"input": ["ok", "a\udfffb"]}, "input[1] cannot be encoded as UTF-8", "input"),
+        ({"input": "x", "model": "m\ud800"}, "model cannot be encoded as UTF-8", "model"),  # echoed in the answer
     ]
     for request, message, param in cases:
         status, body, _ = call(server.base, "POST", "/v1/embeddings", request)
@@ -294,6 +295,8 @@ def test_rerank_tei_and_cohere_match_in_process(server, reranker):
     assert body["results"][0]["document"] == {"text": expected[0].text}
     status, body, _ = call(server.base, "POST", "/v1/rerank", {"query": query, "documents": texts, "top_n": 0})
     assert status == 400 and body["error"]["param"] == "top_n"
+    status, body, _ = call(server.base, "POST", "/v1/rerank", {"query": query, "documents": texts, "model": "\udc00"})
+    assert status == 400 and body["error"]["param"] == "model" and "cannot be encoded as UTF-8" in body["error"]["message"]
 
 
 def test_tokenize_info_health_metrics(server, embedder):
@@ -390,10 +393,11 @@ def test_int8_server_gives_each_request_the_vectors_it_gets_alone(int8_exported,
 
 @pytest.fixture(scope="module")
 def guarded(exported, tmp_path_factory):
-    """Settings from environment variables: an API key, at most 2 requests in flight, 400 ms for company."""
+    """Settings from environment variables: an API key, at most 2 requests in flight, 400 ms for company, 2 s for a
+    body to arrive."""
     log = tmp_path_factory.mktemp("serve-guarded") / "server.log"
     env = {"BGE_ONNX_API_KEY": "sekret", "BGE_ONNX_MAX_CONCURRENT_REQUESTS": "2", "BGE_ONNX_MAX_WAIT_MS": "400",
-           "BGE_ONNX_PRECISION": "fp32"}
+           "BGE_ONNX_PRECISION": "fp32", "BGE_ONNX_BODY_TIMEOUT": "2"}
     srv = Server(str(exported["bert-cls"]), env=env, log=log)
     yield srv
     srv.stop()
@@ -410,6 +414,47 @@ def test_api_key(guarded):
     assert call(guarded.base, "POST", "/", {"inputs": "x"})[0] == 401  # TEI's POST / does work: it needs the key
     status, body, _ = call(guarded.base, "POST", "/embed", {"inputs": "x"}, headers={"authorization": "Bearer sekret"})
     assert status == 200 and len(body) == 1
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends on ``sock`` until it closes the connection (a socket timeout if it never does)."""
+    sock.settimeout(30)
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_stalled_body_gets_408_and_frees_its_slot(guarded):
+    """Clients that send a part of their bodies and stall hold both of the 2 slots (--max-concurrent-requests) only
+    until --body-timeout: each gets 408 and its connection closed, and the next request is served. A refusal sent
+    before a body the client holds back for 100-continue closes the connection: that body must not be read as the
+    next request."""
+    auth = {"authorization": "Bearer sekret"}
+    head = (b"POST /embed HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer sekret\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+    stalled = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(2)]
+    try:
+        for sock in stalled:
+            sock.sendall(head + b'{"inp')
+        time.sleep(0.5)
+        status, body, _ = call(guarded.base, "POST", "/embed", {"inputs": "x"}, headers=auth)
+        assert status == 429 and "2 requests in flight" in body["error"], body
+        began = time.monotonic()
+        for sock in stalled:
+            answer = _until_closed(sock)
+            assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower(), answer
+            assert b"did not arrive within 2 s (--body-timeout)" in answer
+        assert time.monotonic() - began < 20
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert call(guarded.base, "POST", "/embed", {"inputs": "x"}, headers=auth)[0] == 200
+    with socket.create_connection(("127.0.0.1", guarded.port)) as sock:
+        sock.sendall(b"POST /embed HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer no\r\n"
+                     b"Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 15\r\n\r\n")
+        answer = _until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 401") and b"connection: close" in answer.lower(), answer
 
 
 def test_burst_over_the_limit_gets_429_while_others_succeed(guarded, embedder):

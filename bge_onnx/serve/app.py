@@ -92,7 +92,12 @@ class Gate:
                                   f"the limit is {self.config.max_concurrent_requests}; retry later",
                                   retry_after=self._retry_after())
             if refusal is not None:
-                await render(path, refusal)(scope, receive, send_status)
+                response = render(path, refusal)
+                if (b"expect", b"100-continue") in [(k, v.lower()) for k, v in scope["headers"]]:
+                    # the client waits for our word before it sends the body: unread, it must not be taken for the
+                    # next request on the connection
+                    response.headers["connection"] = "close"
+                await response(scope, receive, send_status)
                 return
             if not counted:
                 await self._run(scope, receive, send_status)

@@ -45,7 +45,8 @@ def _documents(value: object, limit: int) -> list[str]:
 async def rerank(request: Request) -> Response:
     service: Service = request.app.state.service
     service.require("rerank")
-    body = fields(await read_json(request, service.config.payload_limit), ["query", "documents"])
+    config = service.config
+    body = fields(await read_json(request, config.payload_limit, config.body_timeout), ["query", "documents"])
     query = body.get("query")
     if not isinstance(query, str):
         raise Refusal(VALIDATION, f"query must be a string, got {type(query).__name__} {describe(query)}",
@@ -83,7 +84,8 @@ def _choice(body: dict, name: str, allowed, default: str | None) -> str | None:
 async def embed(request: Request) -> Response:
     service: Service = request.app.state.service
     embedder = service.require("embed")
-    body = fields(await read_json(request, service.config.payload_limit), ["texts", "model"])
+    config = service.config
+    body = fields(await read_json(request, config.payload_limit, config.body_timeout), ["texts", "model"])
     texts, _ = texts_field(body.get("texts"), "texts", limit=service.config.max_client_batch_size, single_ok=False)
     input_type = _choice(body, "input_type", INPUT_TYPES, None)
     truncate = _choice(body, "truncate", ("END", "NONE"), "END") == "END"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import time
@@ -17,6 +18,7 @@ from ..storage import OutputDtype, output_dtype
 VALIDATION = "validation"  # a wrong type, a bad value, too many inputs, a text over the model's limit
 EMPTY = "empty"  # no input at all
 PAYLOAD = "payload"  # the body is larger than --payload-limit
+SLOW_BODY = "slow_body"  # the body did not arrive within --body-timeout
 BAD_JSON = "bad_json"  # the body is not JSON
 AUTH = "auth"  # --api-key is set and the request lacks it
 OVERLOADED = "overloaded"  # --max-concurrent-requests requests are already in flight
@@ -64,6 +66,7 @@ class ServeConfig:
     api_key: str | None = None
     max_wait_ms: float = 2.0
     max_queue_ms: float = 2000.0
+    body_timeout: float = 60.0
     isolate_batches: bool = False
     precision: str = "auto"
     revision: str | None = None
@@ -79,6 +82,8 @@ class ServeConfig:
         for name in ("max_wait_ms", "max_queue_ms"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.body_timeout > 0:
+            raise ConfigError(f"body_timeout must be > 0 seconds, got {self.body_timeout!r}")
         if self.api_key == "":
             raise ConfigError("api_key is empty: give a key, or leave it unset to serve without one")
 
@@ -99,7 +104,7 @@ class Refusal(BgeOnnxError):
         if self.retry_after is not None:
             headers["retry-after"] = str(max(1, math.ceil(self.retry_after)))
             headers["retry-after-ms"] = str(max(1, round(self.retry_after * 1000)))
-        if self.kind == PAYLOAD:
+        if self.kind in (PAYLOAD, SLOW_BODY):
             headers["connection"] = "close"
         return headers
 
@@ -132,9 +137,24 @@ class RetryBook:
         return self._until - now
 
 
-async def read_json(request: Request, limit: int) -> object:
+async def read_json(request: Request, limit: int, timeout: float) -> object:
     """The request's JSON body, read at most ``limit`` bytes far (a larger body is refused, its rest drained up to
-    DRAIN bytes and the connection closed, so the client reads the 413)."""
+    DRAIN bytes and the connection closed, so the client reads the 413) and within ``timeout`` seconds (a request
+    holds one of --max-concurrent-requests while its body arrives: a client that stalls must not keep it)."""
+    try:
+        async with asyncio.timeout(timeout):
+            body = await _read_body(request, limit)
+    except TimeoutError:
+        raise Refusal(SLOW_BODY, f"the body did not arrive within {timeout:g} s (--body-timeout)") from None
+    if not body.strip():
+        raise Refusal(BAD_JSON, "the body is empty; send a JSON object")
+    try:
+        return json_loads(body)
+    except ValueError as err:  # also UnicodeDecodeError
+        raise Refusal(BAD_JSON, f"the body is not valid JSON: {err}") from err
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
     declared = request.headers.get("content-length")
     too_large = None
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -155,12 +175,7 @@ async def read_json(request: Request, limit: int) -> object:
             break
     if too_large is not None:
         raise Refusal(PAYLOAD, too_large)
-    if not body.strip():
-        raise Refusal(BAD_JSON, "the body is empty; send a JSON object")
-    try:
-        return json_loads(body)
-    except ValueError as err:  # also UnicodeDecodeError
-        raise Refusal(BAD_JSON, f"the body is not valid JSON: {err}") from err
+    return body
 
 
 def fields(body: object, allowed: Sequence[str]) -> dict:

@@ -29,6 +29,7 @@ from .limits import (
     NOT_FOUND,
     OVERLOADED,
     PAYLOAD,
+    SLOW_BODY,
     UNHEALTHY,
     VALIDATION,
     Refusal,
@@ -38,6 +39,7 @@ from .limits import (
     read_json,
     storage_form,
     texts_field,
+    utf8_text,
 )
 from .render import JSONResponse
 from .service import Service, embed_request
@@ -48,6 +50,7 @@ STATUS = {
     BAD_JSON: (400, "invalid_request_error", "invalid_json"),
     EMPTY: (400, "invalid_request_error", "empty_input"),
     PAYLOAD: (413, "invalid_request_error", "payload_too_large"),
+    SLOW_BODY: (408, "invalid_request_error", "request_timeout"),
     AUTH: (401, "invalid_request_error", "invalid_api_key"),
     OVERLOADED: (429, "rate_limit_error", "overloaded"),
     UNHEALTHY: (503, "server_error", "model_not_ready"),
@@ -72,6 +75,8 @@ def served_name(service: Service, body: dict, *, task: str = "embed") -> str:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise Refusal(VALIDATION, f"model must be a string, got {type(model).__name__}", param="model")
+    if model:
+        utf8_text(model, "model", "model")  # it is written back in the answer
     served = service.config.reranker if task == "rerank" else service.config.model
     return model or served
 
@@ -100,7 +105,8 @@ async def models(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     service: Service = request.app.state.service
     embedder = service.require("embed")
-    body = fields(await read_json(request, service.config.payload_limit), ["input", "model"])
+    config = service.config
+    body = fields(await read_json(request, config.payload_limit, config.body_timeout), ["input", "model"])
     texts, _ = texts_field(body.get("input"), "input", limit=service.config.openai_max_inputs,
                            limit_flag="--openai-max-inputs")
     encoding = body.get("encoding_format")

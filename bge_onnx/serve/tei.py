@@ -24,6 +24,7 @@ from .limits import (
     NOT_FOUND,
     OVERLOADED,
     PAYLOAD,
+    SLOW_BODY,
     UNHEALTHY,
     VALIDATION,
     Refusal,
@@ -52,6 +53,7 @@ STATUS = {
     BAD_JSON: (422, "Validation"),
     EMPTY: (400, "Empty"),
     PAYLOAD: (413, "Validation"),
+    SLOW_BODY: (408, "Validation"),
     AUTH: (401, "Unauthorized"),
     OVERLOADED: (429, "Overloaded"),
     UNHEALTHY: (503, "Unhealthy"),
@@ -90,7 +92,8 @@ def _body(handler):
 
     async def endpoint(request: Request) -> Response:
         service = _service(request)
-        return await handler(service, await read_json(request, service.config.payload_limit))
+        config = service.config
+        return await handler(service, await read_json(request, config.payload_limit, config.body_timeout))
 
     return endpoint
 
