@@ -1,4 +1,4 @@
-"""The floor of serving on this stack, a contestant of serve-one: one Starlette route on uvicorn (httptools) that
+"""Serving with none of a server's work, a contestant of serve-one: one Starlette route on uvicorn (httptools) that
 parses the body with orjson, runs ``Embedder.encode`` in a worker thread and writes the normalised vectors with
 orjson; no checks, no batching, no metrics, no error answers. Not a server to use: it shows what any server built
 on this stack costs a client before it does any of a server's work.

@@ -2,8 +2,8 @@
 
 One keep-alive connection sends /embed requests of 4 short texts one after another; in turns with it (A B C A B C
 ...), the same requests go through Embedder.encode in this process, and, with ``--baseline DIR``, to a server
-started from another checkout (a ``git worktree`` of an earlier commit), and to the floor of any server on this
-stack (benchmarks/bare_server.py: one Starlette route, no checks or batching). Medians of the rounds. The client, the
+started from another checkout (a ``git worktree`` of an earlier commit), and to a bare route on the same stack
+(benchmarks/bare_server.py: one Starlette route, none of a server's checks, batching or metrics). Medians of the rounds. The client, the
 in-process model and the servers share the machine's CPUs. Where this tree's time goes comes from its answers'
 Server-Timing header (per request, medians): the route's tokenising, queueing, inference and the hop to the
 inference thread and back; the rest of the route (checks, normalising, metrics); and outside the route, HTTP in
@@ -28,8 +28,8 @@ from .harness import Report, log
 from .serve_hostile import start
 from .serve_load import _free_port, synthetic, wait_healthy
 
-# the floor of serving on this stack (benchmarks/bare_server.py): one Starlette route that encodes in a thread
-FLOOR = "bare Starlette route"
+# serving with none of a server's work (benchmarks/bare_server.py): one Starlette route that encodes in a thread
+BARE = "bare Starlette route"
 
 
 def main(argv: list[str], *, name: str = "serve-one") -> None:
@@ -76,7 +76,7 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
         # the server's own setting of onnxruntime's threads (spin within a call), so that only the serving differs
         bare = subprocess.Popen([sys.executable, "-m", "benchmarks.bare_server", str(args.model), args.precision,
                                  str(port)], stdout=subprocess.DEVNULL, env={**os.environ, SPIN_ENV: "run"})
-        servers[FLOOR] = (bare, http.client.HTTPConnection("127.0.0.1", port, timeout=120))
+        servers[BARE] = (bare, http.client.HTTPConnection("127.0.0.1", port, timeout=120))
         wait_healthy(bare, port, "python -m benchmarks.bare_server")
         seconds = {label: [] for label in ["in-process", *servers]}
         for texts in requests[:10]:  # warm-up
@@ -114,10 +114,11 @@ def main(argv: list[str], *, name: str = "serve-one") -> None:
     report = Report(name, "One client against in-process encode, interleaved", argv, models={"model": args.model})
     report.data = data
     report.text(f"{len(requests)} requests of 4 short texts per round, {args.rounds} rounds, in turns; precision "
-                f"{args.precision}; medians. 'vs in-process': in-process time over the contestant's. '{FLOOR}' "
-                "(benchmarks/bare_server.py) is the floor of any server on this stack: uvicorn with httptools, one "
+                f"{args.precision}; medians. 'vs in-process': in-process time over the contestant's. '{BARE}' "
+                "(benchmarks/bare_server.py) is serving with none of a server's work: uvicorn with httptools, one "
                 "Starlette route that parses the body with orjson, encodes in a worker thread and writes the vectors "
-                "with orjson, with none of a server's checks, batching or metrics.")
+                "with orjson, with none of a server's checks, batching or metrics; its onnxruntime threads spin within a "
+                "call, as the server's do.")
     report.table(["contestant", "ms per request", "vs in-process"], rows)
     median = {name: statistics.median(values) * 1000 for name, values in phases.items()}
     route = ["tokenize", "queue", "inference", "hop"]
