@@ -94,6 +94,9 @@ def kernels(rounds: int, threads: int) -> list[list]:
                                                         helper.make_opsetid("com.microsoft", 1)])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # sleeping threads: with onnxruntime's default spinning, an idle session's threads keep spinning while the
+        # next contestant runs, and on 2 CPUs each kernel took about twice as long
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     rng = np.random.default_rng(0)
@@ -208,7 +211,8 @@ def main(argv: list[str], *, name: str = "int8") -> None:
     start = time.perf_counter()
     kernel_rounds = max(args.rounds, 5) * 3
     kernel_rows = kernels(kernel_rounds, args.threads)
-    report.text(f"Kernels: one MatMul of each BERT shape (512 token rows), {KERNEL_CALLS} calls per timing, medians of "
+    report.text(f"Kernels: one MatMul of each BERT shape (512 token rows), {KERNEL_CALLS} calls per timing, threads "
+                f"sleeping between calls (spinning, each idle session's threads slowed the next), medians of "
                 f"{kernel_rounds} interleaved rounds, speed vs the "
                 "fp32 MatMul; 'exact' when the integer product equals numpy's at random uint8 activations (plain 8-bit "
                 f"weights saturate AVX2's kernel without VNNI). {time.perf_counter() - start:.0f} s.")
