@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import time
 from collections.abc import Sequence
 
+import anyio
 from starlette.requests import Request
 
 from ..checks import describe, json_loads, positive_int, utf8_problem
@@ -142,7 +142,7 @@ async def read_json(request: Request, limit: int, timeout: float) -> object:
     DRAIN bytes and the connection closed, so the client reads the 413) and within ``timeout`` seconds (a request
     holds one of --max-concurrent-requests while its body arrives: a client that stalls must not keep it)."""
     try:
-        async with asyncio.timeout(timeout):
+        with anyio.fail_after(timeout):  # asyncio.timeout needs Python 3.11
             body = await _read_body(request, limit)
     except TimeoutError:
         raise Refusal(SLOW_BODY, f"the body did not arrive within {timeout:g} s (--body-timeout)") from None
