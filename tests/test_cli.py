@@ -87,7 +87,7 @@ def test_embed_bad_input_exits_1_with_the_line(exported):
     result = cli("embed", str(exported["bert-mean"]), "--input", "jsonl", stdin='"ok"\n{not json}\n')
     assert result.returncode == 1 and result.stdout == b""
     assert b"bge-onnx: error: stdin line 2 is not valid JSON" in result.stderr
-    result = cli("embed", str(exported["bert-mean"]), "--input", "jsonl", stdin='"ok"\n' + "[" * 5000 + "]" * 5000)
+    result = cli("embed", str(exported["bert-mean"]), "--input", "jsonl", stdin='"ok"\n' + "[" * 100_000 + "]" * 100_000)
     assert result.returncode == 1 and b"stdin line 2 is not valid JSON: JSON nested too deeply" in result.stderr
     result = cli("embed", str(exported["bert-mean"]), "--input", "jsonl", stdin='{"txt": "x"}\n')
     assert result.returncode == 1 and b"stdin line 1: expected a JSON string or an object with a string 'text'" in result.stderr

@@ -75,11 +75,20 @@ class Gate:
         route = path if path in known else "other"  # bounded label values
         is_open = path in OPEN_ROUTES and method in ("GET", "HEAD")
         counted = path in WORK_ROUTES and method == "POST"
-        start, status = time.perf_counter(), [500]
+        start, status, asked = time.perf_counter(), [500], []
+        # a client that sends "Expect: 100-continue" waits for our word before it sends its body: an answer given
+        # without reading the body closes the connection, or the unsent body would be taken for the next request
+        withheld = (b"expect", b"100-continue") in [(k, v.lower()) for k, v in scope["headers"]]
+
+        async def receive_body() -> Message:
+            asked.append(True)
+            return await receive()
 
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if withheld and not asked:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
@@ -92,20 +101,15 @@ class Gate:
                                   f"the limit is {self.config.max_concurrent_requests}; retry later",
                                   retry_after=self._retry_after())
             if refusal is not None:
-                response = render(path, refusal)
-                if (b"expect", b"100-continue") in [(k, v.lower()) for k, v in scope["headers"]]:
-                    # the client waits for our word before it sends the body: unread, it must not be taken for the
-                    # next request on the connection
-                    response.headers["connection"] = "close"
-                await response(scope, receive, send_status)
+                await render(path, refusal)(scope, receive_body, send_status)
                 return
             if not counted:
-                await self._run(scope, receive, send_status)
+                await self._run(scope, receive_body, send_status)
                 return
             self.service.in_flight += 1
             self.metrics.in_flight.inc()
             try:
-                if not await self._run_unless_gone(scope, receive, send_status):
+                if not await self._run_unless_gone(scope, receive_body, send_status):
                     status[0] = DISCONNECTED
             finally:
                 self.service.in_flight -= 1
@@ -173,7 +177,8 @@ class Gate:
                 raise
             log.error("bge-onnx serve: %s %s failed", scope["method"], scope["path"], exc_info=err)
             self.metrics.tei_failure("inference")
-            await render(scope["path"], Refusal(BACKEND, f"internal error: {type(err).__name__}: {err}"))(
+            text = str(err).encode("utf-8", "backslashreplace").decode()  # JSON takes no lone surrogate
+            await render(scope["path"], Refusal(BACKEND, f"internal error: {type(err).__name__}: {text}"))(
                 scope, receive, send)
 
     def _retry_after(self) -> int:

@@ -41,6 +41,8 @@ class ServeConfig:
             its clients send that many; the token budget splits the work anyway).
         max_concurrent_requests: most requests in flight; one more is answered 429 at once.
         payload_limit: most bytes in a request body; a larger one is answered 413.
+        body_timeout: seconds a request's body may take to arrive (it holds a slot of max_concurrent_requests
+            meanwhile); later is answered 408 and the connection closed.
         auto_truncate: cut texts over the model's max length instead of refusing them (a request may say
             otherwise with ``truncate``).
         api_key: when set, every route but GET /health, /ping, / and /metrics needs ``Authorization: Bearer <api_key>``.

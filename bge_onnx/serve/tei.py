@@ -88,7 +88,8 @@ def _prompt(service: Service, body: dict) -> str:
 
 
 def _body(handler):
-    """A route that reads the JSON body within --payload-limit and hands it to ``handler(service, body)``."""
+    """A route that reads the JSON body within --payload-limit and --body-timeout and hands it to
+    ``handler(service, body)``."""
 
     async def endpoint(request: Request) -> Response:
         service = _service(request)
