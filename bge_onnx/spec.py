@@ -190,7 +190,7 @@ def write_spec(folder: Path, spec: ModelSpec) -> Path:
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:  # chunks, not hashlib.file_digest: that needs Python 3.11
+    with open(path, "rb") as f:  # 1 MB chunks
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)  # releases the GIL for large chunks (the load runs beside it)
     return digest.hexdigest()
