@@ -75,7 +75,7 @@ class Gate:
         route = path if path in known else "other"  # bounded label values
         is_open = path in OPEN_ROUTES and method in ("GET", "HEAD")
         counted = path in WORK_ROUTES and method == "POST"
-        start, status, asked = time.perf_counter(), [500], []
+        start, status, asked = time.perf_counter(), [None], []  # status: the answer's, once it has started
         # a client that sends "Expect: 100-continue" waits for our word before it sends its body: an answer given
         # without reading the body closes the connection, or the unsent body would be taken for the next request
         withheld = (b"expect", b"100-continue") in [(k, v.lower()) for k, v in scope["headers"]]
@@ -104,33 +104,29 @@ class Gate:
                 await render(path, refusal)(scope, receive_body, send_status)
                 return
             if not counted:
-                await self._run(scope, receive_body, send_status)
+                await self._run(scope, receive_body, send_status, status)
                 return
             self.service.in_flight += 1
             self.metrics.in_flight.inc()
             try:
-                if not await self._run_unless_gone(scope, receive_body, send_status):
+                if not await self._run_unless_gone(scope, receive_body, send_status, status):
                     status[0] = DISCONNECTED
             finally:
                 self.service.in_flight -= 1
                 self.metrics.in_flight.dec()
-                if status[0] < 400:
+                if (status[0] or 500) < 400:
                     self.latency += 0.2 * (time.perf_counter() - start - self.latency)
         finally:
-            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.requests.labels(route, str(status[0] or 500)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
-    async def _run_unless_gone(self, scope: Scope, receive: Receive, send: Send) -> bool:
+    async def _run_unless_gone(self, scope: Scope, receive: Receive, send: Send, status: list) -> bool:
         """Run the app; once it has read the whole body, a disconnect from the client before the answer starts
-        cancels it (a request waiting in a batching queue then leaves it). False if the client went away first.
-        (After the answer ends, uvicorn's receive() reports a disconnect too: that one must not cancel anything.)"""
-        body_read, gone, started = asyncio.Event(), [], []
+        (``status[0]`` still None: ``send`` records it) cancels it (a request waiting in a batching queue then leaves
+        it). False if the client went away first. (After the answer ends, uvicorn's receive() reports a disconnect
+        too: that one must not cancel anything.)"""
+        body_read, gone = asyncio.Event(), []
         task = asyncio.current_task()
-
-        async def tracked_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                started.append(True)
-            await send(message)
 
         async def tracked_receive() -> Message:
             message = await receive()
@@ -142,13 +138,13 @@ class Gate:
             await body_read.wait()
             while (await receive())["type"] != "http.disconnect":
                 pass
-            if not started:
+            if status[0] is None:
                 gone.append(True)
                 task.cancel()
 
         watcher = asyncio.ensure_future(watch())
         try:
-            await self._run(scope, tracked_receive, tracked_send)
+            await self._run(scope, tracked_receive, send, status)
             return True
         except asyncio.CancelledError:
             if not gone:
@@ -158,22 +154,15 @@ class Gate:
         finally:
             watcher.cancel()
 
-    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _run(self, scope: Scope, receive: Receive, send: Send, status: list) -> None:
         """The app, with an error no route handled logged and answered here, in the error format of the path's API
-        family (TEI's 424, OpenAI's 500), before its answer has started. (Starlette's outermost middleware would
-        answer it too, then raise it again to the server, which drops the connection: a client's next request on
-        it would fail.)"""
-        started = []
-
-        async def tracked_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                started.append(True)
-            await send(message)
-
+        family (TEI's 424, OpenAI's 500), if its answer has not started (``status[0]`` still None: ``send`` records
+        it). (Starlette's outermost middleware would answer it too, then raise it again to the server, which drops
+        the connection: a client's next request on it would fail.)"""
         try:
-            await self.app(scope, receive, tracked_send)
+            await self.app(scope, receive, send)
         except Exception as err:
-            if started:
+            if status[0] is not None:
                 raise
             log.error("bge-onnx serve: %s %s failed", scope["method"], scope["path"], exc_info=err)
             self.metrics.tei_failure("inference")

@@ -52,13 +52,13 @@ async def rerank(request: Request) -> Response:
         raise Refusal(VALIDATION, f"query must be a string, got {type(query).__name__} {describe(query)}",
                       param="query")
     utf8_text(query, "query", "query")
-    texts = _documents(body.get("documents"), service.config.max_client_batch_size)
+    texts = _documents(body.get("documents"), config.max_client_batch_size)
     top_n = body.get("top_n")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
         raise Refusal(VALIDATION, f"top_n must be a positive integer, got {describe(top_n)}", param="top_n")
     return_documents = flag(body, "return_documents", False)
     model = served_name(service, body, task="rerank")
-    truncate = flag(body, "truncate", service.config.auto_truncate)
+    truncate = flag(body, "truncate", config.auto_truncate)
     answer = await rerank_request(service, query, texts, name="documents", truncate=truncate)
     scores = sigmoid(answer.rows)
     results = []
@@ -86,7 +86,7 @@ async def embed(request: Request) -> Response:
     embedder = service.require("embed")
     config = service.config
     body = fields(await read_json(request, config.payload_limit, config.body_timeout), ["texts", "model"])
-    texts, _ = texts_field(body.get("texts"), "texts", limit=service.config.max_client_batch_size, single_ok=False)
+    texts, _ = texts_field(body.get("texts"), "texts", limit=config.max_client_batch_size, single_ok=False)
     input_type = _choice(body, "input_type", INPUT_TYPES, None)
     truncate = _choice(body, "truncate", ("END", "NONE"), "END") == "END"
     types = body.get("embedding_types")

@@ -107,7 +107,7 @@ async def embeddings(request: Request) -> Response:
     embedder = service.require("embed")
     config = service.config
     body = fields(await read_json(request, config.payload_limit, config.body_timeout), ["input", "model"])
-    texts, _ = texts_field(body.get("input"), "input", limit=service.config.openai_max_inputs,
+    texts, _ = texts_field(body.get("input"), "input", limit=config.openai_max_inputs,
                            limit_flag="--openai-max-inputs")
     encoding = body.get("encoding_format")
     if encoding not in (None, "float", "base64"):
@@ -119,7 +119,7 @@ async def embeddings(request: Request) -> Response:
         raise Refusal(VALIDATION, f"user must be a string, got {type(user).__name__}", param="user")
     model = served_name(service, body)
     prefix = _query_prefix(embedder, body)
-    truncate = flag(body, "truncate", service.config.auto_truncate)
+    truncate = flag(body, "truncate", config.auto_truncate)
     dtype, ranges = storage_form(embedder, body.get("output_dtype"), "output_dtype")
     answer = await embed_request(service, [prefix + t for t in texts], name="input", truncate=truncate,
                                  normalize=True)
